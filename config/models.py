@@ -1,0 +1,269 @@
+"""Pydantic models of the whole configuration: the contract of the YAML files (no I/O here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+
+from config.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema({"type": "string", "description": DURATION_HELP, "examples": ["30s", "5m"]}),
+]
+"""Seconds, written in YAML as `500ms`, `30s`, `5m`, `7d`."""
+
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema({"type": "string", "description": SIZE_HELP, "examples": ["64MiB", "20GiB"]}),
+]
+"""Bytes, written in YAML as `512KiB`, `20GiB`."""
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+FeatureName = Literal["rms", "peak", "mean", "min", "max"]
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApplianceSection(Strict):
+    id: Name = Field(description="Identity of this appliance, stamped on every record.")
+    data_dir: Path = Field(
+        description="Directory holding journal.db, payloads/ and models/. "
+        "Overridden by --data-dir or APPLIANCE_DATA_DIR."
+    )
+    health_interval: Duration = Field(
+        default=60.0, gt=0, description="How often a `health` telemetry record is journalled."
+    )
+    shutdown_timeout: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="Upper bound on a graceful stop (SIGTERM/SIGINT) before the daemon gives up "
+        "waiting for its components; the journal is flushed either way.",
+    )
+    restart_budget: int = Field(
+        default=5,
+        ge=0,
+        description="Restarts a crashing component gets within restart_window before it is "
+        "marked degraded and left stopped.",
+    )
+    restart_window: Duration = Field(
+        default=600.0, gt=0, description="Sliding window over which restart_budget is counted."
+    )
+
+
+class StorageSection(Strict):
+    disk_budget: ByteSize = Field(
+        default=20 * 1024**3,
+        gt=0,
+        description="Most bytes the journal and payloads may use together; retention evicts "
+        "beyond it.",
+    )
+    keep_synced: Duration = Field(
+        default=7 * 86400.0,
+        ge=0,
+        description="Records acknowledged by every destination are deleted after this age.",
+    )
+    min_free: ByteSize = Field(
+        default=256 * 1024**2,
+        ge=0,
+        description="Free space to keep on the data directory's file system; below it the "
+        "appliance is under disk pressure: it evicts, sheds the lowest priorities and reports "
+        "itself degraded until space returns.",
+    )
+    reserve: ByteSize = Field(
+        default=16 * 1024**2,
+        ge=0,
+        description="Size of a ballast file kept in the data directory and released when the "
+        "disk is really full, so eviction itself has room to run.",
+    )
+    check_interval: Duration = Field(
+        default=10.0, gt=0, description="How often retention checks the budget and free space."
+    )
+
+
+class JournalSection(Strict):
+    commit_records: int = Field(
+        default=512, ge=1, le=100_000, description="A group commit closes at this many records."
+    )
+    commit_delay: Duration = Field(
+        default=0.02,
+        ge=0,
+        le=5,
+        description="...or this long after its first record, whichever comes first.",
+    )
+    max_pending: int = Field(
+        default=20_000,
+        ge=1,
+        description="Bound on records waiting for the writer; producers wait (backpressure) "
+        "when it is reached.",
+    )
+    checkpoint_interval: Duration = Field(
+        default=300.0, gt=0, description="How often the WAL is checkpointed and truncated."
+    )
+    full_check_limit: ByteSize = Field(
+        default=256 * 1024**2,
+        ge=0,
+        description="At start a journal up to this size gets PRAGMA integrity_check; a larger "
+        "one gets the faster quick_check.",
+    )
+
+
+class Limit(Strict):
+    feature: FeatureName = Field(description="Window feature the limit watches.")
+    channel: str | None = Field(
+        default=None, description="Channel the limit applies to; null means every channel."
+    )
+    above: float | None = Field(default=None, description="Violated when the feature exceeds it.")
+    below: float | None = Field(
+        default=None, description="Violated when the feature falls under it."
+    )
+    priority: Literal["alert", "event"] = Field(
+        default="alert", description="Priority of the record written when the limit is crossed."
+    )
+
+    @model_validator(mode="after")
+    def _needs_a_bound(self) -> Limit:
+        if self.above is None and self.below is None:
+            raise ValueError("a limit needs `above`, `below` or both")
+        return self
+
+
+class SensorCommon(Strict):
+    name: Name = Field(description="Source name, stamped on its records.")
+    window: Duration = Field(
+        default=1.0, gt=0, description="Length of the window summarised into one record."
+    )
+    sample_raw_every: int = Field(
+        default=0,
+        ge=0,
+        description="Keep the raw samples of one window in N as a `sample` payload (0: never).",
+    )
+    limits: list[Limit] = Field(
+        default_factory=list,
+        description="Feature limits; crossing one journals an alert (or event) record, and "
+        "returning inside journals a clear record.",
+    )
+
+
+class SimulatedChannel(Strict):
+    name: Name = Field(description="Channel name.")
+    signal: Literal["vibration", "temperature"] = Field(
+        description="vibration: shaft harmonics plus noise; temperature: a slow level plus noise."
+    )
+    base: float = Field(
+        default=0.0, description="Offset of the signal (for temperature, the mean in °C)."
+    )
+    amplitude: float = Field(
+        default=1.0, ge=0, description="Peak of the shaft harmonic (vibration) or slow swing."
+    )
+    frequency: float = Field(
+        default=25.0, gt=0, description="Shaft rotation frequency in Hz (vibration)."
+    )
+    noise: float = Field(default=0.05, ge=0, description="Standard deviation of Gaussian noise.")
+
+
+class Fault(Strict):
+    kind: Literal["imbalance", "bearing", "drift", "stuck", "dropout"] = Field(
+        description="imbalance: a larger 1x harmonic; bearing: periodic impulses; drift: a slow "
+        "ramp; stuck: the value freezes; dropout: samples go missing (NaN)."
+    )
+    channel: str = Field(description="Channel the fault is injected into.")
+    start: Duration = Field(default=0.0, ge=0, description="Signal time after which it begins.")
+    duration: Duration | None = Field(
+        default=None, gt=0, description="How long it lasts; null means to the end."
+    )
+    magnitude: float = Field(
+        default=1.0,
+        ge=0,
+        description="Strength: extra amplitude (imbalance, bearing), units per minute (drift), "
+        "share of samples lost (dropout, 0..1).",
+    )
+
+
+class SimulatedSensor(SensorCommon):
+    type: Literal["simulated"] = Field(description="A simulated machine with injectable faults.")
+    sample_rate: float = Field(
+        default=1000.0, gt=0, le=200_000, description="Samples per second on each channel."
+    )
+    pace: Literal["realtime", "fast"] = Field(
+        default="realtime",
+        description="realtime: one window per window length of wall time; fast: no waiting.",
+    )
+    duration: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="Signal time after which the source ends; null runs forever. "
+        "`appliance replay` needs it set.",
+    )
+    seed: int | None = Field(default=None, description="Random seed, for repeatable signals.")
+    channels: list[SimulatedChannel] = Field(min_length=1, description="The simulated channels.")
+    faults: list[Fault] = Field(default_factory=list, description="Faults to inject.")
+
+    @model_validator(mode="after")
+    def _faults_name_channels(self) -> SimulatedSensor:
+        names = {channel.name for channel in self.channels}
+        if len(names) != len(self.channels):
+            raise ValueError("channel names must be unique")
+        for fault in self.faults:
+            if fault.channel not in names:
+                raise ValueError(
+                    f"fault {fault.kind!r} names channel {fault.channel!r}, "
+                    f"which is not one of {sorted(names)}"
+                )
+        return self
+
+
+class CsvSensor(SensorCommon):
+    type: Literal["csv"] = Field(description="Replay of a CSV file of timestamped readings.")
+    path: Path = Field(description="The CSV file; its first line is the header.")
+    delimiter: str = Field(
+        default=",", min_length=1, max_length=1, description="Field delimiter, one character."
+    )
+    timestamp_column: str = Field(
+        default="timestamp", description="Header name of the timestamp column."
+    )
+    timestamp_format: Literal["iso8601", "epoch_s", "epoch_ms"] = Field(
+        default="iso8601", description="How timestamps are written."
+    )
+    columns: list[str] | None = Field(
+        default=None, description="Columns to read as channels; null means all but the timestamp."
+    )
+    pace: Literal["original", "fast"] = Field(
+        default="fast",
+        description="original: replay at the pace of the timestamps; fast: as fast as possible.",
+    )
+
+
+Sensor = Annotated[SimulatedSensor | CsvSensor, Field(discriminator="type")]
+
+
+class ApplianceConfig(Strict):
+    """The whole configuration file."""
+
+    appliance: ApplianceSection = Field(description="Identity, data directory and daemon policy.")
+    storage: StorageSection = Field(
+        default_factory=StorageSection, description="Disk budget and retention."
+    )
+    journal: JournalSection = Field(
+        default_factory=JournalSection, description="The SQLite journal's commit policy."
+    )
+    sensors: list[Sensor] = Field(
+        default_factory=list, description="Sensor sources; `type` picks the kind."
+    )
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> ApplianceConfig:
+        seen: set[str] = set()
+        for sensor in self.sensors:
+            if sensor.name in seen:
+                raise ValueError(f"two sources are named {sensor.name!r}; names must be unique")
+            seen.add(sensor.name)
+        return self

@@ -1,0 +1,1 @@
+"""Models and feature extraction over readings from sensors/."""

@@ -1,0 +1,105 @@
+"""What every source yields and promises: readings (sample windows, data-quality reports), health,
+and the Source protocol (an async context manager with an async iterator of readings)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Literal, Protocol, Self
+
+import numpy as np
+import numpy.typing as npt
+
+SourceState = Literal["starting", "running", "reconnecting", "finished", "failed"]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def mono_ns() -> int:
+    return time.monotonic_ns()
+
+
+@dataclass(frozen=True, slots=True)
+class SampleWindow:
+    """A window of samples from one source: one row per channel, NaN where a sample is missing."""
+
+    source: str
+    channels: tuple[str, ...]
+    values: npt.NDArray[np.float64]  # shape (len(channels), n_samples)
+    ts: datetime  # UTC wall clock at the window start
+    mono_ns: int  # monotonic clock when the window closed, for ordering across clock jumps
+    duration_s: float
+    sample_rate: float | None  # None for irregularly sampled sources (CSV)
+
+
+@dataclass(frozen=True, slots=True)
+class QualityIssue:
+    """One example of bad input, kept so an engineer can find it (line is 1-based, CSV only)."""
+
+    reason: str
+    detail: str
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QualityReport:
+    """Bad input a source met and did not pass on: counts by reason plus a few examples.
+
+    Reasons in use: `unparseable`, `nan`, `inf`, `missing` (dropped-out samples), `bad_timestamp`,
+    `empty_file`, `wrong_field_count`.
+    """
+
+    source: str
+    ts: datetime
+    mono_ns: int
+    counts: dict[str, int]
+    examples: tuple[QualityIssue, ...] = ()
+
+
+Reading = SampleWindow | QualityReport
+
+
+@dataclass(slots=True)
+class SourceHealth:
+    """Live health of a source, read by the daemon's health job."""
+
+    state: SourceState = "starting"
+    windows: int = 0
+    bad_values: int = 0
+    reconnects: int = 0
+    last_reading_mono_ns: int | None = None
+    error: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class SourceError(Exception):
+    """A source that cannot go on. `retryable` says whether reconnecting may help."""
+
+    def __init__(self, source: str, message: str, *, retryable: bool) -> None:
+        self.source = source
+        self.retryable = retryable
+        super().__init__(f"source {source!r}: {message}")
+
+
+class Source(Protocol):
+    """A sensor source. Enter it, then iterate `readings()`; a finite source's iterator ends."""
+
+    name: str
+    finite: bool
+    health: SourceHealth
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def readings(self) -> AsyncIterator[Reading]: ...

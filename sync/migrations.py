@@ -1,0 +1,126 @@
+"""Named schema migrations of journal.db, applied in order, each once, each in its own transaction."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlite_utils
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    apply: Callable[[sqlite_utils.Database], None]
+
+
+def _initial(db: sqlite_utils.Database) -> None:
+    db["records"].create(  # type: ignore[union-attr]
+        {
+            "seq": int,
+            "appliance_id": str,
+            "boot_id": str,
+            "ts": str,
+            "mono_ns": int,
+            "source": str,
+            "kind": str,
+            "priority": int,
+            "model": str,
+            "body": str,
+            "payloads": str,
+            "size": int,
+        },
+        pk="seq",
+        not_null={
+            "appliance_id",
+            "boot_id",
+            "ts",
+            "mono_ns",
+            "source",
+            "kind",
+            "priority",
+            "body",
+            "size",
+        },
+    )
+    # Cursor reads and eviction both walk one priority in seq order.
+    db["records"].create_index(["priority", "seq"], index_name="records_priority_seq")  # type: ignore[union-attr]
+    db["payloads"].create(  # type: ignore[union-attr]
+        {
+            "sha256": str,
+            "size": int,
+            "media_type": str,
+            "refs": int,
+            "state": str,
+            "created_ts": str,
+        },
+        pk="sha256",
+        not_null={"size", "refs", "state"},
+    )
+    db["cursors"].create(  # type: ignore[union-attr]
+        {"destination": str, "priority": int, "acked_seq": int, "updated_ts": str},
+        pk=("destination", "priority"),
+    )
+    db["acks"].create(  # type: ignore[union-attr]
+        {
+            "id": int,
+            "destination": str,
+            "priority": int,
+            "first_seq": int,
+            "last_seq": int,
+            "batch_id": str,
+            "ts": str,
+        },
+        pk="id",
+    )
+    db["counts"].create(  # type: ignore[union-attr]
+        {"priority": int, "kind": str, "records": int, "bytes": int}, pk=("priority", "kind")
+    )
+    db["evictions"].create(  # type: ignore[union-attr]
+        {"priority": int, "reason": str, "records": int, "bytes": int}, pk=("priority", "reason")
+    )
+    db["drops"].create(  # type: ignore[union-attr]
+        {"priority": int, "reason": str, "records": int}, pk=("priority", "reason")
+    )
+    db["quality"].create(  # type: ignore[union-attr]
+        {"source": str, "reason": str, "count": int}, pk=("source", "reason")
+    )
+    db["meta"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
+
+
+MIGRATIONS: tuple[Migration, ...] = (Migration("0001_initial", _initial),)
+
+
+def applied(conn: sqlite3.Connection) -> list[str]:
+    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_ts TEXT)")
+    return [row[0] for row in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
+
+
+def migrate(conn: sqlite3.Connection) -> list[str]:
+    """Apply pending migrations; return the names applied now. The connection must be idle."""
+    done = set(applied(conn))
+    known = {m.name for m in MIGRATIONS}
+    unknown = done - known
+    if unknown:
+        raise RuntimeError(
+            f"journal.db was written by a newer version (migrations {sorted(unknown)} unknown)"
+        )
+    newly: list[str] = []
+    db = sqlite_utils.Database(conn)
+    for migration in MIGRATIONS:
+        if migration.name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            migration.apply(db)
+            conn.execute(
+                "INSERT INTO _migrations (name, applied_ts) VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ'))",
+                (migration.name,),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        newly.append(migration.name)
+    return newly

@@ -1,0 +1,192 @@
+"""Read-only queries on journal.db, shared by the writer-side Journal, the CLI and the sync engine.
+
+Reads never block the writer (WAL) and never hold more than one bounded batch in memory."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sync.errors import JournalMissing
+from sync.records import Priority, StoredRecord
+
+JOURNAL_FILE = "journal.db"
+
+_RECORD_COLUMNS = (
+    "seq, appliance_id, boot_id, ts, mono_ns, source, kind, priority, model, body, payloads"
+)
+
+
+def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    """Open journal.db. Writers get WAL + synchronous=FULL; readers a read-only connection."""
+    if readonly:
+        if not path.exists():
+            raise JournalMissing(str(path))
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def _row_to_record(row: tuple[Any, ...]) -> StoredRecord:
+    return StoredRecord(
+        seq=row[0],
+        appliance_id=row[1],
+        boot_id=row[2],
+        ts=row[3],
+        mono_ns=row[4],
+        source=row[5],
+        kind=row[6],
+        priority=Priority(row[7]),
+        model=row[8],
+        body_json=row[9],
+        payloads=tuple(json.loads(row[10])) if row[10] else (),
+    )
+
+
+class JournalReader:
+    """Queries over one read connection. Not thread-safe: one reader per thread."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    def open(cls, data_dir: Path) -> JournalReader:
+        return cls(connect(data_dir / JOURNAL_FILE, readonly=True))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def records_after(
+        self, priority: Priority, after_seq: int, *, limit: int, max_bytes: int
+    ) -> list[StoredRecord]:
+        """The next records of one priority after a cursor: at most `limit` records and about
+        `max_bytes` of body (always at least one record, so a huge record cannot wedge a cursor)."""
+        cursor = self.conn.execute(
+            f"SELECT {_RECORD_COLUMNS}, size FROM records WHERE priority = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (int(priority), after_seq, limit),
+        )
+        out: list[StoredRecord] = []
+        used = 0
+        for row in cursor:
+            if out and used + row[11] > max_bytes:
+                break
+            out.append(_row_to_record(row))
+            used += row[11]
+        cursor.close()
+        return out
+
+    def iter_records(
+        self, *, kind: str | None = None, since: str | None = None, page: int = 1000
+    ) -> Iterator[StoredRecord]:
+        """Every record in seq order (optionally of a kind, at or after a ts), one page at a time."""
+        last = 0
+        while True:
+            sql = f"SELECT {_RECORD_COLUMNS} FROM records WHERE seq > ?"
+            args: list[Any] = [last]
+            if kind is not None:
+                sql += " AND kind = ?"
+                args.append(kind)
+            if since is not None:
+                sql += " AND ts >= ?"
+                args.append(since)
+            rows = self.conn.execute(f"{sql} ORDER BY seq LIMIT ?", (*args, page)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _row_to_record(row)
+            last = rows[-1][0]
+
+    def get(self, seq: int) -> StoredRecord | None:
+        row = self.conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE seq = ?", (seq,)
+        ).fetchone()
+        return _row_to_record(row) if row else None
+
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def max_seq(self) -> int:
+        return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
+
+    def synced_through(self) -> dict[Priority, int]:
+        """Per priority, the highest seq every registered destination has acknowledged
+        (0 when no destination is registered: nothing counts as synced then)."""
+        rows = self.conn.execute(
+            "SELECT priority, MIN(acked_seq) FROM cursors GROUP BY priority"
+        ).fetchall()
+        found = {Priority(p): int(s) for p, s in rows}
+        return {p: found.get(p, 0) for p in Priority}
+
+    def counts(self) -> list[tuple[Priority, str, int, int]]:
+        rows = self.conn.execute(
+            "SELECT priority, kind, records, bytes FROM counts WHERE records > 0 ORDER BY priority, kind"
+        ).fetchall()
+        return [(Priority(p), k, int(r), int(b)) for p, k, r, b in rows]
+
+    def unsynced(self) -> dict[Priority, tuple[int, str | None]]:
+        """Per priority: unsynced record count and the ts of the oldest unsynced record."""
+        synced = self.synced_through()
+        out: dict[Priority, tuple[int, str | None]] = {}
+        for priority in Priority:
+            after = synced[priority]
+            total = self.conn.execute(
+                "SELECT COALESCE(SUM(records), 0) FROM counts WHERE priority = ?", (int(priority),)
+            ).fetchone()[0]
+            if after > 0:
+                # Only the synced part needs counting; it is the prefix the engine has walked.
+                done = self.conn.execute(
+                    "SELECT COUNT(*) FROM records WHERE priority = ? AND seq <= ?",
+                    (int(priority), after),
+                ).fetchone()[0]
+                total -= done
+            oldest = self.conn.execute(
+                "SELECT ts FROM records WHERE priority = ? AND seq > ? ORDER BY seq LIMIT 1",
+                (int(priority), after),
+            ).fetchone()
+            out[priority] = (int(total), oldest[0] if oldest else None)
+        return out
+
+    def evictions(self) -> list[tuple[Priority, str, int, int]]:
+        rows = self.conn.execute(
+            "SELECT priority, reason, records, bytes FROM evictions ORDER BY priority, reason"
+        ).fetchall()
+        return [(Priority(p), r, int(n), int(b)) for p, r, n, b in rows]
+
+    def drops(self) -> list[tuple[Priority, str, int]]:
+        rows = self.conn.execute(
+            "SELECT priority, reason, records FROM drops ORDER BY priority"
+        ).fetchall()
+        return [(Priority(p), r, int(n)) for p, r, n in rows]
+
+    def quality(self) -> list[tuple[str, str, int]]:
+        rows = self.conn.execute(
+            "SELECT source, reason, count FROM quality ORDER BY source, reason"
+        )
+        return [(s, r, int(c)) for s, r, c in rows.fetchall()]
+
+    def payload_totals(self) -> tuple[int, int, int]:
+        """(payload files present, their bytes, payloads recorded as missing)."""
+        present = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM payloads WHERE state = 'present'"
+        ).fetchone()
+        missing = self.conn.execute(
+            "SELECT COUNT(*) FROM payloads WHERE state = 'missing'"
+        ).fetchone()
+        return int(present[0]), int(present[1]), int(missing[0])
+
+    def payload_rows(self) -> dict[str, tuple[int, int, str]]:
+        """sha256 -> (size, refs, state), for reconciliation and tests."""
+        rows = self.conn.execute("SELECT sha256, size, refs, state FROM payloads").fetchall()
+        return {sha: (int(size), int(refs), state) for sha, size, refs, state in rows}
