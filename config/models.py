@@ -102,8 +102,8 @@ class JournalSection(Strict):
     max_pending: int = Field(
         default=20_000,
         ge=1,
-        description="Bound on records waiting for the writer; producers wait (backpressure) "
-        "when it is reached.",
+        description="Bound on append calls waiting for the writer; producers wait "
+        "(backpressure) when it is reached, so memory stays bounded.",
     )
     checkpoint_interval: Duration = Field(
         default=300.0, gt=0, description="How often the WAL is checkpointed and truncated."

@@ -33,7 +33,7 @@ class PayloadStore:
     def __init__(self, root: Path, *, on_disk_full: Callable[[], None] | None = None) -> None:
         self.root = root
         self.tmp = root / "tmp"
-        self._on_disk_full = on_disk_full
+        self.on_disk_full = on_disk_full
         self.tmp.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, sha256: str) -> Path:
@@ -61,8 +61,8 @@ class PayloadStore:
         except OSError as exc:
             temp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                if self._on_disk_full is not None:
-                    self._on_disk_full()
+                if self.on_disk_full is not None:
+                    self.on_disk_full()
                 raise StorageFull(None) from exc
             raise PayloadError(f"cannot store payload {sha256[:12]}: {exc.strerror}") from exc
         return PayloadRef(sha256, len(data), media_type)

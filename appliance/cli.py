@@ -1,0 +1,153 @@
+"""The `appliance` command: argument parsing, exit codes, and the one place exceptions become
+one-line messages (0 ok, 1 could not finish, 2 usage or config error)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from appliance.daemon import Daemon
+from appliance.export import export_records, parse_since
+from appliance.logs import setup_logging
+from appliance.status import collect_status, render_status
+from config import ConfigError, config_schema, load_config
+from sync import JournalReader, SyncError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--data-dir", type=Path, help="data directory (overrides the config and APPLIANCE_DATA_DIR)"
+    )
+    common.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+
+    parser = _Parser(
+        prog="appliance", description="Offline-first edge store-and-forward appliance."
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+
+    run = commands.add_parser(
+        "run", parents=[common], help="run the daemon (default: the embedded demo profile)"
+    )
+    run.add_argument(
+        "-c", "--config", type=Path, help="config file (default: embedded demo profile)"
+    )
+
+    replay = commands.add_parser(
+        "replay",
+        parents=[common],
+        help="run the pipeline over finite sources as fast as possible, then exit",
+    )
+    replay.add_argument(
+        "-c", "--config", type=Path, required=True, help="config file with finite sources"
+    )
+
+    status = commands.add_parser(
+        "status", parents=[common], help="health, backlog, disk and evictions"
+    )
+    status.add_argument(
+        "-c", "--config", type=Path, help="config file (default: embedded demo profile)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    export = commands.add_parser("export", parents=[common], help="print journal records to stdout")
+    export.add_argument(
+        "-c", "--config", type=Path, help="config file (default: embedded demo profile)"
+    )
+    export.add_argument(
+        "--kind", help="only records of this kind (reading, limit, sample, data_quality, ...)"
+    )
+    export.add_argument(
+        "--since", help="only records at or after this time (ISO-8601) or age (e.g. 2h)"
+    )
+    export.add_argument(
+        "--format", choices=["ndjson", "csv"], default="ndjson", help="output format"
+    )
+
+    config_cmd = commands.add_parser(
+        "config", help="validate a config file or print its JSON schema"
+    )
+    config_sub = config_cmd.add_subparsers(
+        dest="config_command", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    check = config_sub.add_parser(
+        "check", help="validate FILE; exit 2 naming the key and line if invalid"
+    )
+    check.add_argument("file", type=Path)
+    config_sub.add_parser("schema", help="print the JSON schema of the config file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SyncError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "config":
+        if args.config_command == "schema":
+            print(json.dumps(config_schema(), indent=2))
+            return EXIT_OK
+        cfg = load_config(
+            args.file, environ={}
+        )  # check the file itself, not this shell's overrides
+        print(f"{args.file}: ok ({len(cfg.sensors)} sources, data_dir {cfg.appliance.data_dir})")
+        return EXIT_OK
+
+    cfg = load_config(args.config, data_dir=args.data_dir)
+    if args.command in ("run", "replay"):
+        setup_logging(args.log_level)
+        return asyncio.run(Daemon(cfg, mode=args.command).run())
+    if args.command == "status":
+        report = collect_status(cfg)
+        print(json.dumps(report, indent=2) if args.json else render_status(report))
+        return EXIT_OK
+    if args.command == "export":
+        try:
+            since = parse_since(args.since) if args.since else None
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        reader = JournalReader.open(cfg.appliance.data_dir)
+        try:
+            export_records(reader, sys.stdout, kind=args.kind, since=since, fmt=args.format)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # `appliance export | head` closed the pipe: not an error for the user.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            reader.close()
+        return EXIT_OK
+    raise AssertionError(f"unhandled command {args.command}")

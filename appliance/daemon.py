@@ -1,0 +1,218 @@
+"""The daemon, and the composition root: journal, payload store, retention and scheduler in one
+AsyncExitStack; one supervised pipeline task per source in one TaskGroup; a graceful, bounded stop
+on SIGTERM/SIGINT with the journal flushed. `replay` is the same wiring over finite sources."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from contextlib import AsyncExitStack
+from dataclasses import asdict
+from typing import Any, Literal
+
+from appliance.health import HealthMonitor, app_version
+from appliance.pipeline import SensorConfig, SourcePipeline
+from appliance.scheduler import Jobs
+from appliance.supervisor import ComponentHealth, Supervised
+from config import ApplianceConfig, ConfigError, SimulatedSensor
+from sensors import open_source
+from sync import Journal, NewRecord, PayloadStore, Priority, StorageFull, StorageGuard
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["run", "replay"]
+HEARTBEAT_INTERVAL_S = 5.0
+
+
+def check_replayable(cfg: ApplianceConfig) -> None:
+    """`replay` runs sources to their end, so every source must have one."""
+    if not cfg.sensors:
+        raise ConfigError(
+            "replay needs at least one source under `sensors:`", key="sensors", line=None
+        )
+    for index, sensor in enumerate(cfg.sensors):
+        if isinstance(sensor, SimulatedSensor) and sensor.duration is None:
+            raise ConfigError(
+                f"source {sensor.name!r} never ends; set `duration` for replay",
+                key=f"sensors[{index}].duration",
+                line=None,
+            )
+
+
+class Daemon:
+    """One run of the appliance. `await Daemon(cfg).run()` returns the process exit code."""
+
+    def __init__(
+        self, cfg: ApplianceConfig, *, mode: Mode = "run", stop: asyncio.Event | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.mode = mode
+        self.stop = stop or asyncio.Event()
+        self.pipelines: dict[str, SourcePipeline] = {}
+        self.monitor: HealthMonitor | None = None
+        self._signals = 0
+        self._stop_reason = "requested"
+
+    def _on_signal(self, signame: str) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("stopping", extra={"fields": {"signal": signame}})
+            self._stop_reason = signame
+            self.stop.set()
+        else:
+            # Everything already reported durable is on disk; only queued, unreported records go.
+            log.warning("second signal: exiting at once", extra={"fields": {"signal": signame}})
+            os._exit(130)
+
+    async def run(self) -> int:
+        if self.mode == "replay":
+            check_replayable(self.cfg)
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig.name)
+                installed.append(sig)
+        started = time.monotonic()
+        try:
+            code = await self._run()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+        log.info(
+            "stopped cleanly",
+            extra={
+                "fields": {
+                    "reason": self._stop_reason,
+                    "exit_code": code,
+                    "seconds": round(time.monotonic() - started, 2),
+                }
+            },
+        )
+        return code
+
+    async def _run(self) -> int:
+        cfg = self.cfg
+        data_dir = cfg.appliance.data_dir
+        async with AsyncExitStack() as stack:
+            store = await asyncio.to_thread(PayloadStore, data_dir / "payloads")
+            journal = await Journal.open(
+                data_dir, appliance_id=cfg.appliance.id, settings=cfg.journal, payloads=store
+            )
+            stack.push_async_callback(journal.close)
+            store.on_disk_full = journal.notify_disk_full
+            guard = await stack.enter_async_context(StorageGuard(journal, store, cfg.storage))
+            monitor = self.monitor = HealthMonitor(journal, guard, mode=self.mode)
+            jobs = Jobs()
+            jobs.every("retention", cfg.storage.check_interval, guard.run_once, run_now=True)
+            jobs.every("checkpoint", cfg.journal.checkpoint_interval, journal.checkpoint)
+            jobs.every("health", cfg.appliance.health_interval, monitor.record, run_now=True)
+            jobs.every("heartbeat", HEARTBEAT_INTERVAL_S, monitor.heartbeat, run_now=True)
+            await stack.enter_async_context(jobs)
+            stack.push_async_callback(monitor.heartbeat, state="stopped")
+            await self._lifecycle(journal, "started")
+            log.info(
+                "started",
+                extra={
+                    "fields": {
+                        "appliance": cfg.appliance.id,
+                        "data_dir": str(data_dir),
+                        "mode": self.mode,
+                        "sources": [s.name for s in cfg.sensors],
+                        "boot_id": journal.boot_id,
+                        "version": app_version(),
+                    }
+                },
+            )
+            code = await self._run_sources(journal, store, monitor)
+            await monitor.record()
+            await self._lifecycle(journal, "stopped", reason=self._stop_reason)
+        return code
+
+    async def _lifecycle(self, journal: Journal, event: str, **extra: Any) -> None:
+        body = {
+            "event": event,
+            "mode": self.mode,
+            "version": app_version(),
+            "pid": os.getpid(),
+            **extra,
+        }
+        with contextlib.suppress(StorageFull):
+            await journal.append(
+                NewRecord(source="appliance", kind="lifecycle", priority=Priority.EVENT, body=body),
+                force=True,
+            )
+
+    async def _run_sources(
+        self, journal: Journal, store: PayloadStore, monitor: HealthMonitor
+    ) -> int:
+        cfg = self.cfg
+
+        async def component_event(event: str, health: ComponentHealth) -> None:
+            with contextlib.suppress(StorageFull):
+                await journal.append(
+                    NewRecord(
+                        source="appliance",
+                        kind="component",
+                        priority=Priority.EVENT,
+                        body={"component": health.name, "event": event, **asdict(health)},
+                    )
+                )
+
+        def attempt_factory(sensor: SensorConfig) -> Any:
+            async def attempt() -> None:
+                source = open_source(sensor)
+                monitor.sources[sensor.name] = source.health
+                pipeline = SourcePipeline(sensor, source, journal, store)
+                self.pipelines[sensor.name] = pipeline
+                await pipeline.run()
+
+            return attempt
+
+        supervised = [
+            Supervised(
+                f"source:{sensor.name}",
+                attempt_factory(sensor),
+                budget=cfg.appliance.restart_budget,
+                window_s=cfg.appliance.restart_window,
+                on_event=component_event,
+            )
+            for sensor in cfg.sensors
+        ]
+        for component in supervised:
+            monitor.components[component.name] = component.health
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(s.run(), name=s.name) for s in supervised]
+            waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.stop.wait())]
+            if self.mode == "replay":
+                waiters.append(
+                    asyncio.ensure_future(asyncio.wait(tasks))
+                    if tasks
+                    else asyncio.ensure_future(asyncio.sleep(0))
+                )
+                self._stop_reason = "replay_done"
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
+            if self.stop.is_set() and self.mode == "replay":
+                self._stop_reason = "interrupted"
+            for task in tasks:
+                task.cancel()
+            _, late = (
+                await asyncio.wait(tasks, timeout=cfg.appliance.shutdown_timeout)
+                if tasks
+                else (set(), set())
+            )
+            if late:
+                log.error(
+                    "components did not stop in time",
+                    extra={"fields": {"late": [t.get_name() for t in late]}},
+                )
+        degraded = [c.name for c in supervised if c.health.state == "degraded"]
+        if self.mode == "replay" and (degraded or self._stop_reason == "interrupted"):
+            return 1
+        return 0

@@ -1,0 +1,72 @@
+"""`appliance export`: journal records to stdout as NDJSON or CSV, a page at a time."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import UTC, datetime, timedelta
+from typing import TextIO
+
+from config.units import parse_duration
+from sync import JournalReader
+from sync.records import format_ts, parse_ts
+
+CSV_COLUMNS = (
+    "seq",
+    "ts",
+    "source",
+    "kind",
+    "priority",
+    "model",
+    "appliance_id",
+    "boot_id",
+    "mono_ns",
+    "payloads",
+    "body",
+)
+
+
+def parse_since(text: str) -> str:
+    """`--since`: an ISO-8601 time or date (UTC if no zone), or an age such as `30m` or `2d`."""
+    try:
+        return format_ts(datetime.now(UTC) - timedelta(seconds=parse_duration(text)))
+    except ValueError:
+        pass
+    try:
+        return format_ts(parse_ts(text))
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: expected an ISO-8601 time such as 2026-11-01T00:00:00Z or an age such as 2h"
+        ) from None
+
+
+def export_records(
+    reader: JournalReader, out: TextIO, *, kind: str | None, since: str | None, fmt: str
+) -> int:
+    """Write matching records; return how many."""
+    written = 0
+    writer = csv.writer(out) if fmt == "csv" else None
+    if writer is not None:
+        writer.writerow(CSV_COLUMNS)
+    for record in reader.iter_records(kind=kind, since=since):
+        if writer is not None:
+            writer.writerow(
+                (
+                    record.seq,
+                    record.ts,
+                    record.source,
+                    record.kind,
+                    record.priority.label,
+                    record.model or "",
+                    record.appliance_id,
+                    record.boot_id,
+                    record.mono_ns,
+                    " ".join(record.payloads),
+                    record.body_json,
+                )
+            )
+        else:
+            out.write(json.dumps(record.to_dict(), separators=(",", ":"), ensure_ascii=False))
+            out.write("\n")
+        written += 1
+    return written

@@ -1,0 +1,113 @@
+"""The daemon's health: one snapshot of components, storage and writer, journalled periodically
+as `health` records and written to the journal's meta table as a heartbeat `appliance status` reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from appliance.supervisor import ComponentHealth
+from sync import Journal, NewRecord, Priority, StorageFull, StorageGuard
+from sync.records import format_ts
+
+HEARTBEAT_KEY = "daemon"
+
+
+def app_version() -> str:
+    try:
+        return version("edge-appliance")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class HealthMonitor:
+    """Collects health from the parts the daemon wires together."""
+
+    def __init__(self, journal: Journal, guard: StorageGuard, *, mode: str) -> None:
+        self.journal = journal
+        self.guard = guard
+        self.mode = mode
+        self.components: dict[str, ComponentHealth] = {}
+        self.sources: dict[str, Any] = {}
+        self.started = datetime.now(UTC)
+        self._started_mono = time.monotonic()
+
+    def reasons(self) -> list[str]:
+        reasons = []
+        if self.guard.degraded_reason:
+            reasons.append(self.guard.degraded_reason)
+        for name, component in sorted(self.components.items()):
+            if component.state == "degraded":
+                reasons.append(f"component_degraded:{name}")
+        return reasons
+
+    def snapshot(self) -> dict[str, Any]:
+        reasons = self.reasons()
+        stats = self.journal.stats
+        usage = self.guard.last_usage
+        return {
+            "state": "degraded" if reasons else "ok",
+            "reasons": reasons,
+            "mode": self.mode,
+            "version": app_version(),
+            "pid": os.getpid(),
+            "boot_id": self.journal.boot_id,
+            "started": format_ts(self.started),
+            "uptime_s": round(time.monotonic() - self._started_mono, 1),
+            "components": {n: c.to_dict() for n, c in sorted(self.components.items())},
+            "sources": {
+                name: {
+                    "state": h.state,
+                    "windows": h.windows,
+                    "bad_values": h.bad_values,
+                    "reconnects": h.reconnects,
+                    "error": h.error,
+                }
+                for name, h in sorted(self.sources.items())
+            },
+            "journal": {
+                "commits": stats.commits,
+                "records": stats.records,
+                "failed_commits": stats.failed_commits,
+                "pending": self.journal.pending,
+                "shed_level": self.journal.shed_level,
+                "dropped": {f"{p}:{r}": n for (p, r), n in sorted(stats.dropped.items())},
+            },
+            "storage": None
+            if usage is None
+            else {
+                "journal_bytes": usage.journal_bytes,
+                "payload_bytes": usage.payload_bytes,
+                "fs_free": usage.fs_free,
+                "budget": self.guard.settings.disk_budget,
+            },
+        }
+
+    async def heartbeat(self, *, state: str | None = None) -> None:
+        """Write the snapshot to meta (best effort: a full disk must not stop the daemon)."""
+        snap = self.snapshot()
+        snap["heartbeat"] = format_ts(datetime.now(UTC))
+        if state is not None:
+            snap["state"] = state
+        try:
+            await self.journal.set_meta({HEARTBEAT_KEY: json.dumps(snap)})
+        except StorageFull:
+            pass
+
+    async def record(self) -> None:
+        """Journal a `health` telemetry record."""
+        try:
+            await self.journal.append(
+                NewRecord(
+                    source="appliance",
+                    kind="health",
+                    priority=Priority.TELEMETRY,
+                    body=self.snapshot(),
+                )
+            )
+        except StorageFull:
+            pass

@@ -1,0 +1,197 @@
+"""`appliance status`: one report of the journal, disk and daemon, read-only, daemon running or not."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from appliance.daemon import HEARTBEAT_INTERVAL_S
+from appliance.health import HEARTBEAT_KEY
+from config import ApplianceConfig
+from config.units import format_duration, format_size
+from sync import JOURNAL_FILE, JournalReader, Priority
+from sync.records import parse_ts
+
+
+def _age_s(ts: str | None, now: datetime) -> float | None:
+    return None if ts is None else max(0.0, (now - parse_ts(ts)).total_seconds())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
+    """Everything `appliance status` shows, as a JSON-able dict."""
+    data_dir = cfg.appliance.data_dir
+    now = datetime.now(UTC)
+    reader = JournalReader.open(data_dir)
+    try:
+        counts = reader.counts()
+        unsynced = reader.unsynced()
+        evictions = reader.evictions()
+        drops = reader.drops()
+        quality = reader.quality()
+        files, payload_bytes, missing = reader.payload_totals()
+        heartbeat_raw = reader.meta(HEARTBEAT_KEY)
+        boots = reader.meta("boots")
+        last_seq = reader.meta("seq_hw")
+    finally:
+        reader.close()
+    journal_bytes = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(FileNotFoundError):
+            journal_bytes += (data_dir / f"{JOURNAL_FILE}{suffix}").stat().st_size
+    disk = shutil.disk_usage(data_dir)
+
+    daemon: dict[str, Any] = {"running": False}
+    if heartbeat_raw:
+        beat = json.loads(heartbeat_raw)
+        age = _age_s(beat.get("heartbeat"), now)
+        running = (
+            beat.get("state") != "stopped"
+            and age is not None
+            and age < 3 * HEARTBEAT_INTERVAL_S
+            and _pid_alive(int(beat.get("pid", 0)))
+        )
+        daemon = {
+            "running": running,
+            "state": beat.get("state") if running else "stopped",
+            "reasons": beat.get("reasons", []) if running else [],
+            "pid": beat.get("pid"),
+            "version": beat.get("version"),
+            "mode": beat.get("mode"),
+            "started": beat.get("started"),
+            "heartbeat_age_s": None if age is None else round(age, 1),
+            "components": beat.get("components", {}),
+            "sources": beat.get("sources", {}),
+        }
+
+    by_priority: dict[str, int] = {p.label: 0 for p in Priority}
+    by_kind: dict[str, int] = {}
+    for priority, kind, records, _bytes in counts:
+        by_priority[priority.label] += records
+        by_kind[kind] = by_kind.get(kind, 0) + records
+    unsynced_out: dict[str, Any] = {}
+    oldest_age: float | None = None
+    for priority, (records, oldest) in unsynced.items():
+        age = _age_s(oldest, now)
+        unsynced_out[priority.label] = {
+            "records": records,
+            "oldest": oldest,
+            "oldest_age_s": None if age is None else round(age, 1),
+        }
+        if age is not None:
+            oldest_age = max(oldest_age or 0.0, age)
+    return {
+        "appliance_id": cfg.appliance.id,
+        "data_dir": str(data_dir),
+        "daemon": daemon,
+        "boots": int(boots) if boots else 0,
+        "last_seq": int(last_seq) if last_seq else 0,
+        "records": {
+            "total": sum(by_priority.values()),
+            "by_priority": by_priority,
+            "by_kind": dict(sorted(by_kind.items())),
+            "by_priority_and_kind": [
+                {"priority": p.label, "kind": k, "records": n, "bytes": b} for p, k, n, b in counts
+            ],
+        },
+        "unsynced": unsynced_out,
+        "oldest_unsynced_age_s": None if oldest_age is None else round(oldest_age, 1),
+        "disk": {
+            "journal_bytes": journal_bytes,
+            "payload_bytes": payload_bytes,
+            "payload_files": files,
+            "payloads_missing": missing,
+            "used_bytes": journal_bytes + payload_bytes,
+            "budget_bytes": cfg.storage.disk_budget,
+            "fs_free_bytes": disk.free,
+            "fs_total_bytes": disk.total,
+        },
+        "evictions": [
+            {"priority": p.label, "reason": r, "records": n, "bytes": b} for p, r, n, b in evictions
+        ],
+        "drops": [{"priority": p.label, "reason": r, "records": n} for p, r, n in drops],
+        "data_quality": [{"source": s, "reason": r, "count": c} for s, r, c in quality],
+    }
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """The human view of `collect_status`."""
+    lines: list[str] = []
+    daemon = report["daemon"]
+    if daemon.get("running"):
+        state = daemon["state"]
+        if daemon.get("reasons"):
+            state += f" ({', '.join(daemon['reasons'])})"
+        lines.append(
+            f"appliance {report['appliance_id']}: daemon running, {state}, pid {daemon['pid']}"
+        )
+    else:
+        lines.append(f"appliance {report['appliance_id']}: daemon not running")
+    lines.append(
+        f"data dir   {report['data_dir']}  (boots: {report['boots']}, last seq: {report['last_seq']})"
+    )
+    disk = report["disk"]
+    lines.append(
+        f"disk       {format_size(disk['used_bytes'])} used of {format_size(disk['budget_bytes'])} budget "
+        f"(journal {format_size(disk['journal_bytes'])}, payloads {format_size(disk['payload_bytes'])} "
+        f"in {disk['payload_files']} files); file system free {format_size(disk['fs_free_bytes'])}"
+    )
+    records = report["records"]
+    lines.append(f"records    {records['total']} in the journal")
+    lines.append("  priority    records   unsynced   oldest unsynced")
+    for priority, total in records["by_priority"].items():
+        unsynced = report["unsynced"][priority]
+        age = unsynced["oldest_age_s"]
+        lines.append(
+            f"  {priority:<10} {total:>8} {unsynced['records']:>10}   {format_duration(age) if age is not None else '-'}"
+        )
+    if records["by_kind"]:
+        lines.append("  by kind: " + ", ".join(f"{k} {n}" for k, n in records["by_kind"].items()))
+    if report["evictions"]:
+        lines.append(
+            "evictions  "
+            + ", ".join(
+                f"{e['priority']}/{e['reason']} {e['records']} ({format_size(e['bytes'])})"
+                for e in report["evictions"]
+            )
+        )
+    else:
+        lines.append("evictions  none")
+    if report["drops"]:
+        lines.append(
+            "dropped    "
+            + ", ".join(f"{d['priority']}/{d['reason']} {d['records']}" for d in report["drops"])
+        )
+    if report["data_quality"]:
+        lines.append(
+            "data quality "
+            + ", ".join(f"{q['source']}/{q['reason']} {q['count']}" for q in report["data_quality"])
+        )
+    if disk["payloads_missing"]:
+        lines.append(f"payloads missing on disk: {disk['payloads_missing']}")
+    components = daemon.get("components", {}) if daemon.get("running") else {}
+    for name, component in sorted(components.items()):
+        if component.get("state") not in ("running", "finished"):
+            lines.append(
+                f"component  {name}: {component.get('state')} ({component.get('last_error')})"
+            )
+    return "\n".join(lines)
+
+
+def ensure_data_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"data directory {path} does not exist")

@@ -1,0 +1,114 @@
+"""Test helpers: config files, the appliance in a subprocess, polling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fast_sensor(name: str, **overrides: Any) -> dict[str, Any]:
+    """A simulated source producing ~20 windows/s, whose peak limit toggles often (alerts)."""
+    sensor: dict[str, Any] = {
+        "name": name,
+        "type": "simulated",
+        "sample_rate": 400,
+        "window": "50ms",
+        "pace": "realtime",
+        "channels": [{"name": "vib", "signal": "vibration", "amplitude": 1.0, "noise": 0.3}],
+        "limits": [{"feature": "peak", "above": 1.6, "priority": "alert"}],
+    }
+    sensor.update(overrides)
+    return sensor
+
+
+def write_config(
+    path: Path, data_dir: Path, sensors: list[dict[str, Any]], **sections: Any
+) -> Path:
+    doc: dict[str, Any] = {
+        "appliance": {"id": "test-01", "data_dir": str(data_dir), "health_interval": "2s"},
+        "sensors": sensors,
+    }
+    for key, value in sections.items():
+        doc.setdefault(key, {}).update(value) if isinstance(value, dict) else doc.__setitem__(
+            key, value
+        )
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", *args],
+        capture_output=True,
+        text=True,
+        env=env or cli_env(),
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def start_daemon(
+    config: Path, log_path: Path, *args: str, command: str = "run"
+) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "appliance", command, "-c", str(config), *args],
+            stdout=log,
+            stderr=log,
+            env=cli_env(),
+            cwd=ROOT,
+        )
+
+
+def log_events(log_path: Path) -> list[dict[str, Any]]:
+    events = []
+    for line in log_path.read_text().splitlines():
+        if line.startswith("{"):
+            events.append(json.loads(line))
+    return events
+
+
+def wait_for(
+    predicate: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05
+) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)
+
+
+def status_json(config: Path) -> dict[str, Any]:
+    result = run_cli("status", "-c", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
