@@ -14,14 +14,16 @@ import resource
 import sqlite3
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from config import JournalSection
 from sync.journal import Journal
 from sync.reader import JOURNAL_FILE
-from sync.records import Priority
+from sync.records import NewRecord, Priority
 
 BODY_BYTES = 200
 MIB = 1024 * 1024
@@ -128,6 +130,8 @@ def machine(data_dir: Path) -> dict[str, Any]:
         "python_implementation": platform.python_implementation(),
         "sqlite": sqlite3.sqlite_version,
         "data_dir_filesystem": filesystem_of(data_dir),
+        # Other work on the box skews every number here; a load near the CPU count means noise.
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -164,6 +168,7 @@ def dir_bytes(path: Path, names: Sequence[str]) -> int:
 
 # ------------------------------------------------------------------------- what is written
 
+
 def _body_core(n: int) -> dict[str, Any]:
     # Fixed-width fields, so one pad length (computed once) gives every body the same size.
     return {
@@ -175,13 +180,13 @@ def _body_core(n: int) -> dict[str, Any]:
     }
 
 
-_PAD = "x" * (BODY_BYTES - len(json.dumps(_body_core(0), separators=(",", ":"))))
+PAD = "x" * (BODY_BYTES - len(json.dumps(_body_core(0), separators=(",", ":"))))
 
 
 def body(n: int) -> dict[str, Any]:
     """A detection-like JSON body of exactly BODY_BYTES bytes once compactly encoded."""
     core = _body_core(n)
-    core["pad"] = _PAD
+    core["pad"] = PAD
     return core
 
 
@@ -227,3 +232,96 @@ def journal_schema(parent: Path) -> list[str]:
         child.unlink()
     scratch.rmdir()
     return [str(row[0]) for row in rows]
+
+
+def new_record(n: int) -> NewRecord:
+    priority = priority_of(n)
+    return NewRecord(source="bench", kind=KIND_OF[priority], priority=priority, body=body(n))
+
+
+# ------------------------------------------------------------------------------ producers
+
+
+@dataclass
+class Phase:
+    """Records made durable in a measured window, and the group commits that carried them."""
+
+    name: str
+    records: int
+    seconds: float
+    commits: int = 0
+    largest_batch: int = 0
+    cpu_seconds: float = 0.0  # process CPU (all threads) spent in the window
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "records": self.records,
+            "seconds": round(self.seconds, 3),
+            "records_per_s": round(self.rate),
+        }
+        if self.commits:
+            out["commits"] = self.commits
+            out["mean_batch"] = round(self.records / self.commits, 1)
+            out["largest_batch"] = self.largest_batch
+        if self.cpu_seconds and self.records:
+            # Above 1e6 / records_per_s means more than one core busy on average.
+            out["cpu_us_per_record"] = round(self.cpu_seconds / self.records * 1e6, 1)
+        return out
+
+
+async def drive(
+    journal: Journal, *, tasks: int, chunk: int, duration: float, warmup: float, first_n: int = 0
+) -> Phase:
+    """`tasks` producer tasks append as fast as the journal lets them, `chunk` records per
+    call (`append()` when chunk is 1, else `append_many()`). Only records whose call returned
+    (durable) inside the measured window, after `warmup`, count."""
+    done = 0
+    stop = False
+
+    async def producer(index: int) -> None:
+        nonlocal done
+        n = first_n + index * 1_000_000_000
+        while not stop:
+            if chunk == 1:
+                await journal.append(new_record(n))
+            else:
+                await journal.append_many([new_record(n + i) for i in range(chunk)])
+            n += chunk
+            done += chunk
+
+    async with asyncio.TaskGroup() as group:
+        for index in range(tasks):
+            group.create_task(producer(index), name=f"producer-{index}")
+        await asyncio.sleep(warmup)
+        first, commits0 = done, journal.stats.commits
+        cpu0, start = time.process_time(), time.perf_counter()
+        await asyncio.sleep(duration)
+        last, commits1 = done, journal.stats.commits
+        cpu, seconds = time.process_time() - cpu0, time.perf_counter() - start
+        stop = True
+    return Phase(
+        "append_many" if chunk > 1 else "append",
+        last - first,
+        seconds,
+        commits=commits1 - commits0,
+        largest_batch=journal.stats.largest_batch,
+        cpu_seconds=cpu,
+    )
+
+
+async def count_records(journal: Journal) -> int:
+    return await journal.read(
+        lambda reader: int(reader.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+    )
+
+
+async def journal_bytes_per_record(journal: Journal) -> tuple[int, int]:
+    """(journal.db + WAL bytes after a TRUNCATE checkpoint, bytes per record)."""
+    await journal.checkpoint()
+    total = await count_records(journal)
+    size = dir_bytes(journal.data_dir, [JOURNAL_FILE, f"{JOURNAL_FILE}-wal"])
+    return size, round(size / max(total, 1))

@@ -1,13 +1,17 @@
 """Benchmark: durable appends through the Journal's public API against a bare sqlite3 loop.
 
-Phases, each a fixed duration, each on a fresh data dir:
-  baseline      bare sqlite3: executemany of `commit_records` rows, one BEGIN IMMEDIATE..COMMIT per
-                batch, same pragmas (WAL, synchronous=FULL, ...) and schema as a Journal-made file.
-                Run before and after the journal phases; their mean is the reference.
-  single        many producer tasks, each awaiting `append()` of one record at a time.
-  chunked       fewer producer tasks, each awaiting `append_many()` of a small chunk.
-  latency       one `append()` per record at a fixed offered rate (open loop, well below
+Phases, each a fixed duration, each on a fresh data dir under one temporary root:
+  baseline      bare sqlite3 in the main thread: build `commit_records` rows (the same body
+                JSON encoding and ts formatting the journal does), one executemany, one
+                BEGIN IMMEDIATE..COMMIT per batch; the pragmas of sync.journal (WAL,
+                synchronous=FULL, ...) and the CREATE statements of a Journal-made journal.db.
+                Run before and after the journal phases; the mean of the two is the reference.
+  append        many producer tasks, each awaiting `append()` of one record at a time.
+  append_many   fewer producer tasks, each awaiting `append_many()` of a small chunk.
+  latency       one `append()` per record at a fixed offered rate (open loop, far below
                 saturation); latency is from the append call to its durable return.
+  sqlite_only   context, not a target: the baseline with every row built before the clock
+                starts, i.e. what SQLite itself costs per record on this disk.
 
 Prints one JSON object on stdout; progress on stderr. `python -m bench.journal_append [--quick]`."""
 
@@ -19,7 +23,6 @@ import shutil
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,13 +30,17 @@ from typing import Any
 from bench.common import (
     BODY_BYTES,
     KIND_OF,
+    Phase,
     base_parser,
     body,
     dir_bytes,
+    drive,
     emit,
+    journal_bytes_per_record,
     journal_schema,
     machine,
     make_data_root,
+    new_record,
     peak_rss_mib,
     percentile,
     priority_of,
@@ -42,7 +49,7 @@ from bench.common import (
 from config import JournalSection
 from sync.journal import Journal
 from sync.reader import JOURNAL_FILE
-from sync.records import RECORD_OVERHEAD_BYTES, NewRecord, format_ts
+from sync.records import RECORD_OVERHEAD_BYTES, format_ts
 
 TARGET_RATIO = 0.6
 TARGET_P99_MS = 50.0
@@ -50,36 +57,7 @@ _INSERT = (
     "INSERT INTO records (seq, appliance_id, boot_id, ts, mono_ns, source, kind, priority, model, "
     "body, payloads, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-@dataclass
-class Phase:
-    name: str
-    records: int
-    seconds: float
-    commits: int = 0
-    largest_batch: int = 0
-
-    @property
-    def rate(self) -> float:
-        return self.records / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "records": self.records,
-            "seconds": round(self.seconds, 3),
-            "records_per_s": round(self.rate),
-        }
-        if self.commits:
-            out["commits"] = self.commits
-            out["mean_batch"] = round(self.records / self.commits, 1)
-            out["largest_batch"] = self.largest_batch
-        return out
-
-
-def new_record(n: int) -> NewRecord:
-    priority = priority_of(n)
-    return NewRecord(source="bench", kind=KIND_OF[priority], priority=priority, body=body(n))
+Row = tuple[int, str, str, str, int, str, str, int, None, str, None, int]
 
 
 # ------------------------------------------------------------------------------- baseline
@@ -100,46 +78,59 @@ def open_baseline(data_dir: Path, schema: list[str]) -> sqlite3.Connection:
     return conn
 
 
-def run_baseline(data_dir: Path, schema: list[str], batch: int, duration: float) -> Phase:
-    """Bare loop: build `batch` rows (the same JSON encoding and timestamps the journal does),
-    insert them with one executemany, commit; repeat for `duration` seconds."""
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def build_row(seq: int, appliance_id: str, boot_id: str) -> Row:
+    """One records row with the values the journal would store for new_record(seq)."""
+    priority = priority_of(seq)
+    encoded = _dumps(body(seq))
+    return (
+        seq,
+        appliance_id,
+        boot_id,
+        format_ts(datetime.now(UTC)),
+        time.monotonic_ns(),
+        "bench",
+        KIND_OF[priority],
+        int(priority),
+        None,
+        encoded,
+        None,
+        len(encoded.encode()) + RECORD_OVERHEAD_BYTES,
+    )
+
+
+def run_baseline(
+    data_dir: Path, schema: list[str], batch: int, duration: float, *, prebuilt: bool = False
+) -> Phase:
+    """Bare loop: `batch` rows, one executemany, commit; repeat for `duration` seconds. With
+    `prebuilt`, the row values are made before the clock starts and only seq is renumbered."""
     conn = open_baseline(data_dir, schema)
     appliance_id, boot_id = "bench", uuid.uuid4().hex
-    dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+    templates = (
+        [build_row(i + 1, appliance_id, boot_id)[1:] for i in range(batch)] if prebuilt else []
+    )
     seq = 0
     commits = 0
-    start = time.perf_counter()
+    cpu0, start = time.process_time(), time.perf_counter()
     end = start + duration
     while time.perf_counter() < end:
-        rows = []
-        for _ in range(batch):
-            seq += 1
-            priority = priority_of(seq)
-            encoded = dumps(body(seq))
-            rows.append(
-                (
-                    seq,
-                    appliance_id,
-                    boot_id,
-                    format_ts(datetime.now(UTC)),
-                    time.monotonic_ns(),
-                    "bench",
-                    KIND_OF[priority],
-                    int(priority),
-                    None,
-                    encoded,
-                    None,
-                    len(encoded.encode()) + RECORD_OVERHEAD_BYTES,
-                )
-            )
+        if prebuilt:
+            rows: list[Any] = [(seq + i + 1, *t) for i, t in enumerate(templates)]
+            seq += batch
+        else:
+            rows = [build_row(seq + i + 1, appliance_id, boot_id) for i in range(batch)]
+            seq += batch
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(_INSERT, rows)
         conn.execute("COMMIT")
         commits += 1
-    seconds = time.perf_counter() - start
+    cpu, seconds = time.process_time() - cpu0, time.perf_counter() - start
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-    return Phase("baseline", seq, seconds, commits=commits, largest_batch=batch)
+    name = "sqlite_only" if prebuilt else "baseline"
+    return Phase(name, seq, seconds, commits=commits, largest_batch=batch, cpu_seconds=cpu)
 
 
 # -------------------------------------------------------------------------------- journal
@@ -154,51 +145,14 @@ async def saturate(
     duration: float,
     warmup: float,
 ) -> tuple[Phase, int]:
-    """`tasks` producers append as fast as the journal lets them, `chunk` records per call
-    (`append()` when chunk is 1). Only records made durable inside the measured window count.
-    Returns the phase and the journal's bytes on disk per record after a checkpoint."""
+    """A fresh journal driven at saturation; returns the phase and bytes on disk per record."""
     journal = await Journal.open(data_dir, appliance_id="bench", settings=settings)
-    done = 0
-    stop = False
-
-    async def producer(index: int) -> None:
-        nonlocal done
-        n = index * 1_000_000_000
-        while not stop:
-            if chunk == 1:
-                await journal.append(new_record(n))
-            else:
-                await journal.append_many([new_record(n + i) for i in range(chunk)])
-            n += chunk
-            done += chunk
-
-    async with asyncio.TaskGroup() as group:
-        for index in range(tasks):
-            group.create_task(producer(index), name=f"producer-{index}")
-        await asyncio.sleep(warmup)
-        first, commits0, start = done, journal.stats.commits, time.perf_counter()
-        await asyncio.sleep(duration)
-        last, commits1, seconds = done, journal.stats.commits, time.perf_counter() - start
-        stop = True
-    phase = Phase(
-        "chunked" if chunk > 1 else "single",
-        last - first,
-        seconds,
-        commits=commits1 - commits0,
-        largest_batch=journal.stats.largest_batch,
-    )
-    per_record = await bytes_per_record(journal)
-    await journal.close()
+    try:
+        phase = await drive(journal, tasks=tasks, chunk=chunk, duration=duration, warmup=warmup)
+        _, per_record = await journal_bytes_per_record(journal)
+    finally:
+        await journal.close()
     return phase, per_record
-
-
-async def bytes_per_record(journal: Journal) -> int:
-    await journal.checkpoint()
-    total = await journal.read(
-        lambda reader: int(reader.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0])
-    )
-    size = dir_bytes(journal.data_dir, [JOURNAL_FILE, f"{JOURNAL_FILE}-wal"])
-    return round(size / max(total, 1))
 
 
 async def paced(
@@ -215,22 +169,24 @@ async def paced(
         await journal.append(record)
         latencies.append(time.perf_counter() - started)
 
-    commits0 = journal.stats.commits
-    issued = 0
-    async with asyncio.TaskGroup() as group:
-        start = time.perf_counter()
-        while True:
-            elapsed = time.perf_counter() - start
-            if elapsed >= duration:
-                break
-            due = int(elapsed * rate)
-            while issued < due:
-                group.create_task(one(issued))
-                issued += 1
-            await asyncio.sleep(0.001)
-    wall = time.perf_counter() - start
-    commits = journal.stats.commits - commits0
-    await journal.close()
+    try:
+        commits0 = journal.stats.commits
+        issued = 0
+        async with asyncio.TaskGroup() as group:
+            start = time.perf_counter()
+            while True:
+                elapsed = time.perf_counter() - start
+                if elapsed >= duration:
+                    break
+                due = int(elapsed * rate)
+                while issued < due:
+                    group.create_task(one(issued))
+                    issued += 1
+                await asyncio.sleep(0.001)
+        wall = time.perf_counter() - start
+        commits = journal.stats.commits - commits0
+    finally:
+        await journal.close()
     ms = [x * 1000 for x in latencies]
     return {
         "offered_records_per_s": rate,
@@ -258,12 +214,12 @@ async def journal_phases(
 ) -> dict[str, Any]:
     progress(f"journal: {producers} tasks x append() for {duration}s")
     single, single_bpr = await saturate(
-        root / "single", settings, tasks=producers, chunk=1, duration=duration, warmup=warmup
+        root / "append", settings, tasks=producers, chunk=1, duration=duration, warmup=warmup
     )
     progress(f"  {single.rate:,.0f} records/s")
     progress(f"journal: {chunk_tasks} tasks x append_many({chunk_size}) for {duration}s")
     chunked, chunked_bpr = await saturate(
-        root / "chunked",
+        root / "append_many",
         settings,
         tasks=chunk_tasks,
         chunk=chunk_size,
@@ -278,7 +234,8 @@ async def journal_phases(
         "single": single,
         "chunked": chunked,
         "latency": latency,
-        "bytes_per_record": {"single": single_bpr, "chunked": chunked_bpr},
+        "single_bpr": single_bpr,
+        "chunked_bpr": chunked_bpr,
     }
 
 
@@ -292,16 +249,17 @@ def main() -> None:
         "--rate", type=float, default=2000.0, help="offered records/s of the latency phase"
     )
     args = parser.parse_args()
-    duration = args.duration or (1.5 if args.quick else 5.0)
+    duration: float = args.duration or (1.5 if args.quick else 5.0)
     warmup = min(0.5, duration / 5)
     settings = JournalSection()
+    batch = settings.commit_records
     root = make_data_root(args.tmp_dir, "bench-journal-append-")
     try:
         box = machine(root)
         schema = journal_schema(root)
         progress(f"data dir {root} on {box['data_dir_filesystem']['type']}")
-        progress(f"baseline: bare sqlite3, {settings.commit_records} rows per commit")
-        before = run_baseline(root / "baseline-1", schema, settings.commit_records, duration)
+        progress(f"baseline: bare sqlite3, {batch} rows per commit, {duration}s")
+        before = run_baseline(root / "baseline-1", schema, batch, duration)
         progress(f"  {before.rate:,.0f} records/s")
         results = asyncio.run(
             journal_phases(
@@ -315,13 +273,17 @@ def main() -> None:
                 rate=args.rate,
             )
         )
+        journal_rss = peak_rss_mib()
         progress("baseline again (drift check)")
-        after = run_baseline(root / "baseline-2", schema, settings.commit_records, duration)
+        after = run_baseline(root / "baseline-2", schema, batch, duration)
         progress(f"  {after.rate:,.0f} records/s")
         baseline_bpr = round(
             dir_bytes(root / "baseline-2", [JOURNAL_FILE, f"{JOURNAL_FILE}-wal"])
             / max(after.records, 1)
         )
+        progress("sqlite only: prebuilt rows (context)")
+        sqlite_only = run_baseline(root / "sqlite-only", schema, batch, duration, prebuilt=True)
+        progress(f"  {sqlite_only.rate:,.0f} records/s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -332,8 +294,8 @@ def main() -> None:
     single_ratio = single.rate / baseline
     chunked_ratio = chunked.rate / baseline
     passed = {
-        "single_ratio": single_ratio >= TARGET_RATIO,
-        "chunked_ratio": chunked_ratio >= TARGET_RATIO,
+        "append_ratio": single_ratio >= TARGET_RATIO,
+        "append_many_ratio": chunked_ratio >= TARGET_RATIO,
         "p99_latency": latency["p99_ms"] <= TARGET_P99_MS,
     }
     emit(
@@ -345,33 +307,39 @@ def main() -> None:
                 "body_bytes": BODY_BYTES,
                 "phase_seconds": duration,
                 "warmup_seconds": warmup,
-                "commit_records": settings.commit_records,
+                "commit_records": batch,
                 "commit_delay_s": settings.commit_delay,
                 "max_pending": settings.max_pending,
-                "synchronous": "FULL",
                 "journal_mode": "WAL",
-                "producers_single": args.producers,
-                "producers_chunked": args.chunk_tasks,
-                "chunk_size": args.chunk_size,
+                "synchronous": "FULL",
+                "append_tasks": args.producers,
+                "append_many_tasks": args.chunk_tasks,
+                "append_many_chunk": args.chunk_size,
             },
             "baseline_records_per_s": round(baseline),
-            "baseline_runs": {"before": before.to_dict(), "after": after.to_dict()},
             "journal_records_per_s": {
-                "single_append": round(single.rate),
+                "append": round(single.rate),
                 "append_many": round(chunked.rate),
             },
             "ratio_to_baseline": {
-                "single_append": round(single_ratio, 3),
+                "append": round(single_ratio, 3),
                 "append_many": round(chunked_ratio, 3),
             },
-            "phases": {"single_append": single.to_dict(), "append_many": chunked.to_dict()},
             "latency": latency,
             "bytes_per_record": {
-                "journal_single_append": results["bytes_per_record"]["single"],
-                "journal_append_many": results["bytes_per_record"]["chunked"],
+                "journal_append": results["single_bpr"],
+                "journal_append_many": results["chunked_bpr"],
                 "baseline": baseline_bpr,
             },
-            "peak_rss_mib": peak_rss_mib(),
+            "peak_rss_mib": journal_rss,
+            "peak_rss_mib_whole_run": peak_rss_mib(),
+            "phases": {
+                "baseline_before": before.to_dict(),
+                "baseline_after": after.to_dict(),
+                "append": single.to_dict(),
+                "append_many": chunked.to_dict(),
+                "sqlite_only": sqlite_only.to_dict(),
+            },
             "targets": {
                 "ratio_to_baseline_min": TARGET_RATIO,
                 "p99_latency_ms_max": TARGET_P99_MS,
@@ -383,4 +351,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

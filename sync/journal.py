@@ -156,10 +156,13 @@ class Journal:
         self._reserved_seq = reserved_seq
         self._loop = asyncio.get_running_loop()
         self._queue: queue.SimpleQueue[_Append | _Call | None] = queue.SimpleQueue()
-        # Appends handed to the writer and not yet resolved. Written on the loop, read by the
-        # writer: when every outstanding append is already in the open batch, waiting longer
-        # cannot grow it (their producers are awaiting this very commit), so it closes at once.
+        # Appends handed to the writer and not yet committed (or failed): when every one is
+        # already in the open batch, waiting longer cannot grow it (their producers are awaiting
+        # this very commit), so it closes at once. Raised on the loop before the put, lowered by
+        # the writer as soon as a batch is done -- not when the loop gets round to resolving it,
+        # or a burst's next batch would wait out commit_delay for records already committed.
         self._outstanding = 0
+        self._outstanding_lock = threading.Lock()
         self._slots = asyncio.Semaphore(settings.max_pending)
         self._space_freed = asyncio.Event()
         self._disk_full_listeners: list[Callable[[], None]] = []
@@ -298,9 +301,14 @@ class Journal:
                     await asyncio.wait_for(self._space_freed.wait(), min(remaining, 1.0))
 
     def _encode(self, record: NewRecord) -> _Row:
-        body = json.dumps(record.body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        try:
+            body = json.dumps(
+                record.body, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+            )
+        except (TypeError, ValueError) as exc:  # TypeError: a value JSON has no form for
+            raise ValueError(f"record body is not JSON-serialisable: {exc}") from exc
         ts = format_ts(record.ts) if record.ts else format_ts_now()
-        quality = record.body.get("counts") if record.kind == "data_quality" else None
+        quality = _quality_counts(record) if record.kind == "data_quality" else None
         return _Row(
             ts=ts,
             mono_ns=record.mono_ns if record.mono_ns is not None else time.monotonic_ns(),
@@ -311,7 +319,7 @@ class Journal:
             body=body,
             payloads=record.payloads,
             size=len(body.encode()) + RECORD_OVERHEAD_BYTES + 70 * len(record.payloads),
-            quality=quality if isinstance(quality, Mapping) else None,
+            quality=quality,
         )
 
     async def _submit(self, rows: list[_Row]) -> list[int]:
@@ -320,7 +328,8 @@ class Journal:
             self._slots.release()
             raise JournalClosed("the journal is closed")
         future: asyncio.Future[list[int]] = self._loop.create_future()
-        self._outstanding += 1
+        with self._outstanding_lock:
+            self._outstanding += 1
         self._queue.put(_Append(rows, future))
         return await future
 
@@ -363,7 +372,9 @@ class Journal:
         self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = True
     ) -> T:
         """Run `fn(conn)` on the writer thread (inside BEGIN IMMEDIATE..COMMIT by default)."""
-        if self._closed and not self._thread.is_alive():
+        # Not only once the writer has stopped: a call queued behind close()'s sentinel after
+        # the writer's final drain would never run, and its caller would wait forever.
+        if self._closed:
             raise JournalClosed("the journal is closed")
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put(_Call(fn, future, transaction))
@@ -423,7 +434,7 @@ class Journal:
 
     async def read(self, fn: Callable[[JournalReader], T]) -> T:
         """Run a query on the journal's reader thread (never blocks the writer or the loop)."""
-        if self._reader_pool is None:
+        if self._closed:
             raise JournalClosed("the journal is closed")
         return await self._loop.run_in_executor(self._reader_pool, self._with_reader, fn)
 
@@ -459,8 +470,11 @@ class Journal:
         max_records = self.settings.commit_records
         delay = self.settings.commit_delay
         stopping = False
+        # An append that would push the open batch past max_records starts the next one.
+        carry: _Append | None = None
         while not stopping:
-            item = self._queue.get()
+            item = carry if carry is not None else self._queue.get()
+            carry = None
             if item is None:
                 break
             if isinstance(item, _Call):
@@ -486,6 +500,9 @@ class Journal:
                 if isinstance(nxt, _Call):
                     deferred = nxt
                     break
+                if count + len(nxt.rows) > max_records:
+                    carry = nxt
+                    break
                 batch.append(nxt)
                 count += len(nxt.rows)
             self._commit(batch, count)
@@ -502,8 +519,15 @@ class Journal:
                 self._run_call(item)
             elif item is not None:
                 leftovers.append(item)
-        if leftovers:
-            self._commit(leftovers, sum(len(a.rows) for a in leftovers))
+        batch, count = [], 0
+        for item in leftovers:
+            if batch and count + len(item.rows) > max_records:
+                self._commit(batch, count)
+                batch, count = [], 0
+            batch.append(item)
+            count += len(item.rows)
+        if batch:
+            self._commit(batch, count)
         with contextlib.suppress(sqlite3.Error):
             self._commit_drops_only()
         with contextlib.suppress(sqlite3.Error):
@@ -540,6 +564,13 @@ class Journal:
             raise
 
     def _commit(self, batch: list[_Append], count: int) -> None:
+        try:
+            self._commit_batch(batch, count)
+        finally:
+            with self._outstanding_lock:
+                self._outstanding -= len(batch)
+
+    def _commit_batch(self, batch: list[_Append], count: int) -> None:
         first_seq = self._next_seq
         conn = self._conn
         drops = self._take_drops()
@@ -577,7 +608,7 @@ class Journal:
                         payload_params.append((ref.sha256, ref.size, ref.media_type, now))
                     if row.quality:
                         for reason, n in row.quality.items():
-                            quality[(row.source, str(reason))] += int(n)
+                            quality[(row.source, reason)] += n
                     seq += 1
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(_INSERT_RECORD, params)
@@ -592,7 +623,7 @@ class Journal:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('seq_hw', ?)", (str(seq - 1),)
             )
             conn.execute("COMMIT")
-        except (sqlite3.Error, OSError) as exc:
+        except Exception as exc:  # any failure fails the batch; a dead writer would hang all
             self._rollback()
             self._give_back_drops(drops)
             self.stats.failed_commits += 1
@@ -650,7 +681,6 @@ class Journal:
             n = len(item.rows)
             _set_result(item.future, list(range(seq, seq + n)))
             seq += n
-            self._outstanding -= 1
             self._slots.release()
 
     def _fail_batch(self, batch: list[_Append], full: bool, error: str) -> None:
@@ -661,8 +691,21 @@ class Journal:
                 else SyncError(f"journal write failed: {error}")
             )
             _set_exception(item.future, exc)
-            self._outstanding -= 1
             self._slots.release()
+
+
+def _quality_counts(record: NewRecord) -> dict[str, int] | None:
+    """The per-reason counts of a data_quality record, checked here on the loop: a bad value
+    must fail its own append, not the writer thread that sums it."""
+    counts = record.body.get("counts")
+    if not isinstance(counts, Mapping):
+        return None
+    out: dict[str, int] = {}
+    for reason, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError(f"data_quality count for {reason!r} is not an integer: {n!r}")
+        out[str(reason)] = n
+    return out
 
 
 def _set_result(future: asyncio.Future[T], value: T) -> None:
@@ -699,13 +742,19 @@ def write_seq_reservation(data_dir: Path, ceiling: int) -> None:
 
 def _writer_connection(path: Path) -> sqlite3.Connection:
     conn = connect(path, readonly=False)
-    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
-        # Must precede the first table: lets retention hand freed pages back to the file system.
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA journal_size_limit = 67108864")
-    conn.execute("PRAGMA cache_size = -16000")
+    try:
+        if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+            # Must precede the first table: lets retention hand freed pages back to the file
+            # system.
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA journal_size_limit = 67108864")
+        conn.execute("PRAGMA cache_size = -16000")
+    except BaseException:
+        # A file that is not a database fails here; the caller quarantines it.
+        conn.close()
+        raise
     return conn
 
 
@@ -718,6 +767,11 @@ def _open_sync(
     reserved = read_seq_reservation(data_dir)
     hw_row = conn.execute("SELECT value FROM meta WHERE key = 'seq_hw'").fetchone()
     high = max(int(hw_row[0]) if hw_row else 0, JournalReader(conn).max_seq())
+    if hw_row is None and reserved > 0:
+        # A journal that has never committed a record beside a reservation that says seqs were
+        # handed out: journal.db was lost (deleted, or a crash between quarantine and salvage).
+        # Those seqs may have shipped; reusing them would make upstream drop new records.
+        high = max(high, reserved)
     if report.salvaged is not None:
         # The lost tail may have held seqs that already shipped: start above every seq that
         # could ever have been handed out.

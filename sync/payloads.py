@@ -14,7 +14,8 @@ from pathlib import Path
 from sync.errors import PayloadError, StorageFull
 from sync.records import PayloadRef
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# fullmatch only: `$` would also accept a trailing newline.
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,7 +40,7 @@ class PayloadStore:
     def path_for(self, sha256: str) -> Path:
         # The only way a path is built from a name: a strict hex check keeps requests
         # (later: the status page) from ever reaching outside the store.
-        if not _SHA256.match(sha256):
+        if not _SHA256.fullmatch(sha256):
             raise PayloadError(f"not a sha256 payload name: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
@@ -55,7 +56,10 @@ class PayloadStore:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            final.parent.mkdir(exist_ok=True)
+            if not final.parent.is_dir():
+                final.parent.mkdir(exist_ok=True)
+                # The new shard's own entry must be durable too, or the file goes with it.
+                fsync_dir(self.root)
             temp.replace(final)
             fsync_dir(final.parent)
         except OSError as exc:
@@ -92,7 +96,7 @@ class PayloadStore:
             if shard.name == "tmp" or not shard.is_dir():
                 continue
             for entry in os.scandir(shard):
-                if entry.is_file() and _SHA256.match(entry.name):
+                if entry.is_file() and _SHA256.fullmatch(entry.name):
                     yield entry.name, entry.stat().st_size
 
     def stray_files(self) -> Iterator[Path]:
@@ -102,7 +106,7 @@ class PayloadStore:
             if shard.name == "tmp" or not shard.is_dir():
                 continue
             for path in shard.iterdir():
-                if not _SHA256.match(path.name):
+                if not _SHA256.fullmatch(path.name):
                     yield path
 
     def total_bytes(self) -> int:

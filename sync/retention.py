@@ -124,6 +124,12 @@ def _evict_chunk(
             break
         taken.append((seq, kind, size, payloads))
         freed += size * factor
+        for sha in json.loads(payloads) if payloads else ():
+            # A payload frees its bytes only when this is its last reference.
+            found = conn.execute(
+                "SELECT size FROM payloads WHERE sha256 = ? AND refs <= 1", (sha,)
+            ).fetchone()
+            freed += found[0] if found else 0
         if freed >= byte_target:
             break
     if not taken:
@@ -215,7 +221,8 @@ class StorageGuard:
             shed = [p.label for p in Priority if level and p >= 5 - level]
             if level:
                 log.warning(
-                    "disk full: shedding load", extra={"fields": {"level": level, "shedding": shed}}
+                    "disk full: shedding load",
+                    extra={"fields": {"shed_level": level, "shedding": shed}},
                 )
             else:
                 log.info("disk space recovered: accepting every priority again")
@@ -274,7 +281,16 @@ class StorageGuard:
             reports: list[EvictionReport] = []
             await self._retry_unjournalled()
             usage = await self.usage()
-            under_pressure = usage.fs_free < self.settings.min_free or self.journal.shed_level > 0
+            if self.journal.shed_level or usage.fs_free < _RECOVER_AT_FREE * self.settings.min_free:
+                # Near the edge the WAL's size swings free space by megabytes; measure without it.
+                with contextlib.suppress(SyncError, sqlite3.Error):
+                    await self.journal.checkpoint()
+                usage = await self.usage()
+            free_at_start = usage.fs_free
+            if free_at_start < self.settings.min_free:
+                # The real disk, not the budget, is the limit now: shed and say so.
+                self._set_level(max(1, self.journal.shed_level))
+            under_pressure = self.journal.shed_level > 0
             if self.settings.keep_synced > 0:
                 cutoff = format_ts(datetime.now(UTC) - timedelta(seconds=self.settings.keep_synced))
                 reports.append(
@@ -289,12 +305,8 @@ class StorageGuard:
                 target = over_budget + 0.05 * self.settings.disk_budget
                 reports.append(await self._evict(target, "disk_budget", synced_only=False))
             usage = await self.usage()
-            if usage.fs_free < self.settings.min_free or (
-                under_pressure and self.journal.shed_level
-            ):
-                need = _EVICT_TO_FREE * self.settings.min_free - usage.fs_free
-                if need > 0:
-                    reports.append(await self._evict(need, "disk_full", synced_only=False))
+            if usage.fs_free < self.settings.min_free or under_pressure:
+                reports.extend(await self._make_room(usage))
             done = [r for r in reports if r.records]
             if done:
                 await self._compact()
@@ -306,16 +318,47 @@ class StorageGuard:
                 self._set_level(max(1, self.journal.shed_level))
             elif (
                 self.journal.shed_level
-                and usage.fs_free >= _RECOVER_AT_FREE * self.settings.min_free
+                and free_at_start >= _RECOVER_AT_FREE * self.settings.min_free
                 and self._full_events == full_events_before
             ):
+                # Only a pass that *starts* with room to spare clears the alarm: room that our
+                # own eviction just made does not mean the disk stopped being full.
                 self._set_level(0)
             if not self.journal.shed_level:
                 await asyncio.to_thread(self._ensure_ballast)
             return done
 
+    async def _make_room(self, usage: Usage) -> list[EvictionReport]:
+        """The real disk is full: evict only what is being shed, escalating one priority at a
+        time while that is not enough. Data we still take is never evicted to make room for
+        more of itself, and alerts never go for a full disk (only for the configured budget),
+        so another process filling the disk cannot make the appliance delete its alerts."""
+        reports: list[EvictionReport] = []
+        level = max(1, self.journal.shed_level)
+        while True:
+            self._set_level(level)
+            need = _EVICT_TO_FREE * self.settings.min_free - usage.fs_free
+            if need <= 0:
+                break
+            shed = tuple(p for p in EVICTION_ORDER if p >= 5 - level)
+            report = await self._evict(need, "disk_full", synced_only=False, unsynced=shed)
+            reports.append(report)
+            if report.records:
+                await self._compact()
+                usage = await self.usage()
+            if usage.fs_free >= self.settings.min_free or level >= 3:
+                break
+            level += 1
+        return reports
+
     async def _evict(
-        self, byte_target: float, reason: str, *, synced_only: bool, before_ts: str | None = None
+        self,
+        byte_target: float,
+        reason: str,
+        *,
+        synced_only: bool,
+        before_ts: str | None = None,
+        unsynced: tuple[Priority, ...] = EVICTION_ORDER,
     ) -> EvictionReport:
         report = EvictionReport(reason)
         synced = await self.journal.read(JournalReader.synced_through)
@@ -325,7 +368,7 @@ class StorageGuard:
             (p, synced[p]) for p in EVICTION_ORDER if synced[p] > 0
         ]
         if not synced_only:
-            phases += [(p, None) for p in EVICTION_ORDER]
+            phases += [(p, None) for p in EVICTION_ORDER if p in unsynced]
         for priority, max_seq in phases:
             while remaining > 0:
                 evict = functools.partial(
@@ -372,8 +415,10 @@ class StorageGuard:
     async def _compact(self) -> None:
         """Hand freed pages back to the file system (incremental vacuum, then a WAL truncate)."""
         try:
+            # executescript, not execute: the sqlite3 module steps this pragma only once, and
+            # each step frees a single page, so execute() would hand back one page per pass.
             await self.journal.execute_write(
-                lambda conn: conn.execute("PRAGMA incremental_vacuum").fetchall(), transaction=False
+                lambda conn: conn.executescript("PRAGMA incremental_vacuum;"), transaction=False
             )
             await self.journal.checkpoint()
         except (SyncError, sqlite3.Error) as exc:

@@ -349,7 +349,6 @@ async def test_seq_never_reused_after_eviction_of_the_highest_and_reopen(data_di
             await journal.execute_write(
                 lambda conn: conn.execute("DELETE FROM records WHERE seq > 5")
             )
-        high += 1
         journal = await open_journal(data_dir)
         async with journal:
             nxt = await journal.append(rec())
