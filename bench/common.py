@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -133,6 +134,18 @@ def machine(data_dir: Path) -> dict[str, Any]:
         # Other work on the box skews every number here; a load near the CPU count means noise.
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def source_fingerprint() -> dict[str, str]:
+    """sha256 (12 hex) of the journal's source files: which code the numbers belong to."""
+    root = Path(__file__).resolve().parent.parent / "sync"
+    out: dict[str, str] = {}
+    for name in ("journal.py", "reader.py", "records.py", "migrations.py"):
+        try:
+            out[f"sync/{name}"] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:12]
+        except OSError:
+            out[f"sync/{name}"] = "missing"
+    return out
 
 
 # ------------------------------------------------------------------------------- measures

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -45,6 +47,7 @@ from bench.common import (
     percentile,
     priority_of,
     progress,
+    source_fingerprint,
 )
 from config import JournalSection
 from sync.journal import Journal
@@ -155,13 +158,48 @@ async def saturate(
     return phase, per_record
 
 
+class FsyncProbe:
+    """A thread that writes and fsyncs a small file beside the journal every 10 ms, so that
+    a latency spike can be told apart: a slow disk shows here too, a starved loop does not."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "fsync-probe"
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fsync-probe", daemon=True)
+
+    def __enter__(self) -> FsyncProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+
+    def _run(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while not self._stop.wait(0.01):
+                os.pwrite(fd, b"x" * 512, 0)
+                started = time.perf_counter()
+                os.fsync(fd)
+                self.samples.append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+
+
 async def paced(
     data_dir: Path, settings: JournalSection, *, rate: float, duration: float
 ) -> dict[str, Any]:
     """Open loop at a fixed offered rate: a new `append()` task is started on schedule whether
-    or not earlier ones returned, so a slow commit shows up as latency, not as a lower rate."""
+    or not earlier ones returned, so a slow commit shows up as latency, not as a lower rate.
+    Beside it, the event loop's own lag (how late a 5 ms sleep wakes) and an fsync probe say
+    whether a spike came from a starved loop, from the disk, or from the journal."""
     journal = await Journal.open(data_dir, appliance_id="bench", settings=settings)
     latencies: list[float] = []
+    lags: list[float] = []
+    stop = asyncio.Event()
 
     async def one(n: int) -> None:
         record = new_record(n)
@@ -169,25 +207,36 @@ async def paced(
         await journal.append(record)
         latencies.append(time.perf_counter() - started)
 
+    async def lag_monitor() -> None:
+        while not stop.is_set():
+            started = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - started - 0.005)
+
     try:
         commits0 = journal.stats.commits
         issued = 0
-        async with asyncio.TaskGroup() as group:
-            start = time.perf_counter()
-            while True:
-                elapsed = time.perf_counter() - start
-                if elapsed >= duration:
-                    break
-                due = int(elapsed * rate)
-                while issued < due:
-                    group.create_task(one(issued))
-                    issued += 1
-                await asyncio.sleep(0.001)
+        with FsyncProbe(data_dir) as probe:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(lag_monitor())
+                start = time.perf_counter()
+                while True:
+                    elapsed = time.perf_counter() - start
+                    if elapsed >= duration:
+                        break
+                    due = int(elapsed * rate)
+                    while issued < due:
+                        group.create_task(one(issued))
+                        issued += 1
+                    await asyncio.sleep(0.001)
+                stop.set()
         wall = time.perf_counter() - start
         commits = journal.stats.commits - commits0
     finally:
         await journal.close()
     ms = [x * 1000 for x in latencies]
+    lag_ms = [x * 1000 for x in lags]
+    fsync_ms = [x * 1000 for x in probe.samples]
     return {
         "offered_records_per_s": rate,
         "achieved_records_per_s": round(len(ms) / wall),
@@ -198,6 +247,15 @@ async def paced(
         "p95_ms": round(percentile(ms, 95), 3),
         "p99_ms": round(percentile(ms, 99), 3),
         "max_ms": round(max(ms), 3) if ms else None,
+        "loop_lag_ms": {
+            "p99": round(percentile(lag_ms, 99), 3),
+            "max": round(max(lag_ms), 3) if lag_ms else None,
+        },
+        "fsync_probe_ms": {
+            "p50": round(percentile(fsync_ms, 50), 3),
+            "p99": round(percentile(fsync_ms, 99), 3),
+            "max": round(max(fsync_ms), 3) if fsync_ms else None,
+        },
     }
 
 
@@ -303,6 +361,7 @@ def main() -> None:
             "benchmark": "journal_append",
             "quick": args.quick,
             "machine": box,
+            "source": source_fingerprint(),
             "settings": {
                 "body_bytes": BODY_BYTES,
                 "phase_seconds": duration,

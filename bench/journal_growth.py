@@ -16,7 +16,7 @@ Then, for the empty journal, the big one, and the empty one again (a drift check
   read     10,000 records of priority `event` read by cursor with `records_after` in batches
            of 500 (as the sync engine does), at the oldest record and, for the big journal, in
            the middle and at the tail; each cold (journal.db evicted from the OS page cache
-           with posix_fadvise DONTNEED) and then warm (median of 3).
+           with posix_fadvise DONTNEED) and then warm (median of WARM_READS).
 
 Prints one JSON object on stdout; progress on stderr.
 `python -m bench.journal_growth [--quick] [--records N]`."""
@@ -46,6 +46,7 @@ from bench.common import (
     make_data_root,
     peak_rss_mib,
     progress,
+    source_fingerprint,
 )
 from config import JournalSection
 from sync.journal import Journal
@@ -57,6 +58,7 @@ READ_RECORDS = 10_000
 READ_BATCH = 500
 READ_MAX_BYTES = 4 * 1024 * 1024
 READ_PRIORITY = Priority.EVENT
+WARM_READS = 5
 FILL_CHUNK = 500_000
 # The empty journal is topped up to this many records before its read, so that it holds
 # READ_RECORDS records of READ_PRIORITY (20% of the mix) whatever the append phase wrote.
@@ -177,7 +179,7 @@ async def read_at(journal: Journal, after_seq: int) -> dict[str, Any]:
     await journal.checkpoint()
     evict(journal.path)
     cold, got = await cursor_read(journal, after_seq)
-    warm = [(await cursor_read(journal, after_seq))[0] for _ in range(3)]
+    warm = [(await cursor_read(journal, after_seq))[0] for _ in range(WARM_READS)]
     return {
         "after_seq": after_seq,
         "records": got,
@@ -302,7 +304,11 @@ def main() -> None:
             measure(
                 big_dir,
                 settings,
-                read_positions={"head": 0.0, "middle": 0.5, "tail": 1 - SMALL_READ_FLOOR / records},
+                read_positions={
+                    "head": 0.0,
+                    "middle": 0.5,
+                    "tail": max(0.0, 1 - SMALL_READ_FLOOR / records),
+                },
                 **kwargs,
             )
         )
@@ -335,6 +341,7 @@ def main() -> None:
             "benchmark": "journal_growth",
             "quick": args.quick,
             "machine": box,
+            "source": source_fingerprint(),
             "settings": {
                 "records": records,
                 "body_bytes": BODY_BYTES,
@@ -351,7 +358,7 @@ def main() -> None:
             "empty_append_records_per_s": round(small_rate),
             "big_append_records_per_s": big["append"]["records_per_s"],
             "append_ratio": round(append_ratio, 3),
-            "empty_read_10k_ms": {"warm": small_warm, "cold": small_cold},
+            "empty_read_10k_ms": {"warm": round(small_warm, 1), "cold": round(small_cold, 1)},
             "big_read_10k_ms": big["read_10k"],
             "read_time_ratio": read_ratio,
             "big_file_bytes": big["file_bytes"],

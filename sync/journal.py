@@ -22,7 +22,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
@@ -46,6 +45,9 @@ SEQ_RESERVATION_BLOCK = 100_000
 ALERT_SPACE_WAIT_S = 30.0
 # SQLite result codes (low byte of the extended code).
 _SQLITE_IOERR, _SQLITE_FULL = 10, 13
+
+# One encoder for every record: json.dumps with options builds a new one on each call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 _INSERT_RECORD = (
     "INSERT INTO records (seq, appliance_id, boot_id, ts, mono_ns, source, kind, priority, model, "
@@ -71,7 +73,7 @@ _UPSERT_QUALITY = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Row:
     ts: str
     mono_ns: int
@@ -163,7 +165,11 @@ class Journal:
         # or a burst's next batch would wait out commit_delay for records already committed.
         self._outstanding = 0
         self._outstanding_lock = threading.Lock()
-        self._slots = asyncio.Semaphore(settings.max_pending)
+        # Loop side: appends queued and not yet resolved. Bounded by max_pending; producers wait
+        # on _queue_space when it is reached (a plain counter: asyncio.Semaphore costs more per
+        # call than everything else on this path).
+        self._queued = 0
+        self._queue_space = asyncio.Event()
         self._space_freed = asyncio.Event()
         self._disk_full_listeners: list[Callable[[], None]] = []
         self._drop_lock = threading.Lock()
@@ -264,7 +270,21 @@ class Journal:
         self, record: NewRecord, *, wait_for_space: bool | None = None, force: bool = False
     ) -> int:
         """Append one record; return its seq once it is durable."""
-        return (await self.append_many([record], wait_for_space=wait_for_space, force=force))[0]
+        if (
+            self.shed_level
+            or wait_for_space
+            or (wait_for_space is None and record.priority == Priority.ALERT)
+        ):
+            seqs = await self.append_many([record], wait_for_space=wait_for_space, force=force)
+            return seqs[0]
+        # The common case (nothing shed, no waiting for space) skips append_many's bookkeeping.
+        if self._closed:
+            raise JournalClosed("the journal is closed")
+        try:
+            return (await self._submit([self._encode(record)]))[0]
+        except StorageFull:
+            self._count_drops([self._encode(record)], "disk_full")
+            raise
 
     async def append_many(
         self,
@@ -302,9 +322,7 @@ class Journal:
 
     def _encode(self, record: NewRecord) -> _Row:
         try:
-            body = json.dumps(
-                record.body, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-            )
+            body = _encode_json(record.body)
         except (TypeError, ValueError) as exc:  # TypeError: a value JSON has no form for
             raise ValueError(f"record body is not JSON-serialisable: {exc}") from exc
         ts = format_ts(record.ts) if record.ts else format_ts_now()
@@ -323,10 +341,12 @@ class Journal:
         )
 
     async def _submit(self, rows: list[_Row]) -> list[int]:
-        await self._slots.acquire()
+        while self._queued >= self.settings.max_pending:
+            self._queue_space.clear()
+            await self._queue_space.wait()
         if self._closed:
-            self._slots.release()
             raise JournalClosed("the journal is closed")
+        self._queued += 1
         future: asyncio.Future[list[int]] = self._loop.create_future()
         with self._outstanding_lock:
             self._outstanding += 1
@@ -462,7 +482,7 @@ class Journal:
     @property
     def pending(self) -> int:
         """Queue entries waiting for the writer."""
-        return self.settings.max_pending - self._slots._value
+        return self._queued
 
     # ------------------------------------------------------------------------ writer thread
 
@@ -681,7 +701,8 @@ class Journal:
             n = len(item.rows)
             _set_result(item.future, list(range(seq, seq + n)))
             seq += n
-            self._slots.release()
+            self._queued -= 1
+        self._queue_space.set()
 
     def _fail_batch(self, batch: list[_Append], full: bool, error: str) -> None:
         for item in batch:
@@ -691,7 +712,8 @@ class Journal:
                 else SyncError(f"journal write failed: {error}")
             )
             _set_exception(item.future, exc)
-            self._slots.release()
+            self._queued -= 1
+        self._queue_space.set()
 
 
 def _quality_counts(record: NewRecord) -> dict[str, int] | None:
@@ -718,8 +740,19 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
+_ts_prefix: tuple[int, str] = (-1, "")
+
+
 def format_ts_now() -> str:
-    return format_ts(datetime.now(UTC))
+    """format_ts(now), several times cheaper: the per-second prefix is cached."""
+    global _ts_prefix
+    micros = time.time_ns() // 1000
+    second, fraction = divmod(micros, 1_000_000)
+    cached_second, prefix = _ts_prefix
+    if second != cached_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        _ts_prefix = (second, prefix)  # one tuple: safe to share between threads
+    return f"{prefix}{fraction:06d}Z"
 
 
 def read_seq_reservation(data_dir: Path) -> int:

@@ -18,6 +18,7 @@ from config import JournalSection
 from sync import (
     Journal,
     JournalClosed,
+    JournalMissing,
     JournalReader,
     NewRecord,
     PayloadRef,
@@ -51,9 +52,7 @@ def rec(
     source: str = "gearbox",
     **extra: Any,
 ) -> NewRecord:
-    return NewRecord(
-        source=source, kind=kind, priority=priority, body=body or {"v": 1.5}, **extra
-    )
+    return NewRecord(source=source, kind=kind, priority=priority, body=body or {"v": 1.5}, **extra)
 
 
 @contextmanager
@@ -155,6 +154,18 @@ async def test_journal_file_is_wal_with_incremental_auto_vacuum(
     with reader(data_dir) as r:
         assert r.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert r.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    # synchronous=FULL: a commit is fsync'd before the writer reports it.
+    synchronous = await journal.execute_write(
+        lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0], transaction=False
+    )
+    assert synchronous == 2
+
+
+def test_reader_on_a_directory_without_journal_raises_journal_missing(tmp_path: Path) -> None:
+    with pytest.raises(JournalMissing) as raised:
+        JournalReader.open(tmp_path)
+    assert raised.value.path == str(tmp_path / "journal.db")
+    assert not (tmp_path / "journal.db").exists()
 
 
 async def test_counts_table_tracks_records_and_bytes(journal: Journal, data_dir: Path) -> None:
@@ -193,9 +204,7 @@ async def test_boots_and_boot_id_are_recorded_per_open(data_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("journal_settings", [JournalSection(commit_records=50, commit_delay=0.05)])
-async def test_group_commit_batches_concurrent_producers(
-    journal: Journal, data_dir: Path
-) -> None:
+async def test_group_commit_batches_concurrent_producers(journal: Journal, data_dir: Path) -> None:
     commits_before = journal.stats.commits
     seqs = await asyncio.gather(*(journal.append(rec(body={"i": i})) for i in range(600)))
     assert len(set(seqs)) == 600
@@ -217,9 +226,7 @@ async def test_group_commit_does_not_overfill_a_batch_with_multi_record_appends(
     journal: Journal,
 ) -> None:
     sizes = [3, 4, 5, 2, 6, 1, 3, 4] * 10
-    results = await asyncio.gather(
-        *(journal.append_many([rec(body={"n": n})] * n) for n in sizes)
-    )
+    results = await asyncio.gather(*(journal.append_many([rec(body={"n": n})] * n) for n in sizes))
     assert [len(r) for r in results] == sizes
     assert journal.stats.largest_batch <= 10
 
@@ -233,9 +240,7 @@ async def test_lone_append_does_not_wait_for_commit_delay(journal: Journal) -> N
     assert time.monotonic() - started < 1.5
 
 
-@pytest.mark.parametrize(
-    "journal_settings", [JournalSection(commit_records=64, commit_delay=2.0)]
-)
+@pytest.mark.parametrize("journal_settings", [JournalSection(commit_records=64, commit_delay=2.0)])
 async def test_burst_larger_than_a_batch_does_not_wait_for_commit_delay(
     journal: Journal,
 ) -> None:
@@ -407,9 +412,12 @@ async def test_records_after_returns_one_priority_in_seq_order_bounded(
         lambda r: r.records_after(Priority.EVENT, events[3], limit=100, max_bytes=3 * one + 1)
     )
     assert [s.seq for s in three] == events[4:7]
-    assert await journal.read(
-        lambda r: r.records_after(Priority.EVENT, events[-1], limit=10, max_bytes=10**6)
-    ) == []
+    assert (
+        await journal.read(
+            lambda r: r.records_after(Priority.EVENT, events[-1], limit=10, max_bytes=10**6)
+        )
+        == []
+    )
 
 
 async def test_records_after_returns_at_least_one_record_bigger_than_max_bytes(
@@ -439,9 +447,7 @@ async def test_cursor_walk_visits_every_record_exactly_once(
         seqs += await journal.append_many(records[start : start + 1000])
     with reader(data_dir) as r:
         for priority in Priority:
-            expected = [
-                s for s, x in zip(seqs, records, strict=True) if x.priority is priority
-            ]
+            expected = [s for s, x in zip(seqs, records, strict=True) if x.priority is priority]
             seen: list[int] = []
             cursor = 0
             while True:
@@ -604,9 +610,7 @@ async def test_drops_are_flushed_at_close_without_a_later_commit(data_dir: Path)
 # ------------------------------------------------------------------------------ data quality
 
 
-async def test_data_quality_records_add_to_quality_table(
-    journal: Journal, data_dir: Path
-) -> None:
+async def test_data_quality_records_add_to_quality_table(journal: Journal, data_dir: Path) -> None:
     await journal.append(
         rec(Priority.EVENT, kind="data_quality", source="csv-a", body={"counts": {"gap": 2}})
     )
@@ -626,7 +630,11 @@ async def test_data_quality_records_add_to_quality_table(
         journal.append(rec(Priority.EVENT, kind="reading", body={"counts": {"gap": 100}})),
     )
     with reader(data_dir) as r:
-        assert r.quality() == [("csv-a", "gap", 5), ("csv-a", "parse_error", 1), ("csv-b", "nan", 4)]
+        assert r.quality() == [
+            ("csv-a", "gap", 5),
+            ("csv-a", "parse_error", 1),
+            ("csv-b", "nan", 4),
+        ]
 
 
 @pytest.mark.parametrize("counts", [{"gap": "many"}, {"gap": None}, {"gap": [1]}])

@@ -127,9 +127,10 @@ async def test_corrupt_pages_are_quarantined_and_records_salvaged(data_dir: Path
             assert stored.priority is Priority(1 + (stored.seq - 1) % 4)
             assert stored.appliance_id == APPLIANCE_ID
         # Derived tables agree with what was salvaged.
-        assert sum(n for _, _, n, _ in r.counts()) == r.conn.execute(
-            "SELECT COUNT(*) FROM records"
-        ).fetchone()[0]
+        assert (
+            sum(n for _, _, n, _ in r.counts())
+            == r.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+        )
         assert r.synced_through()[Priority.ALERT] == 40
     assert salvaged.old_high_water == high
     # No seq that might have shipped is ever handed out again.
@@ -138,15 +139,19 @@ async def test_corrupt_pages_are_quarantined_and_records_salvaged(data_dir: Path
     [recovery] = recovery_records(data_dir)
     assert recovery.priority is Priority.EVENT
     assert recovery.seq > reserved
+    assert recovery.seq == salvaged.next_seq
     assert recovery.body["salvaged"]["records_salvaged"] == salvaged.records_salvaged
     assert recovery.body["salvaged"]["quarantined_to"] == str(kept.parent)
     # A second open finds a healthy journal.
     journal = await open_journal(data_dir)
     async with journal:
         assert not journal.recovery.anything_found
-        assert await journal.append(
-            NewRecord(source="gearbox", kind="reading", priority=Priority.EVENT, body={})
-        ) > nxt
+        assert (
+            await journal.append(
+                NewRecord(source="gearbox", kind="reading", priority=Priority.EVENT, body={})
+            )
+            > nxt
+        )
 
 
 async def test_file_of_garbage_is_quarantined_and_a_fresh_journal_opens(data_dir: Path) -> None:
