@@ -47,12 +47,13 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
         heartbeat_raw = reader.meta(HEARTBEAT_KEY)
         boots = reader.meta("boots")
         last_seq = reader.meta("seq_hw")
+        journal_live = reader.live_bytes()
     finally:
         reader.close()
-    journal_bytes = 0
+    journal_file_bytes = 0
     for suffix in ("", "-wal"):
         with contextlib.suppress(FileNotFoundError):
-            journal_bytes += (data_dir / f"{JOURNAL_FILE}{suffix}").stat().st_size
+            journal_file_bytes += (data_dir / f"{JOURNAL_FILE}{suffix}").stat().st_size
     disk = shutil.disk_usage(data_dir)
 
     daemon: dict[str, Any] = {"running": False}
@@ -111,11 +112,12 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
         "unsynced": unsynced_out,
         "oldest_unsynced_age_s": None if oldest_age is None else round(oldest_age, 1),
         "disk": {
-            "journal_bytes": journal_bytes,
+            "journal_bytes": journal_live,
+            "journal_file_bytes": journal_file_bytes,
             "payload_bytes": payload_bytes,
             "payload_files": files,
             "payloads_missing": missing,
-            "used_bytes": journal_bytes + payload_bytes,
+            "used_bytes": journal_live + payload_bytes,
             "budget_bytes": cfg.storage.disk_budget,
             "fs_free_bytes": disk.free,
             "fs_total_bytes": disk.total,

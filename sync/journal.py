@@ -471,14 +471,6 @@ class Journal:
             reader.close()
         self._readers.clear()
 
-    def size_on_disk(self) -> int:
-        """Bytes of journal.db plus its WAL (what the disk budget counts for the journal)."""
-        total = 0
-        for suffix in ("", "-wal"):
-            with contextlib.suppress(FileNotFoundError):
-                total += Path(f"{self.path}{suffix}").stat().st_size
-        return total
-
     @property
     def pending(self) -> int:
         """Queue entries waiting for the writer."""

@@ -176,6 +176,22 @@ class JournalReader:
         )
         return [(s, r, int(c)) for s, r, c in rows.fetchall()]
 
+    def live_bytes(self) -> int:
+        """Bytes of journal pages in use (WAL included, free pages excluded): what the disk
+        budget counts for the journal. Free pages are reused by SQLite before the file grows."""
+        page_size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * page_size)
+
+    def fixed_bytes(self) -> int:
+        """Bytes an empty journal takes (one root page per table and index, page 1)."""
+        page_size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        trees = self.conn.execute(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type IN ('table', 'index')"
+        ).fetchone()[0]
+        return int((trees + 1) * page_size)
+
     def payload_totals(self) -> tuple[int, int, int]:
         """(payload files present, their bytes, payloads recorded as missing)."""
         present = self.conn.execute(

@@ -262,15 +262,23 @@ class StorageGuard:
 
     async def usage(self) -> Usage:
         payload_bytes = (await self.journal.read(JournalReader.payload_totals))[1]
+        journal_bytes = await self.journal.read(JournalReader.live_bytes)
         disk = shutil.disk_usage(self.journal.data_dir)
-        usage = Usage(self.journal.size_on_disk(), payload_bytes, disk.free, disk.total)
+        usage = Usage(journal_bytes, payload_bytes, disk.free, disk.total)
         self.last_usage = usage
         return usage
 
-    async def _bytes_factor(self, journal_bytes: int) -> float:
-        """Real file bytes per estimated record byte (page slack, indexes), for eviction sizing."""
-        counted = await self.journal.read(lambda r: sum(b for *_, b in r.counts()))
-        return max(1.0, min(10.0, journal_bytes / counted)) if counted else 1.0
+    async def _bytes_factor(self) -> float:
+        """Journal page bytes per estimated record byte (page slack, index entries), measured
+        now, for sizing evictions. The empty journal's fixed pages are left out: on a small
+        journal they would make every record look several times its size."""
+
+        def measure(reader: JournalReader) -> tuple[int, int]:
+            counted = sum(b for *_, b in reader.counts())
+            return reader.live_bytes() - reader.fixed_bytes(), counted
+
+        live, counted = await self.journal.read(measure)
+        return max(1.0, min(10.0, live / counted)) if counted > 0 and live > 0 else 1.0
 
     # -------------------------------------------------------------------------- the pass
 
@@ -362,7 +370,7 @@ class StorageGuard:
     ) -> EvictionReport:
         report = EvictionReport(reason)
         synced = await self.journal.read(JournalReader.synced_through)
-        factor = await self._bytes_factor(self.journal.size_on_disk())
+        factor = await self._bytes_factor()
         remaining = byte_target
         phases: list[tuple[Priority, int | None]] = [
             (p, synced[p]) for p in EVICTION_ORDER if synced[p] > 0

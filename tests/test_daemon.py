@@ -8,6 +8,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import (
     fast_sensor,
@@ -21,7 +22,7 @@ from tests.helpers import (
 )
 
 
-def _journal_rows(data_dir: Path, sql: str) -> list[tuple[object, ...]]:
+def _journal_rows(data_dir: Path, sql: str) -> list[Any]:
     conn = sqlite3.connect(f"{(data_dir / 'journal.db').as_uri()}?mode=ro", uri=True)
     try:
         return conn.execute(sql).fetchall()
@@ -170,11 +171,11 @@ def test_replay_runs_finite_sources_to_the_end(tmp_path: Path) -> None:
     readings = _journal_rows(
         data, "SELECT source, COUNT(*) FROM records WHERE kind = 'reading' GROUP BY source"
     )
-    assert dict(readings) == {"logger": 5, "sim": 20}  # type: ignore[misc]
+    assert dict(readings) == {"logger": 5, "sim": 20}
     quality = _journal_rows(
         data, "SELECT reason, count FROM quality WHERE source = 'logger' ORDER BY reason"
     )
-    assert dict(quality) == {"inf": 1, "nan": 1, "wrong_field_count": 1}  # type: ignore[misc]
+    assert dict(quality) == {"inf": 1, "nan": 1, "wrong_field_count": 1}
     stopped = _journal_rows(
         data, "SELECT body FROM records WHERE kind = 'lifecycle' ORDER BY seq DESC LIMIT 1"
     )
