@@ -15,7 +15,7 @@ from appliance.logs import RateLimitedLog
 from config import CsvSensor, Limit, SimulatedSensor
 from inference.features import Summary, summarise
 from sensors import QualityReport, SampleWindow, Source
-from sync import Journal, NewRecord, PayloadStore, Priority, StorageFull
+from sync import Journal, NewRecord, PayloadError, PayloadStore, Priority, StorageFull
 from sync.records import format_ts
 
 log = logging.getLogger(__name__)
@@ -71,14 +71,16 @@ class SourcePipeline:
     async def _append(self, record: NewRecord) -> bool:
         try:
             await self.journal.append(record)
-        except StorageFull as exc:
+        except (StorageFull, PayloadError) as exc:
             self.stats.dropped += 1
+            if isinstance(exc, PayloadError):
+                self.journal.count_drop(record.priority, "payload_vanished")
             self._warn.warning(
                 f"full:{record.priority}",
-                "record not journalled: storage full",
+                "record not journalled",
                 source=self.cfg.name,
                 priority=record.priority.label,
-                reason=exc.reason,
+                reason=getattr(exc, "reason", str(exc)),
             )
             return False
         self.stats.records += 1

@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from config import JournalSection
-from sync.errors import JournalClosed, StorageFull, SyncError
+from sync.errors import JournalClosed, PayloadError, StorageFull, SyncError
 from sync.migrations import migrate
 from sync.payloads import PayloadStore, fsync_dir
 from sync.reader import JOURNAL_FILE, JournalReader, connect
@@ -144,6 +144,7 @@ class Journal:
         next_seq: int,
         reserved_seq: int,
         recovery: RecoveryReport,
+        payloads: PayloadStore | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.path = data_dir / JOURNAL_FILE
@@ -151,6 +152,7 @@ class Journal:
         self.boot_id = uuid.uuid4().hex
         self.settings = settings
         self.recovery = recovery
+        self.payloads = payloads
         self.stats = WriterStats()
         self.shed_level = 0  # 0 accept all; 1 shed telemetry; 2 also samples; 3 also events
         self._conn = conn
@@ -210,19 +212,24 @@ class Journal:
             next_seq=next_seq,
             reserved_seq=reserved,
             recovery=recovery,
+            payloads=payloads,
         )
-        await journal.execute_write(journal._record_boot)
-        if recovery.anything_found:
-            log.warning("journal recovery at start", extra={"fields": recovery.to_dict()})
-            await journal.append(
-                NewRecord(
-                    source="journal",
-                    kind="recovery",
-                    priority=Priority.EVENT,
-                    body=recovery.to_dict(),
-                ),
-                force=True,
-            )
+        try:
+            await journal.execute_write(journal._record_boot)
+            if recovery.anything_found:
+                log.warning("journal recovery at start", extra={"fields": recovery.to_dict()})
+                await journal.append(
+                    NewRecord(
+                        source="journal",
+                        kind="recovery",
+                        priority=Priority.EVENT,
+                        body=recovery.to_dict(),
+                    ),
+                    force=True,
+                )
+        except BaseException:
+            await journal.close()  # never leave the writer thread running behind a failure
+            raise
         return journal
 
     def _record_boot(self, conn: sqlite3.Connection) -> None:
@@ -520,19 +527,23 @@ class Journal:
             self._commit(batch, count)
             if deferred is not None:
                 self._run_call(deferred)
-        # Drain what was queued before close(): a record handed over is a record kept.
-        leftovers: list[_Append] = []
+        # Drain what was queued before close(), in queue order: a record handed over is a
+        # record kept, and a call queued after some appends still runs after them.
+        batch = []
+        count = 0
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if item is None:
+                continue
             if isinstance(item, _Call):
+                if batch:
+                    self._commit(batch, count)
+                    batch, count = [], 0
                 self._run_call(item)
-            elif item is not None:
-                leftovers.append(item)
-        batch, count = [], 0
-        for item in leftovers:
+                continue
             if batch and count + len(item.rows) > max_records:
                 self._commit(batch, count)
                 batch, count = [], 0
@@ -577,10 +588,39 @@ class Journal:
 
     def _commit(self, batch: list[_Append], count: int) -> None:
         try:
-            self._commit_batch(batch, count)
+            if self.payloads is not None and any(r.payloads for a in batch for r in a.rows):
+                batch, count = self._drop_vanished_payloads(batch, count)
+            if batch:
+                self._commit_batch(batch, count)
         finally:
             with self._outstanding_lock:
                 self._outstanding -= len(batch)
+
+    def _drop_vanished_payloads(
+        self, batch: list[_Append], count: int
+    ) -> tuple[list[_Append], int]:
+        """Fail appends whose payload file is gone: `put` may have found an existing file that
+        retention deleted (on this same thread, after its commit) before the record arrived."""
+        assert self.payloads is not None
+        kept: list[_Append] = []
+        for item in batch:
+            gone = [
+                ref.sha256
+                for row in item.rows
+                for ref in row.payloads
+                if not self.payloads.path_for(ref.sha256).exists()
+            ]
+            if gone:
+                count -= len(item.rows)
+                error = PayloadError(
+                    f"payload {gone[0][:12]} vanished before its record was written; store it again"
+                )
+                with self._outstanding_lock:
+                    self._outstanding -= 1
+                self._loop.call_soon_threadsafe(self._fail_items, [item], error)
+            else:
+                kept.append(item)
+        return kept, count
 
     def _commit_batch(self, batch: list[_Append], count: int) -> None:
         first_seq = self._next_seq
@@ -693,6 +733,12 @@ class Journal:
             n = len(item.rows)
             _set_result(item.future, list(range(seq, seq + n)))
             seq += n
+            self._queued -= 1
+        self._queue_space.set()
+
+    def _fail_items(self, items: list[_Append], error: SyncError) -> None:
+        for item in items:
+            _set_exception(item.future, error)
             self._queued -= 1
         self._queue_space.set()
 

@@ -103,6 +103,8 @@ class PayloadStore:
         """Files in the store that are not payloads (left-over temp files, foreign names)."""
         yield from (path for path in self.tmp.iterdir() if path.is_file())
         for shard in self.root.iterdir():
+            if shard.is_file():
+                yield shard  # nothing belongs directly in the store's root
             if shard.name == "tmp" or not shard.is_dir():
                 continue
             for path in shard.iterdir():

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -388,7 +389,9 @@ class StorageGuard:
                     reason=reason,
                     before_ts=before_ts,
                 )
-                chunk = await self.journal.execute_write(evict)
+                chunk = await self.journal.execute_write(
+                    functools.partial(self._evict_then_unlink, evict), transaction=False
+                )
                 if chunk.records:
                     tally = report.by_priority.setdefault(
                         priority, _Tally(first_seq=chunk.first_seq)
@@ -399,7 +402,6 @@ class StorageGuard:
                     remaining -= (chunk.bytes - chunk.payload_bytes) * factor + chunk.payload_bytes
                     report.payload_files += len(chunk.payload_shas)
                     report.payload_bytes += chunk.payload_bytes
-                    await asyncio.to_thread(self._unlink_payloads, chunk.payload_shas)
                 if chunk.exhausted or not chunk.records:
                     break
             if remaining <= 0:
@@ -416,9 +418,21 @@ class StorageGuard:
             )
         return report
 
-    def _unlink_payloads(self, shas: tuple[str, ...]) -> None:
-        for sha in shas:
+    def _evict_then_unlink(
+        self, evict: Callable[[sqlite3.Connection], _Chunk], conn: sqlite3.Connection
+    ) -> _Chunk:
+        """On the writer thread: commit an eviction, then delete its payload files before any
+        later append is written, so an append cannot commit a reference to a file being deleted."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            chunk = evict(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        for sha in chunk.payload_shas:
             self.payloads.delete(sha)
+        return chunk
 
     async def _compact(self) -> None:
         """Hand freed pages back to the file system (incremental vacuum, then a WAL truncate)."""

@@ -21,6 +21,7 @@ from sync import (
     JournalMissing,
     JournalReader,
     NewRecord,
+    PayloadError,
     PayloadRef,
     PayloadStore,
     Priority,
@@ -82,9 +83,9 @@ def table_rows(data_dir: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tup
 
 
 async def test_append_is_readable_by_another_connection_with_every_field(
-    journal: Journal, data_dir: Path
+    journal: Journal, data_dir: Path, payload_store: PayloadStore
 ) -> None:
-    sha = "ab" + "0" * 62
+    sha = (await payload_store.put(b"0123456789", "image/jpeg")).sha256
     moment = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
     records = [
         rec(),
@@ -666,3 +667,14 @@ async def test_payload_refs_are_counted_per_record(
         assert rows[shared.sha256] == (shared.size, 2, "present")
         assert rows[own.sha256] == (own.size, 1, "present")
         assert r.payload_totals() == (2, shared.size + own.size, 0)
+
+
+async def test_a_record_whose_payload_file_vanished_is_refused(
+    journal: Journal, payload_store: PayloadStore, data_dir: Path
+) -> None:
+    ref = await payload_store.put(b"snapshot bytes")
+    payload_store.delete(ref.sha256)  # as retention would, between put and append
+    with pytest.raises(PayloadError, match="vanished"):
+        await journal.append(rec(payloads=(ref,)))
+    # The writer is unharmed and the next records go through.
+    assert await journal.append(rec()) > 0
