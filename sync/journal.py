@@ -165,8 +165,10 @@ class Journal:
         # this very commit), so it closes at once. Raised on the loop before the put, lowered by
         # the writer as soon as a batch is done -- not when the loop gets round to resolving it,
         # or a burst's next batch would wait out commit_delay for records already committed.
-        self._outstanding = 0
-        self._outstanding_lock = threading.Lock()
+        # Two counters, each written by one thread only (no lock on the hot path):
+        # outstanding = handed over - settled by the writer.
+        self._handed_over = 0  # loop thread
+        self._settled = 0  # writer thread
         # Loop side: appends queued and not yet resolved. Bounded by max_pending; producers wait
         # on _queue_space when it is reached (a plain counter: asyncio.Semaphore costs more per
         # call than everything else on this path).
@@ -334,17 +336,19 @@ class Journal:
             raise ValueError(f"record body is not JSON-serialisable: {exc}") from exc
         ts = format_ts(record.ts) if record.ts else format_ts_now()
         quality = _quality_counts(record) if record.kind == "data_quality" else None
+        # Positional: keyword construction costs more than the rest of this function.
         return _Row(
-            ts=ts,
-            mono_ns=record.mono_ns if record.mono_ns is not None else time.monotonic_ns(),
-            source=record.source,
-            kind=record.kind,
-            priority=int(record.priority),
-            model=record.model,
-            body=body,
-            payloads=record.payloads,
-            size=len(body.encode()) + RECORD_OVERHEAD_BYTES + 70 * len(record.payloads),
-            quality=quality,
+            ts,
+            record.mono_ns if record.mono_ns is not None else time.monotonic_ns(),
+            record.source,
+            record.kind,
+            int(record.priority),
+            record.model,
+            body,
+            record.payloads,
+            # Characters, not bytes: an estimate for the budget, calibrated by retention.
+            len(body) + RECORD_OVERHEAD_BYTES + 70 * len(record.payloads),
+            quality,
         )
 
     async def _submit(self, rows: list[_Row]) -> list[int]:
@@ -355,8 +359,7 @@ class Journal:
             raise JournalClosed("the journal is closed")
         self._queued += 1
         future: asyncio.Future[list[int]] = self._loop.create_future()
-        with self._outstanding_lock:
-            self._outstanding += 1
+        self._handed_over += 1
         self._queue.put(_Append(rows, future))
         return await future
 
@@ -503,7 +506,7 @@ class Journal:
             count = len(item.rows)
             deadline = time.monotonic() + delay
             deferred: _Call | None = None
-            while count < max_records and len(batch) < self._outstanding:
+            while count < max_records and len(batch) < self._handed_over - self._settled:
                 remaining = deadline - time.monotonic()
                 try:
                     nxt = (
@@ -593,8 +596,7 @@ class Journal:
             if batch:
                 self._commit_batch(batch, count)
         finally:
-            with self._outstanding_lock:
-                self._outstanding -= len(batch)
+            self._settled += len(batch)
 
     def _drop_vanished_payloads(
         self, batch: list[_Append], count: int
@@ -615,8 +617,7 @@ class Journal:
                 error = PayloadError(
                     f"payload {gone[0][:12]} vanished before its record was written; store it again"
                 )
-                with self._outstanding_lock:
-                    self._outstanding -= 1
+                self._settled += 1
                 self._loop.call_soon_threadsafe(self._fail_items, [item], error)
             else:
                 kept.append(item)
