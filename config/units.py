@@ -17,8 +17,8 @@ _SIZE_UNITS = {
     "TIB": 1024**4,
 }
 _NUMBER = r"(\d+(?:\.\d+)?)"
-_DURATION_RE = re.compile(rf"^{_NUMBER}\s*(ms|s|m|h|d|w)$")
-_SIZE_RE = re.compile(rf"^{_NUMBER}\s*([KMGT]i?B|B)$", re.IGNORECASE)
+_DURATION_RE = re.compile(rf"^{_NUMBER}\s*(ms|s|m|h|d|w)?$")
+_SIZE_RE = re.compile(rf"^{_NUMBER}\s*([KMGT]i?B|B)?$", re.IGNORECASE)
 
 DURATION_HELP = "a duration such as 500ms, 30s, 5m, 2h, 7d"
 SIZE_HELP = "a size such as 512KiB, 64MiB, 20GiB (or a plain number of bytes)"
@@ -37,7 +37,7 @@ def parse_duration(value: object) -> float:
     match = _DURATION_RE.match(value.strip())
     if match is None:
         raise ValueError(f"invalid duration {value!r}: expected {DURATION_HELP}")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
 
 
 def parse_size(value: object) -> int:
@@ -53,7 +53,7 @@ def parse_size(value: object) -> int:
     match = _SIZE_RE.match(value.strip())
     if match is None:
         raise ValueError(f"invalid size {value!r}: expected {SIZE_HELP}")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+    return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
 
 
 def format_size(num_bytes: float) -> str:

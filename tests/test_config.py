@@ -37,6 +37,7 @@ def test_units() -> None:
     assert parse_size("512KiB") == 512 * 1024
     assert parse_size("20GiB") == 20 * 1024**3
     assert parse_size("10MB") == 10_000_000
+    assert parse_size("0") == 0 and parse_duration("30") == 30  # bare numbers: bytes, seconds
     for bad in ("fast", "5 minutes", "-1s", "1y"):
         with pytest.raises(ValueError):
             parse_duration(bad)
