@@ -183,8 +183,8 @@ class Fault(Strict):
     magnitude: float = Field(
         default=1.0,
         ge=0,
-        description="Strength: extra amplitude (imbalance, bearing), units per minute (drift), "
-        "share of samples lost (dropout, 0..1).",
+        description="Strength: extra 1x amplitude (imbalance), impulse peak (bearing), units "
+        "per minute (drift), share of samples lost (dropout, 0..1); ignored by stuck.",
     )
 
 
@@ -200,8 +200,8 @@ class SimulatedSensor(SensorCommon):
     duration: Duration | None = Field(
         default=None,
         gt=0,
-        description="Signal time after which the source ends; null runs forever. "
-        "`appliance replay` needs it set.",
+        description="Signal time after which the source ends (the last window is whole, so "
+        "it may run up to one window past it); null runs forever. `appliance replay` needs it.",
     )
     seed: int | None = Field(default=None, description="Random seed, for repeatable signals.")
     channels: list[SimulatedChannel] = Field(min_length=1, description="The simulated channels.")

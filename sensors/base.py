@@ -51,7 +51,7 @@ class QualityReport:
     """Bad input a source met and did not pass on: counts by reason plus a few examples.
 
     Reasons in use: `unparseable`, `nan`, `inf`, `missing` (dropped-out samples), `bad_timestamp`,
-    `empty_file`, `wrong_field_count`.
+    `empty_file`, `wrong_field_count`, `out_of_order`.
     """
 
     source: str

@@ -66,6 +66,12 @@ class JournalReader:
     def close(self) -> None:
         self.conn.close()
 
+    def __enter__(self) -> JournalReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def records_after(
         self, priority: Priority, after_seq: int, *, limit: int, max_bytes: int
     ) -> list[StoredRecord]:

@@ -6,8 +6,6 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -56,16 +54,6 @@ def rec(
     return NewRecord(source=source, kind=kind, priority=priority, body=body or {"v": 1.5}, **extra)
 
 
-@contextmanager
-def reader(data_dir: Path) -> Iterator[JournalReader]:
-    """A separate read-only connection, as the CLI or the sync engine would open."""
-    opened = JournalReader.open(data_dir)
-    try:
-        yield opened
-    finally:
-        opened.close()
-
-
 async def open_journal(
     data_dir: Path, settings: JournalSection | None = None, payloads: PayloadStore | None = None
 ) -> Journal:
@@ -75,7 +63,7 @@ async def open_journal(
 
 
 def table_rows(data_dir: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         return r.conn.execute(sql, args).fetchall()
 
 
@@ -108,7 +96,7 @@ async def test_append_is_readable_by_another_connection_with_every_field(
         assert seq > last
         last = seq
         # No close, no checkpoint: the record must already be committed for a reader to see it.
-        with reader(data_dir) as r:
+        with JournalReader.open(data_dir) as r:
             stored = r.get(seq)
         assert stored is not None
         as_dict = stored.to_dict()
@@ -144,7 +132,7 @@ async def test_append_many_returns_consecutive_increasing_seqs(
     assert seqs == sorted(set(seqs))
     assert first == list(range(first[0], first[0] + 10))
     assert await journal.append_many([]) == []
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert [s.body["i"] for s in r.iter_records()] == list(range(15))
 
 
@@ -152,7 +140,7 @@ async def test_journal_file_is_wal_with_incremental_auto_vacuum(
     journal: Journal, data_dir: Path
 ) -> None:
     await journal.append(rec())
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert r.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
     # synchronous=FULL: a commit is fsync'd before the writer reports it.
@@ -172,7 +160,7 @@ def test_reader_on_a_directory_without_journal_raises_journal_missing(tmp_path: 
 async def test_counts_table_tracks_records_and_bytes(journal: Journal, data_dir: Path) -> None:
     await journal.append_many([rec(body={"i": i}) for i in range(7)])
     await journal.append_many([rec(Priority.ALERT, kind="detection") for _ in range(3)])
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         counts = {(p, k): (n, b) for p, k, n, b in r.counts()}
         real = r.conn.execute(
             "SELECT priority, kind, COUNT(*), SUM(size) FROM records GROUP BY priority, kind"
@@ -191,12 +179,12 @@ async def test_boots_and_boot_id_are_recorded_per_open(data_dir: Path) -> None:
         async with journal:
             seq = await journal.append(rec())
             boot_ids.append(journal.boot_id)
-        with reader(data_dir) as r:
+        with JournalReader.open(data_dir) as r:
             stored = r.get(seq)
             assert stored is not None and stored.boot_id == journal.boot_id
             assert r.meta("boot_id") == journal.boot_id
     assert boot_ids[0] != boot_ids[1]
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.meta("boots") == "2"
         assert r.meta("appliance_id") == APPLIANCE_ID
 
@@ -214,7 +202,7 @@ async def test_group_commit_batches_concurrent_producers(journal: Journal, data_
     assert 12 <= commits <= 60
     assert journal.stats.largest_batch <= 50
     assert journal.stats.records >= 600
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 600
         # Producers got the seq of their own record.
         for i, seq in enumerate(seqs):
@@ -268,7 +256,7 @@ async def test_backpressure_bounds_pending_and_loses_nothing(
     assert len(set(seqs)) == 200
     assert peak <= 4
     assert journal.pending == 0
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 200
 
 
@@ -283,7 +271,7 @@ async def test_cancelled_producer_keeps_record_and_releases_its_slot(
         await task
     # With one slot only, this would hang if the cancelled append had kept it.
     seq = await asyncio.wait_for(journal.append(rec(body={"after": True})), 5)
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         bodies = [s.body for s in r.iter_records()]
     assert bodies == [{"cancelled": True}, {"after": True}]
     assert seq == 2
@@ -303,7 +291,7 @@ async def test_close_commits_everything_queued_and_is_idempotent(
     assert journal.closed
     seqs = await asyncio.gather(*tasks)
     assert len(set(seqs)) == 500
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 500
         for i, seq in enumerate(seqs):
             stored = r.get(seq)
@@ -331,7 +319,7 @@ async def test_close_leaves_no_wal_and_a_consistent_file(data_dir: Path) -> None
     await journal.close()
     wal = data_dir / "journal.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
@@ -446,7 +434,7 @@ async def test_cursor_walk_visits_every_record_exactly_once(
     seqs: list[int] = []
     for start in range(0, len(records), 1000):
         seqs += await journal.append_many(records[start : start + 1000])
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         for priority in Priority:
             expected = [s for s, x in zip(seqs, records, strict=True) if x.priority is priority]
             seen: list[int] = []
@@ -466,10 +454,10 @@ async def test_acknowledge_moves_cursor_forward_only_and_records_acks(
     journal: Journal, data_dir: Path
 ) -> None:
     await journal.append_many([rec(Priority.EVENT) for _ in range(30)])
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.synced_through() == dict.fromkeys(Priority, 0)
     await journal.register_destination("shore")
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.synced_through() == dict.fromkeys(Priority, 0)
     await journal.acknowledge("shore", Priority.EVENT, 1, 20, "batch-1")
     await journal.acknowledge("shore", Priority.EVENT, 1, 10, "batch-old")  # a late duplicate
@@ -481,7 +469,7 @@ async def test_acknowledge_moves_cursor_forward_only_and_records_acks(
         data_dir, "SELECT destination, priority, first_seq, last_seq, batch_id FROM acks"
     )
     assert acks == [("shore", 2, 1, 20, "batch-1"), ("shore", 2, 1, 10, "batch-old")]
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         synced = r.synced_through()
         assert synced[Priority.EVENT] == 20
         assert synced[Priority.ALERT] == 0
@@ -489,10 +477,10 @@ async def test_acknowledge_moves_cursor_forward_only_and_records_acks(
     # A second destination holds synced back until it too has acknowledged.
     await journal.register_destination("usb")
     await journal.register_destination("usb")  # idempotent: keeps no duplicate rows
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.synced_through()[Priority.EVENT] == 0
     await journal.acknowledge("usb", Priority.EVENT, 1, 15, "usb-1")
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.synced_through()[Priority.EVENT] == 15
 
 
@@ -538,7 +526,7 @@ async def test_body_that_is_not_json_raises_value_error_and_writes_nothing(
     with pytest.raises(ValueError):
         await journal.append_many([rec(body={"fine": 1}), rec(body=body)])
     assert await journal.append(rec()) == 2
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 2
 
 
@@ -557,7 +545,7 @@ async def test_shedding_drops_telemetry_counts_it_and_keeps_alerts(
     alert = await journal.append(rec(Priority.ALERT, kind="detection"))
     forced = await journal.append(rec(Priority.TELEMETRY, kind="health"), force=True)
     assert forced > alert
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.drops() == [(Priority.TELEMETRY, "disk_full", 1)]
         assert [s.kind for s in r.iter_records()] == ["detection", "health"]
 
@@ -584,7 +572,7 @@ async def test_shed_levels_shed_the_lowest_priorities_only(
     if Priority.EVENT not in shed:
         await journal.append_many([rec(Priority.EVENT), rec(Priority.TELEMETRY)])
     await journal.append(rec(Priority.ALERT))  # a later commit flushes the drop counts
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert {p for p, _, _ in r.drops()} == shed
         kept = {s.priority for s in r.iter_records()}
     assert kept.isdisjoint(shed - {Priority.TELEMETRY})
@@ -599,7 +587,7 @@ async def test_drops_are_flushed_at_close_without_a_later_commit(data_dir: Path)
             with pytest.raises(StorageFull):
                 await journal.append(rec(Priority.SAMPLE, kind="sample"))
         journal.count_drop(Priority.EVENT, "payload_disk_full", 2)
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert sorted(r.drops()) == [
             (Priority.EVENT, "payload_disk_full", 2),
             (Priority.SAMPLE, "disk_full", 3),
@@ -630,7 +618,7 @@ async def test_data_quality_records_add_to_quality_table(journal: Journal, data_
         # Not a data_quality record: its counts are just a body.
         journal.append(rec(Priority.EVENT, kind="reading", body={"counts": {"gap": 100}})),
     )
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.quality() == [
             ("csv-a", "gap", 5),
             ("csv-a", "parse_error", 1),
@@ -647,7 +635,7 @@ async def test_data_quality_with_bad_counts_is_refused_and_journal_keeps_working
             journal.append(rec(Priority.EVENT, kind="data_quality", body={"counts": counts})), 5
         )
     seq = await asyncio.wait_for(journal.append(rec()), 5)
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.quality() == []
         assert r.max_seq() == seq
 
@@ -662,7 +650,7 @@ async def test_payload_refs_are_counted_per_record(
     own = await payload_store.put(b"own clip")
     await journal.append(rec(Priority.SAMPLE, payloads=(shared,)))
     await journal.append(rec(Priority.ALERT, payloads=(shared, own)))
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         rows = r.payload_rows()
         assert rows[shared.sha256] == (shared.size, 2, "present")
         assert rows[own.sha256] == (own.size, 1, "present")

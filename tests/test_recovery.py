@@ -7,8 +7,7 @@ import hashlib
 import os
 import random
 import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 
 from sync import Journal, JournalReader, NewRecord, PayloadStore, Priority, StoredRecord
@@ -17,15 +16,6 @@ from sync.recovery import QUARANTINE_DIR
 from tests.conftest import APPLIANCE_ID
 
 RECORDS = 3000
-
-
-@contextmanager
-def reader(data_dir: Path) -> Iterator[JournalReader]:
-    opened = JournalReader.open(data_dir)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 async def open_journal(data_dir: Path, payloads: PayloadStore | None = None) -> Journal:
@@ -68,12 +58,12 @@ def quarantined(data_dir: Path) -> list[Path]:
 
 
 def recovery_records(data_dir: Path) -> list[StoredRecord]:
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         return list(r.iter_records(kind="recovery"))
 
 
 def integrity(data_dir: Path) -> str:
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         return str(r.conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
@@ -115,7 +105,7 @@ async def test_corrupt_pages_are_quarantined_and_records_salvaged(data_dir: Path
     assert sha_of(kept) == damaged
     assert salvaged.quarantined_to == str(kept.parent)
     assert integrity(data_dir) == "ok"
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         records = [s for s in r.iter_records() if s.kind == "reading" and s.seq <= high]
         # Most records are back, each one exactly as written.
         assert len(records) >= 0.9 * RECORDS
@@ -231,7 +221,7 @@ async def test_payloads_are_reconciled_at_open(data_dir: Path) -> None:
     assert list(store.tmp.iterdir()) == []
     assert list(store.stray_files()) == []
     assert store.read(kept.sha256) == b"kept snapshot"
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         rows = r.payload_rows()
         assert rows[kept.sha256][2] == "present"
         assert rows[lost.sha256][2] == "missing"
@@ -251,7 +241,7 @@ async def test_payloads_are_reconciled_at_open(data_dir: Path) -> None:
     await store.put(b"snapshot whose file goes missing")
     journal = await open_journal(data_dir, store)
     await journal.close()
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.payload_rows()[lost.sha256][2] == "present"
     assert len(recovery_records(data_dir)) == 1
 
@@ -269,7 +259,7 @@ async def test_payload_of_the_wrong_size_is_reported(data_dir: Path) -> None:
     async with journal:
         assert journal.recovery.payloads is not None
         assert journal.recovery.payloads.size_mismatches == 1
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         assert r.payload_rows()[ref.sha256][2] == "corrupt"
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,15 +24,6 @@ from sync import (
 )
 
 PAD = "p" * 400
-
-
-@contextmanager
-def reader(data_dir: Path) -> Iterator[JournalReader]:
-    opened = JournalReader.open(data_dir)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def storage(**overrides: Any) -> StorageSection:
@@ -70,7 +59,7 @@ async def used_bytes(journal: Journal, store: PayloadStore) -> int:
 
 
 def remaining(data_dir: Path, kind: str = "reading") -> Counter[Priority]:
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         rows = r.conn.execute(
             "SELECT priority, COUNT(*) FROM records WHERE kind = ? GROUP BY priority", (kind,)
         ).fetchall()
@@ -78,7 +67,7 @@ def remaining(data_dir: Path, kind: str = "reading") -> Counter[Priority]:
 
 
 def evicted(data_dir: Path) -> Counter[Priority]:
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         out: Counter[Priority] = Counter()
         for priority, _reason, records, _bytes in r.evictions():
             out[priority] += records
@@ -86,13 +75,13 @@ def evicted(data_dir: Path) -> Counter[Priority]:
 
 
 def eviction_records(data_dir: Path) -> list[StoredRecord]:
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         return list(r.iter_records(kind="eviction"))
 
 
 def assert_accounts_agree(data_dir: Path) -> None:
     """counts matches the records table; journalled eviction bodies match the evictions table."""
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         counts = {(p, k): (n, b) for p, k, n, b in r.counts()}
         real = r.conn.execute(
             "SELECT priority, kind, COUNT(*), SUM(size) FROM records GROUP BY priority, kind"
@@ -164,7 +153,7 @@ async def test_synced_records_go_before_any_unsynced_record(
     left = remaining(data_dir)
     assert left[Priority.TELEMETRY] == left[Priority.SAMPLE] == left[Priority.EVENT] == per
     assert 150 <= left[Priority.ALERT] < per
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         kept_alerts = [
             s.seq for s in r.iter_records(kind="reading") if s.priority is Priority.ALERT
         ]
@@ -229,7 +218,7 @@ async def test_keep_synced_expires_old_synced_records_only(
         reports = await guard.run_once()
         assert [r.reason for r in reports] == ["synced_expired"]
         assert await guard.run_once() == []  # nothing left to expire
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         kept = {s.seq for s in r.iter_records(kind="reading")}
         assert r.evictions() == [
             (
@@ -271,7 +260,7 @@ async def test_every_pass_journals_its_evictions_and_counts_stay_right(
         sum(r.body["evicted"].get("telemetry", {}).get("records", 0) for r in records)
         == evicted(data_dir)[Priority.TELEMETRY]
     )
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         per_kind = {(p, k): n for p, k, n, _ in r.counts()}
     assert per_kind[(Priority.EVENT, "eviction")] == 2
     assert (
@@ -299,7 +288,7 @@ async def test_payloads_of_evicted_records_are_deleted_shared_ones_kept(
     assert not payload_store.path_for(only_evicted.sha256).exists()
     assert payload_store.read(shared.sha256) == b"S" * 3000
     assert payload_store.read(only_kept.sha256) == b"K" * 3000
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         rows = r.payload_rows()
         assert only_evicted.sha256 not in rows
         assert rows[shared.sha256] == (shared.size, 1, "present")
@@ -360,7 +349,7 @@ async def test_eviction_and_compaction_shrink_the_journal_file(
     after = db.stat().st_size
     assert after < before / 2
     assert usage.journal_bytes < before / 2
-    with reader(data_dir) as r:
+    with JournalReader.open(data_dir) as r:
         # Every page the eviction freed went back to the file system, not just one.
         assert r.conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
     assert 0 < remaining(data_dir)[Priority.TELEMETRY] < 3000
