@@ -21,6 +21,8 @@ from appliance.supervisor import ComponentHealth, Supervised
 from config import ApplianceConfig, ConfigError, SimulatedSensor
 from sensors import open_source
 from sync import Journal, NewRecord, PayloadStore, Priority, StorageFull, StorageGuard
+from sync.engine import SyncEngine
+from sync.targets import make_target
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class Daemon:
         self.stop = stop or asyncio.Event()
         self.pipelines: dict[str, SourcePipeline] = {}
         self.monitor: HealthMonitor | None = None
+        self.engines: list[SyncEngine] = []
         self._signals = 0
         self._stop_reason = "requested"
 
@@ -107,6 +110,16 @@ class Daemon:
             store.on_disk_full = journal.notify_disk_full
             guard = await stack.enter_async_context(StorageGuard(journal, store, cfg.storage))
             monitor = self.monitor = HealthMonitor(journal, guard, mode=self.mode)
+            engines: list[SyncEngine] = []
+            if self.mode == "run":  # replay is backtesting: it journals, it does not ship
+                for dest in cfg.sync.destinations:
+                    target = await stack.enter_async_context(
+                        make_target(dest, cfg.appliance.id, data_dir, cfg.sync.chunk_size)
+                    )
+                    engine = SyncEngine(journal, store, target, dest, cfg.sync)
+                    engines.append(engine)
+                    monitor.destinations[dest.name] = engine.state
+            self.engines = engines
             jobs = Jobs()
             jobs.every("retention", cfg.storage.check_interval, guard.run_once, run_now=True)
             jobs.every("checkpoint", cfg.journal.checkpoint_interval, journal.checkpoint)
@@ -128,9 +141,14 @@ class Daemon:
                     }
                 },
             )
-            code = await self._run_sources(journal, store, monitor)
+            code = await self._run_sources(journal, store, monitor, engines)
             await monitor.record()
             await self._lifecycle(journal, "stopped", reason=self._stop_reason)
+            if engines:
+                # One last bounded try to ship what is waiting, the stop record included.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(cfg.appliance.shutdown_timeout / 2):
+                        await asyncio.gather(*(e.final_attempt() for e in engines))
         return code
 
     async def _lifecycle(self, journal: Journal, event: str, **extra: Any) -> None:
@@ -148,7 +166,11 @@ class Daemon:
             )
 
     async def _run_sources(
-        self, journal: Journal, store: PayloadStore, monitor: HealthMonitor
+        self,
+        journal: Journal,
+        store: PayloadStore,
+        monitor: HealthMonitor,
+        engines: list[SyncEngine],
     ) -> int:
         cfg = self.cfg
 
@@ -183,10 +205,21 @@ class Daemon:
             )
             for sensor in cfg.sensors
         ]
-        for component in supervised:
+        shippers = [
+            Supervised(
+                f"sync:{engine.name}",
+                engine.run,
+                budget=cfg.appliance.restart_budget,
+                window_s=cfg.appliance.restart_window,
+                on_event=component_event,
+            )
+            for engine in engines
+        ]
+        for component in [*supervised, *shippers]:
             monitor.components[component.name] = component.health
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(s.run(), name=s.name) for s in supervised]
+            shipping = [group.create_task(s.run(), name=s.name) for s in shippers]
             waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(self.stop.wait())]
             if self.mode == "replay":
                 waiters.append(
@@ -212,6 +245,10 @@ class Daemon:
                     "components did not stop in time",
                     extra={"fields": {"late": [t.get_name() for t in late]}},
                 )
+            for task in shipping:
+                task.cancel()
+            if shipping:
+                await asyncio.wait(shipping)
         degraded = [c.name for c in supervised if c.health.state == "degraded"]
         if self.mode == "replay" and (degraded or self._stop_reason == "interrupted"):
             return 1

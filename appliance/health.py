@@ -12,6 +12,7 @@ from typing import Any
 
 from appliance.supervisor import ComponentHealth
 from sync import Journal, NewRecord, Priority, StorageFull, StorageGuard
+from sync.engine import DestinationState
 from sync.records import format_ts
 
 HEARTBEAT_KEY = "daemon"
@@ -33,6 +34,7 @@ class HealthMonitor:
         self.mode = mode
         self.components: dict[str, ComponentHealth] = {}
         self.sources: dict[str, Any] = {}
+        self.destinations: dict[str, DestinationState] = {}
         self.started = datetime.now(UTC)
         self._started_mono = time.monotonic()
 
@@ -69,6 +71,7 @@ class HealthMonitor:
                 }
                 for name, h in sorted(self.sources.items())
             },
+            "destinations": {n: d.to_dict() for n, d in sorted(self.destinations.items())},
             "journal": {
                 "commits": stats.commits,
                 "records": stats.records,

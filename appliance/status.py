@@ -48,6 +48,8 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
         boots = reader.meta("boots")
         last_seq = reader.meta("seq_hw")
         journal_live = reader.live_bytes()
+        backlogs = {d.name: reader.backlog(d.name) for d in cfg.sync.destinations}
+        waiting = {d.name: reader.payloads_waiting(d.name) for d in cfg.sync.destinations}
     finally:
         reader.close()
     journal_file_bytes = 0
@@ -77,6 +79,7 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
             "heartbeat_age_s": None if age is None else round(age, 1),
             "components": beat.get("components", {}),
             "sources": beat.get("sources", {}),
+            "destinations": beat.get("destinations", {}),
         }
 
     by_priority: dict[str, int] = {p.label: 0 for p in Priority}
@@ -95,6 +98,27 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
         }
         if age is not None:
             oldest_age = max(oldest_age or 0.0, age)
+    destinations: dict[str, Any] = {}
+    live_states = daemon.get("destinations", {}) if daemon.get("running") else {}
+    for dest in cfg.sync.destinations:
+        backlog = backlogs[dest.name]
+        ages = [a for a in (_age_s(ts, now) for _, _, ts in backlog.values()) if a is not None]
+        live = live_states.get(dest.name, {})
+        destinations[dest.name] = {
+            "type": dest.type,
+            "backlog": {p.label: {"records": n, "bytes": b} for p, (n, b, _) in backlog.items()},
+            "backlog_records": sum(n for n, _, _ in backlog.values()),
+            "backlog_bytes": sum(b for _, b, _ in backlog.values()),
+            "payloads_waiting": waiting[dest.name][0],
+            "payload_bytes_waiting": waiting[dest.name][1],
+            "oldest_unsynced_age_s": round(max(ages), 1) if ages else None,
+            "reachable": live.get("reachable"),
+            "last_success": live.get("last_success"),
+            "last_error": live.get("last_error"),
+            "rate_bytes_per_s": live.get("rate_bytes_per_s"),
+            "payload_bytes_today": live.get("payload_bytes_today"),
+            "daily_payload_budget": dest.daily_payload_budget,
+        }
     return {
         "appliance_id": cfg.appliance.id,
         "data_dir": str(data_dir),
@@ -122,6 +146,7 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
             "fs_free_bytes": disk.free,
             "fs_total_bytes": disk.total,
         },
+        "destinations": destinations,
         "evictions": [
             {"priority": p.label, "reason": r, "records": n, "bytes": b} for p, r, n, b in evictions
         ],
@@ -163,6 +188,27 @@ def render_status(report: dict[str, Any]) -> str:
         )
     if records["by_kind"]:
         lines.append("  by kind: " + ", ".join(f"{k} {n}" for k, n in records["by_kind"].items()))
+    for name, dest in report["destinations"].items():
+        reach = {True: "reachable", False: "unreachable", None: "reachability unknown"}[
+            dest["reachable"]
+        ]
+        age = dest["oldest_unsynced_age_s"]
+        line = (
+            f"shipping   {name} ({dest['type']}, {reach}): {dest['backlog_records']} records "
+            f"({format_size(dest['backlog_bytes'])}) and {dest['payloads_waiting']} payloads "
+            f"({format_size(dest['payload_bytes_waiting'])}) waiting"
+        )
+        if age is not None:
+            line += f", oldest {format_duration(age)}"
+        if dest["last_success"]:
+            line += f"; last success {dest['last_success']}"
+        if dest["rate_bytes_per_s"]:
+            line += f"; {format_size(dest['rate_bytes_per_s'])}/s"
+        if dest["daily_payload_budget"]:
+            line += f"; payloads today {format_size(dest['payload_bytes_today'] or 0)} of {format_size(dest['daily_payload_budget'])}"
+        lines.append(line)
+        if dest["last_error"] and dest["reachable"] is not True:
+            lines.append(f"           last error: {dest['last_error']}")
     if report["evictions"]:
         lines.append(
             "evictions  "

@@ -5,9 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
-from config.units import DURATION_HELP, SIZE_HELP, parse_duration, parse_size
+from config.units import (
+    DURATION_HELP,
+    RATE_HELP,
+    SIZE_HELP,
+    parse_duration,
+    parse_rate,
+    parse_size,
+    parse_window,
+)
 
 Duration = Annotated[
     float,
@@ -22,6 +38,21 @@ ByteSize = Annotated[
     WithJsonSchema({"type": "string", "description": SIZE_HELP, "examples": ["64MiB", "20GiB"]}),
 ]
 """Bytes, written in YAML as `512KiB`, `20GiB`."""
+
+Rate = Annotated[
+    float,
+    BeforeValidator(parse_rate),
+    WithJsonSchema({"type": "string", "description": RATE_HELP, "examples": ["256KiB/s"]}),
+]
+"""Bytes per second, written in YAML as `256KiB/s`."""
+
+TimeWindow = Annotated[
+    str,
+    AfterValidator(lambda v: (parse_window(v), v)[1]),
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^\d\d:\d\d-\d\d:\d\d$", "examples": ["02:00-05:00"]}
+    ),
+]
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 FeatureName = Literal["rms", "peak", "mean", "min", "max"]
@@ -245,6 +276,86 @@ class CsvSensor(SensorCommon):
 Sensor = Annotated[SimulatedSensor | CsvSensor, Field(discriminator="type")]
 
 
+class DestinationCommon(Strict):
+    name: Name = Field(description="Destination name, used in status, logs and records.")
+    bandwidth: Rate | None = Field(
+        default=None, gt=0, description="Most bytes per second sent to it; null means no cap."
+    )
+    daily_payload_budget: ByteSize | None = Field(
+        default=None,
+        gt=0,
+        description="Most payload bytes sent to it per UTC day; records still flow past it. "
+        "Null means no budget.",
+    )
+    windows: list[TimeWindow] = Field(
+        default_factory=list,
+        description="UTC time windows (HH:MM-HH:MM, may wrap midnight) in which it may be used, "
+        "for metered links; empty means any time.",
+    )
+
+
+class HttpDestination(DestinationCommon):
+    type: Literal["http"] = Field(description="The reference receiver (`appliance receiver`).")
+    url: str = Field(
+        pattern=r"^https?://[^\s/]+", description="Base URL of the receiver, http:// or https://."
+    )
+    token_file: Path | None = Field(
+        default=None, description="File holding this appliance's bearer token (one line)."
+    )
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify an https receiver with; null: system CAs."
+    )
+    timeout: Duration = Field(default=30.0, gt=0, description="Timeout of one request.")
+
+
+class DirectoryDestination(DestinationCommon):
+    type: Literal["directory"] = Field(
+        description="A directory such as a mounted USB disk or NAS share."
+    )
+    path: Path = Field(
+        description="Directory the records and payloads are written under; a relative path is "
+        "relative to appliance.data_dir."
+    )
+    require_mount: bool = Field(
+        default=False,
+        description="Only write when `path` is a mount point (so an unplugged USB disk never "
+        "fills the root file system).",
+    )
+
+
+Destination = Annotated[HttpDestination | DirectoryDestination, Field(discriminator="type")]
+
+
+class SyncSection(Strict):
+    interval: Duration = Field(
+        default=300.0, gt=0, description="How often the backlog is shipped while a link is up."
+    )
+    batch_records: int = Field(
+        default=1000, ge=1, le=100_000, description="Most records in one batch."
+    )
+    batch_bytes: ByteSize = Field(
+        default=1024**2, ge=1024, description="Most record bytes (uncompressed) in one batch."
+    )
+    chunk_size: ByteSize = Field(
+        default=4 * 1024**2,
+        ge=64 * 1024,
+        description="Payload upload chunk; a cut upload re-sends at most one chunk.",
+    )
+    retry_max: Duration = Field(
+        default=300.0, gt=0, description="Longest pause between attempts while a link is down."
+    )
+    destinations: list[Destination] = Field(
+        default_factory=list, description="Where records and payloads go; `type` picks the kind."
+    )
+
+    @model_validator(mode="after")
+    def _unique_destination_names(self) -> SyncSection:
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError("destination names must be unique")
+        return self
+
+
 class ApplianceConfig(Strict):
     """The whole configuration file."""
 
@@ -257,6 +368,9 @@ class ApplianceConfig(Strict):
     )
     sensors: list[Sensor] = Field(
         default_factory=list, description="Sensor sources; `type` picks the kind."
+    )
+    sync: SyncSection = Field(
+        default_factory=SyncSection, description="Shipping records and payloads upstream."
     )
 
     @model_validator(mode="after")

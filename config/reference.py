@@ -11,9 +11,18 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from config.models import ApplianceConfig, CsvSensor, SimulatedSensor
+from config.models import (
+    ApplianceConfig,
+    CsvSensor,
+    DirectoryDestination,
+    HttpDestination,
+    SimulatedSensor,
+)
 
-_UNION_MEMBERS: dict[str, tuple[type[BaseModel], ...]] = {"sensors": (SimulatedSensor, CsvSensor)}
+_UNION_MEMBERS: dict[str, tuple[type[BaseModel], ...]] = {
+    "sensors": (SimulatedSensor, CsvSensor),
+    "sync.destinations": (HttpDestination, DirectoryDestination),
+}
 
 
 def _unit_text(value: float, units: tuple[tuple[str, float], ...]) -> str | None:

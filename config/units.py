@@ -56,6 +56,33 @@ def parse_size(value: object) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()])
 
 
+RATE_HELP = "a rate such as 256KiB/s or 2MiB/s"
+
+
+def parse_rate(value: object) -> float:
+    """Return bytes per second for `256KiB/s`, `2MB/s` (or a bare number of bytes/s)."""
+    if isinstance(value, str) and value.strip().endswith("/s"):
+        return float(parse_size(value.strip()[:-2]))
+    try:
+        return float(parse_size(value))
+    except ValueError:
+        raise ValueError(f"invalid rate {value!r}: expected {RATE_HELP}") from None
+
+
+def parse_window(value: object) -> tuple[int, int]:
+    """`02:00-05:00` (UTC) -> (start, end) in minutes of the day; may wrap past midnight."""
+    if not isinstance(value, str) or not _WINDOW_RE.match(value.strip()):
+        raise ValueError(f"invalid time window {value!r}: expected HH:MM-HH:MM such as 02:00-05:00")
+    start, end = value.strip().split("-")
+    minutes = [int(t[:2]) * 60 + int(t[3:]) for t in (start, end)]
+    if any(m >= 24 * 60 for m in minutes) or minutes[0] == minutes[1]:
+        raise ValueError(f"invalid time window {value!r}: hours 00-23, minutes 00-59, start != end")
+    return minutes[0], minutes[1]
+
+
+_WINDOW_RE = re.compile(r"^\d\d:[0-5]\d-\d\d:[0-5]\d$")
+
+
 def format_size(num_bytes: float) -> str:
     """Render bytes for humans with binary units (1.5 GiB)."""
     value = float(num_bytes)

@@ -411,12 +411,24 @@ class Journal:
         return await future
 
     async def acknowledge(
-        self, destination: str, priority: Priority, first_seq: int, last_seq: int, batch_id: str
+        self,
+        destination: str,
+        priority: Priority,
+        first_seq: int,
+        last_seq: int,
+        batch_id: str,
+        payloads: Sequence[str] = (),
     ) -> None:
-        """Record a destination's acknowledgement and move its cursor in the same transaction."""
+        """Record a destination's acknowledgement and move its cursor in the same transaction;
+        the acknowledged records' payloads join that destination's upload outbox."""
 
         def apply(conn: sqlite3.Connection) -> None:
             now = format_ts_now()
+            conn.executemany(
+                "INSERT OR IGNORE INTO payload_outbox (destination, sha256, priority, seq) "
+                "VALUES (?, ?, ?, ?)",
+                [(destination, sha, int(priority), last_seq) for sha in payloads],
+            )
             conn.execute(
                 "INSERT INTO acks (destination, priority, first_seq, last_seq, batch_id, ts) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -427,6 +439,17 @@ class Journal:
                 "VALUES (?, ?, ?, ?) ON CONFLICT(destination, priority) DO UPDATE SET "
                 "acked_seq = MAX(acked_seq, excluded.acked_seq), updated_ts = excluded.updated_ts",
                 (destination, int(priority), last_seq, now),
+            )
+
+        await self.execute_write(apply)
+
+    async def payload_done(self, destination: str, sha256: str) -> None:
+        """A payload reached the destination (or can never reach it): leave the outbox."""
+
+        def apply(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM payload_outbox WHERE destination = ? AND sha256 = ?",
+                (destination, sha256),
             )
 
         await self.execute_write(apply)

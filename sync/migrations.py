@@ -89,7 +89,23 @@ def _initial(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key")  # type: ignore[union-attr]
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration("0001_initial", _initial),)
+def _payload_outbox(db: sqlite_utils.Database) -> None:
+    # Payloads of records a destination acknowledged, still to upload there. Filled in the
+    # transaction that moves the cursor, emptied as uploads complete.
+    db["payload_outbox"].create(  # type: ignore[union-attr]
+        {"destination": str, "sha256": str, "priority": int, "seq": int},
+        pk=("destination", "sha256"),
+        not_null={"priority", "seq"},
+    )
+    db["payload_outbox"].create_index(  # type: ignore[union-attr]
+        ["destination", "priority", "seq"], index_name="payload_outbox_order"
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration("0001_initial", _initial),
+    Migration("0002_payload_outbox", _payload_outbox),
+)
 
 
 def applied(conn: sqlite3.Connection) -> list[str]:

@@ -164,6 +164,53 @@ class JournalReader:
             out[priority] = (int(total), oldest[0] if oldest else None)
         return out
 
+    def cursor(self, destination: str, priority: Priority) -> int:
+        row = self.conn.execute(
+            "SELECT acked_seq FROM cursors WHERE destination = ? AND priority = ?",
+            (destination, int(priority)),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def payload_outbox(
+        self, destination: str, priority: Priority, limit: int
+    ) -> list[tuple[str, int, str, str]]:
+        """Payloads still to upload to a destination, oldest first: (sha256, size, media
+        type, state); state `gone` when retention has deleted the payload meanwhile."""
+        rows = self.conn.execute(
+            "SELECT o.sha256, COALESCE(p.size, 0), COALESCE(p.media_type, ''), "
+            "COALESCE(p.state, 'gone') FROM payload_outbox o LEFT JOIN payloads p "
+            "ON p.sha256 = o.sha256 WHERE o.destination = ? AND o.priority = ? "
+            "ORDER BY o.seq LIMIT ?",
+            (destination, int(priority), limit),
+        ).fetchall()
+        return [(str(s), int(n), str(m), str(st)) for s, n, m, st in rows]
+
+    def backlog(self, destination: str) -> dict[Priority, tuple[int, int, str | None]]:
+        """Per priority: records and estimated bytes not yet acknowledged by `destination`, and
+        the ts of the oldest of them."""
+        out: dict[Priority, tuple[int, int, str | None]] = {}
+        for priority in Priority:
+            after = self.cursor(destination, priority)
+            row = self.conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records WHERE priority = ? AND seq > ?",
+                (int(priority), after),
+            ).fetchone()
+            oldest = self.conn.execute(
+                "SELECT ts FROM records WHERE priority = ? AND seq > ? ORDER BY seq LIMIT 1",
+                (int(priority), after),
+            ).fetchone()
+            out[priority] = (int(row[0]), int(row[1]), oldest[0] if oldest else None)
+        return out
+
+    def payloads_waiting(self, destination: str) -> tuple[int, int]:
+        """Payloads in a destination's outbox: count and bytes."""
+        row = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(p.size), 0) FROM payload_outbox o "
+            "LEFT JOIN payloads p ON p.sha256 = o.sha256 WHERE o.destination = ?",
+            (destination,),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
     def evictions(self) -> list[tuple[Priority, str, int, int]]:
         rows = self.conn.execute(
             "SELECT priority, reason, records, bytes FROM evictions ORDER BY priority, reason"

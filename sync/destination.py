@@ -1,0 +1,165 @@
+"""What a destination is to the engine: the Destination protocol, batches and their encoding, the
+error tree (retryable or permanent), the bandwidth limiter, and an in-memory fake for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
+
+from sync.errors import SyncError
+from sync.records import Priority, StoredRecord
+
+
+class DestinationError(SyncError):
+    """A destination refused or failed. `retryable` False means retrying cannot help (bad
+    token, refused payload): the engine reports it and stops trying that item."""
+
+    def __init__(self, destination: str, message: str, *, retryable: bool) -> None:
+        self.destination = destination
+        self.retryable = retryable
+        super().__init__(f"destination {destination!r}: {message}")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Records of one priority with a stable identity: a resend is recognised upstream."""
+
+    appliance_id: str
+    priority: Priority
+    first_seq: int
+    last_seq: int
+    records: int
+    body: bytes  # gzip-compressed NDJSON
+    raw_bytes: int
+    payloads: tuple[str, ...]
+
+    @property
+    def batch_id(self) -> str:
+        return f"{self.priority.label}-{self.first_seq}-{self.last_seq}"
+
+
+def encode_batch(appliance_id: str, priority: Priority, records: Sequence[StoredRecord]) -> Batch:
+    """NDJSON in the shape `appliance export` writes, gzip level 6 (see docs/sync-protocol.md)."""
+    lines = []
+    payloads: list[str] = []
+    for record in records:
+        lines.append(json.dumps(record.to_dict(), separators=(",", ":"), ensure_ascii=False))
+        payloads.extend(record.payloads)
+    raw = ("\n".join(lines) + "\n").encode()
+    return Batch(
+        appliance_id=appliance_id,
+        priority=priority,
+        first_seq=records[0].seq,
+        last_seq=records[-1].seq,
+        records=len(records),
+        body=gzip.compress(raw, compresslevel=6, mtime=0),
+        raw_bytes=len(raw),
+        payloads=tuple(dict.fromkeys(payloads)),
+    )
+
+
+class RateLimiter:
+    """Token bucket in bytes per second (None: unlimited). A burst is at most one second."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self._tokens = rate or 0.0
+        self._last = time.monotonic()
+
+    async def consume(self, amount: int) -> None:
+        if not self.rate:
+            return
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self.rate, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens >= min(amount, self.rate):
+                self._tokens -= amount  # may go negative: a big item is paid for afterwards
+                return
+            await asyncio.sleep((min(amount, self.rate) - self._tokens) / self.rate)
+
+
+class Destination(Protocol):
+    """One upstream. Entered once by the engine; every method may raise DestinationError."""
+
+    name: str
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def reachable(self) -> bool:
+        """A cheap connectivity probe."""
+        ...
+
+    async def send_batch(self, batch: Batch, limiter: RateLimiter) -> None:
+        """Deliver a batch; returning means the destination acknowledged it durably."""
+        ...
+
+    async def send_payload(
+        self, sha256: str, size: int, media_type: str, path: Path, limiter: RateLimiter
+    ) -> int:
+        """Deliver a payload, resuming what the destination already holds; return bytes sent."""
+        ...
+
+
+@dataclass
+class MemoryDestination:
+    """In-memory fake used beside the real destinations in engine tests: can fail on demand."""
+
+    name: str = "memory"
+    batches: dict[str, Batch] = field(default_factory=dict)
+    records: dict[int, dict[str, object]] = field(default_factory=dict)
+    payloads: dict[str, bytes] = field(default_factory=dict)
+    arrivals: list[tuple[str, str]] = field(default_factory=list)  # ("batch"|"payload", id)
+    fail_next: int = 0
+    up: bool = True
+
+    async def __aenter__(self) -> MemoryDestination:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    async def reachable(self) -> bool:
+        return self.up
+
+    def _maybe_fail(self) -> None:
+        if not self.up:
+            raise DestinationError(self.name, "link down", retryable=True)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise DestinationError(self.name, "injected failure", retryable=True)
+
+    async def send_batch(self, batch: Batch, limiter: RateLimiter) -> None:
+        self._maybe_fail()
+        await limiter.consume(len(batch.body))
+        self.batches[batch.batch_id] = batch
+        for line in gzip.decompress(batch.body).splitlines():
+            record = json.loads(line)
+            self.records[int(record["seq"])] = record
+        self.arrivals.append(("batch", batch.batch_id))
+
+    async def send_payload(
+        self, sha256: str, size: int, media_type: str, path: Path, limiter: RateLimiter
+    ) -> int:
+        self._maybe_fail()
+        if sha256 in self.payloads:
+            return 0
+        data = await asyncio.to_thread(path.read_bytes)
+        await limiter.consume(len(data))
+        self.payloads[sha256] = data
+        self.arrivals.append(("payload", sha256))
+        return len(data)

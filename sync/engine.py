@@ -1,0 +1,264 @@
+"""The sync engine: ships the journal's backlog to one destination in priority order (records,
+then their payloads, alert first), moves cursors only on acknowledgement, and owns the outer
+retry loop (jittered, capped backoff; rate-limited error logs), bandwidth cap, daily payload
+budget and time windows."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from config.models import DirectoryDestination, HttpDestination, SyncSection
+from config.units import parse_window
+from sync.destination import Destination, DestinationError, RateLimiter, encode_batch
+from sync.journal import Journal
+from sync.payloads import PayloadStore
+from sync.reader import JournalReader
+from sync.records import Priority, format_ts
+
+log = logging.getLogger(__name__)
+
+DestinationConfig = HttpDestination | DirectoryDestination
+_OUTBOX_PAGE = 64
+_ERROR_LOG_INTERVAL_S = 60.0
+
+
+@dataclass
+class DestinationState:
+    """What status shows per destination."""
+
+    name: str
+    reachable: bool | None = None
+    draining: bool = False
+    last_success: str | None = None
+    last_error: str | None = None
+    consecutive_failures: int = 0
+    records_sent: int = 0
+    batches_sent: int = 0
+    bytes_sent: int = 0
+    payloads_sent: int = 0
+    payloads_skipped: int = 0
+    payload_bytes_today: int = 0
+    day: str = ""
+    rate_bytes_per_s: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One step of a drain, for progress bars: totals so far."""
+
+    destination: str
+    records: int
+    bytes: int
+    payloads: int
+
+
+def in_windows(windows: list[str], now: datetime) -> bool:
+    """Whether `now` (UTC) falls in any HH:MM-HH:MM window; no windows means always."""
+    if not windows:
+        return True
+    minute = now.hour * 60 + now.minute
+    for text in windows:
+        start, end = parse_window(text)
+        if (start <= minute < end) if start < end else (minute >= start or minute < end):
+            return True
+    return False
+
+
+class SyncEngine:
+    """Drains one destination. `drain()` for a one-off (sync --now), `run()` for the daemon."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        payloads: PayloadStore,
+        destination: Destination,
+        cfg: DestinationConfig,
+        settings: SyncSection,
+    ) -> None:
+        self.journal = journal
+        self.payloads = payloads
+        self.destination = destination
+        self.cfg = cfg
+        self.settings = settings
+        self.limiter = RateLimiter(cfg.bandwidth)
+        self.state = DestinationState(cfg.name)
+        self.wake = asyncio.Event()
+        # Two drains never ship the same batch at once: the daemon's loop and `sync --now`
+        # (which asks the daemon) take turns on this lock.
+        self._lock = asyncio.Lock()
+        self._last_error_log = 0.0
+        self._suppressed_errors = 0
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    # ---------------------------------------------------------------------------- draining
+
+    async def drain(self, progress: Callable[[Progress], None] | None = None) -> bool:
+        """Ship everything there is now. True when the backlog is empty; False when stopped
+        early by the daily payload budget (records are all shipped then)."""
+        async with self._lock:
+            self.state.draining = True
+            try:
+                await self.journal.register_destination(self.name)
+                complete = True
+                for priority in Priority:
+                    await self._drain_records(priority, progress)
+                    complete = await self._drain_payloads(priority, progress) and complete
+                self.state.last_success = format_ts(datetime.now(UTC))
+                self.state.consecutive_failures = 0
+                self.state.reachable = True
+                return complete
+            finally:
+                self.state.draining = False
+
+    def _report(self, progress: Callable[[Progress], None] | None) -> None:
+        if progress is not None:
+            s = self.state
+            progress(Progress(self.name, s.records_sent, s.bytes_sent, s.payloads_sent))
+
+    def _account(self, sent: int, started: float) -> None:
+        self.state.bytes_sent += sent
+        elapsed = max(time.monotonic() - started, 1e-6)
+        current = sent / elapsed
+        rate = self.state.rate_bytes_per_s
+        self.state.rate_bytes_per_s = current if rate == 0 else 0.8 * rate + 0.2 * current
+
+    async def _drain_records(
+        self, priority: Priority, progress: Callable[[Progress], None] | None
+    ) -> None:
+        settings = self.settings
+        while True:
+            after = await self.journal.read(lambda r: r.cursor(self.name, priority))
+            records = await self.journal.read(
+                functools.partial(
+                    JournalReader.records_after,
+                    priority=priority,
+                    after_seq=after,
+                    limit=settings.batch_records,
+                    max_bytes=settings.batch_bytes,
+                )
+            )
+            if not records:
+                return
+            batch = await asyncio.to_thread(
+                encode_batch, self.journal.appliance_id, priority, records
+            )
+            started = time.monotonic()
+            await self.destination.send_batch(batch, self.limiter)
+            await self.journal.acknowledge(
+                self.name, priority, batch.first_seq, batch.last_seq, batch.batch_id, batch.payloads
+            )
+            self.state.records_sent += batch.records
+            self.state.batches_sent += 1
+            self._account(len(batch.body), started)
+            self._report(progress)
+
+    def _budget_left(self) -> int | None:
+        budget = self.cfg.daily_payload_budget
+        today = datetime.now(UTC).strftime("%Y-%m-%d")
+        if self.state.day != today:
+            self.state.day, self.state.payload_bytes_today = today, 0
+        return None if budget is None else budget - self.state.payload_bytes_today
+
+    async def _drain_payloads(
+        self, priority: Priority, progress: Callable[[Progress], None] | None
+    ) -> bool:
+        while True:
+            items = await self.journal.read(
+                lambda r: r.payload_outbox(self.name, priority, _OUTBOX_PAGE)
+            )
+            if not items:
+                return True
+            for sha256, size, media_type, state in items:
+                path = self.payloads.path_for(sha256)
+                if state != "present" or not path.exists():
+                    # Evicted or lost on this side: nothing to send, say so and move on.
+                    self.state.payloads_skipped += 1
+                    await self.journal.payload_done(self.name, sha256)
+                    continue
+                left = self._budget_left()
+                if left is not None and size > left:
+                    return False
+                started = time.monotonic()
+                sent = await self.destination.send_payload(
+                    sha256, size, media_type, path, self.limiter
+                )
+                await self.journal.payload_done(self.name, sha256)
+                self.state.payload_bytes_today += sent
+                self.state.payloads_sent += 1
+                self._account(sent, started)
+                self._report(progress)
+
+    async def backlog(self) -> dict[Priority, tuple[int, int, str | None]]:
+        return await self.journal.read(lambda r: JournalReader.backlog(r, self.name))
+
+    # ------------------------------------------------------------------------- daemon loop
+
+    async def run(self) -> None:
+        """Drain whenever there is a link, every `sync.interval` and at once on `wake`."""
+        await self.journal.register_destination(self.name)
+        while True:
+            now = datetime.now(UTC)
+            if not in_windows(self.cfg.windows, now):
+                await self._sleep(60.0 - now.second)  # re-check at the next minute
+                continue
+            try:
+                self.state.reachable = await self.destination.reachable()
+                if not self.state.reachable:
+                    raise DestinationError(self.name, "not reachable", retryable=True)
+                await self.drain()
+            except DestinationError as exc:
+                self._failed(exc)
+                delay = min(
+                    self.settings.retry_max, 2.0 ** min(self.state.consecutive_failures, 16)
+                )
+                if not exc.retryable:
+                    delay = self.settings.retry_max
+                await self._sleep(delay * random.uniform(0.5, 1.0))
+                continue
+            await self._sleep(self.settings.interval)
+
+    async def final_attempt(self) -> None:
+        """On shutdown: one try to ship what is waiting (the caller bounds it), never an error."""
+        with contextlib.suppress(DestinationError):
+            if await self.destination.reachable():
+                await self.drain()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout=seconds)
+        self.wake.clear()
+
+    def _failed(self, exc: DestinationError) -> None:
+        self.state.consecutive_failures += 1
+        self.state.last_error = str(exc)
+        now = time.monotonic()
+        if now - self._last_error_log >= _ERROR_LOG_INTERVAL_S:
+            log.warning(
+                "sync attempt failed",
+                extra={
+                    "fields": {
+                        "destination": self.name,
+                        "error": str(exc),
+                        "retryable": exc.retryable,
+                        "consecutive_failures": self.state.consecutive_failures,
+                        "suppressed_since_last": self._suppressed_errors,
+                    }
+                },
+            )
+            self._last_error_log, self._suppressed_errors = now, 0
+        else:
+            self._suppressed_errors += 1

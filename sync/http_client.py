@@ -1,0 +1,176 @@
+"""The `http` destination: the client side of docs/sync-protocol.md (batches by identity,
+resumable payload uploads, bearer token, HTTPS with a configurable CA bundle). tenacity retries a
+single request briefly; the engine owns the longer backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from config.models import HttpDestination
+from sync.destination import Batch, DestinationError, RateLimiter
+
+_REQUEST_ATTEMPTS = 3
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, DestinationError) and exc.retryable
+
+
+class HttpTarget:
+    """One receiver. Opened with `async with`; every method raises DestinationError."""
+
+    def __init__(self, cfg: HttpDestination, appliance_id: str, chunk_size: int) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.appliance_id = appliance_id
+        self.chunk_size = chunk_size
+        self.base = cfg.url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = None
+
+    async def __aenter__(self) -> HttpTarget:
+        if self.cfg.token_file is not None:
+            try:
+                text = await asyncio.to_thread(self.cfg.token_file.read_text)
+            except OSError as exc:
+                raise DestinationError(
+                    self.name,
+                    f"cannot read token_file {self.cfg.token_file}: {exc.strerror}",
+                    retryable=False,
+                ) from exc
+            self._token = text.strip()
+        ssl_context: ssl.SSLContext | bool = True
+        if self.cfg.ca_file is not None:
+            ssl_context = ssl.create_default_context(cafile=str(self.cfg.ca_file))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
+            connector=aiohttp.TCPConnector(ssl=ssl_context, limit=4),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _url(self, suffix: str) -> str:
+        return f"{self.base}/v1/appliances/{self.appliance_id}/{suffix}"
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        headers.update(extra or {})
+        return headers
+
+    async def _request(
+        self, method: str, url: str, **kwargs: Any
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request with brief retries on connection errors and 5xx; 4xx is final."""
+        assert self._session is not None, "HttpTarget used outside `async with`"
+        session = self._session
+
+        async def once() -> tuple[int, dict[str, str], bytes]:
+            try:
+                async with session.request(method, url, **kwargs) as response:
+                    body = await response.read()
+                    status, headers = response.status, dict(response.headers)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise DestinationError(
+                    self.name, f"{method} failed: {exc or type(exc).__name__}", retryable=True
+                ) from exc
+            if status >= 500:
+                raise DestinationError(self.name, f"{method} answered {status}", retryable=True)
+            return status, headers, body
+
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(_REQUEST_ATTEMPTS),
+            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            retry=retry_if_exception(_transient),
+            reraise=True,
+        ):
+            with attempt:
+                return await once()
+        raise AssertionError("unreachable")
+
+    def _refused(self, what: str, status: int, body: bytes) -> DestinationError:
+        detail = body.decode(errors="replace")[:300]
+        hint = {401: " (check token_file)", 403: " (token of another appliance)"}.get(status, "")
+        return DestinationError(
+            self.name, f"{what} refused with {status}{hint}: {detail}", retryable=False
+        )
+
+    async def reachable(self) -> bool:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"{self.base}/v1/health") as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def send_batch(self, batch: Batch, limiter: RateLimiter) -> None:
+        await limiter.consume(len(batch.body))
+        status, _, body = await self._request(
+            "PUT",
+            self._url(f"batches/{batch.batch_id}"),
+            data=batch.body,
+            headers=self._headers(
+                {"Content-Encoding": "gzip", "Content-Type": "application/x-ndjson"}
+            ),
+        )
+        if status != 200:
+            raise self._refused(f"batch {batch.batch_id}", status, body)
+
+    async def _offset(self, sha256: str) -> tuple[int, bool]:
+        status, headers, body = await self._request(
+            "HEAD", self._url(f"payloads/{sha256}"), headers=self._headers()
+        )
+        if status == 404:
+            return 0, False
+        if status != 200:
+            raise self._refused(f"payload {sha256[:12]}", status, body)
+        return int(headers.get("Upload-Offset", "0")), headers.get("Upload-Complete") == "1"
+
+    async def send_payload(
+        self, sha256: str, size: int, media_type: str, path: Path, limiter: RateLimiter
+    ) -> int:
+        offset, complete = await self._offset(sha256)
+        sent = 0
+        while not complete:
+            chunk = await asyncio.to_thread(_read_chunk, path, offset, self.chunk_size)
+            if not chunk and offset < size:
+                raise DestinationError(
+                    self.name, f"payload {sha256[:12]} is shorter than recorded", retryable=False
+                )
+            await limiter.consume(len(chunk))
+            status, headers, body = await self._request(
+                "PATCH",
+                self._url(f"payloads/{sha256}"),
+                data=chunk,
+                headers=self._headers(
+                    {
+                        "Upload-Offset": str(offset),
+                        "Upload-Length": str(size),
+                        "Content-Type": "application/offset+octet-stream",
+                    }
+                ),
+            )
+            if status == 409:  # the receiver holds a different offset: continue from there
+                offset = int(headers.get("Upload-Offset", "0"))
+                continue
+            if status not in (200, 204):
+                raise self._refused(f"payload {sha256[:12]}", status, body)
+            sent += len(chunk)
+            offset = int(headers.get("Upload-Offset", offset + len(chunk)))
+            complete = headers.get("Upload-Complete") == "1" or (offset >= size and not chunk)
+        return sent
+
+
+def _read_chunk(path: Path, offset: int, size: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)

@@ -1,0 +1,296 @@
+"""The sync engine against the in-memory fake and the real directory destination."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+import shutil
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+import sync.directory as directory_module
+from config.models import DirectoryDestination, SyncSection
+from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
+from sync.destination import Batch, DestinationError, MemoryDestination, RateLimiter
+from sync.directory import DirectoryTarget
+from sync.engine import SyncEngine, in_windows
+
+
+def dest_cfg(tmp: Path, **extra: object) -> DirectoryDestination:
+    return DirectoryDestination.model_validate(
+        {"name": "usb", "type": "directory", "path": str(tmp), **extra}
+    )
+
+
+async def fill(journal: Journal, store: PayloadStore, per_priority: int = 30) -> dict[str, bytes]:
+    """Records of every priority, interleaved; every fifth sample and alert carries a payload."""
+    blobs: dict[str, bytes] = {}
+    for i in range(per_priority * 4):
+        priority = Priority(1 + i % 4)
+        refs: tuple[PayloadRef, ...] = ()
+        if priority in (Priority.ALERT, Priority.SAMPLE) and i % 5 == 0:
+            data = f"payload {i} ".encode() * (200 + i)
+            ref = await store.put(data)
+            blobs[ref.sha256] = data
+            refs = (ref,)
+        await journal.append(NewRecord("src", "reading", priority, {"i": i}, payloads=refs))
+    return blobs
+
+
+def settings(**extra: object) -> SyncSection:
+    return SyncSection.model_validate({"batch_records": 7, "chunk_size": "64KiB", **extra})
+
+
+async def test_drain_ships_everything_once_in_priority_order(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    blobs = await fill(journal, payload_store)
+    memory = MemoryDestination(name="usb")
+    engine = SyncEngine(journal, payload_store, memory, dest_cfg(tmp_path), settings())
+    assert await engine.drain() is True
+    assert sorted(memory.records) == list(range(1, 121))
+    assert memory.payloads == blobs
+    assert all(b.records <= 7 for b in memory.batches.values())
+    # Order: every alert batch, then alert payloads, then events, ... telemetry last.
+    kinds = [
+        (kind, memory.batches[i].priority if kind == "batch" else None)
+        for kind, i in memory.arrivals
+    ]
+    batch_priorities = [p for kind, p in kinds if kind == "batch" and p is not None]
+    assert batch_priorities == sorted(batch_priorities)
+    first_event = next(n for n, (k, p) in enumerate(kinds) if p == Priority.EVENT)
+    alert_payloads = [n for n, (k, _) in enumerate(kinds) if k == "payload"][
+        : len([s for s in blobs if s])
+    ]
+    assert any(n < first_event for n in alert_payloads)
+    cursors = await journal.read(lambda r: {p: r.cursor("usb", p) for p in Priority})
+    assert cursors[Priority.TELEMETRY] == 120 and cursors[Priority.ALERT] == 117
+    # A second drain sends nothing new.
+    before = len(memory.arrivals)
+    assert await engine.drain() is True
+    assert len(memory.arrivals) == before
+
+
+async def test_failures_never_move_the_cursor_and_resends_keep_their_identity(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    await fill(journal, payload_store, per_priority=10)
+    memory = MemoryDestination(name="usb")
+    engine = SyncEngine(journal, payload_store, memory, dest_cfg(tmp_path), settings())
+    sent_ids: list[str] = []
+    original = memory.send_batch
+
+    async def flaky(batch: Batch, limiter: RateLimiter) -> None:
+        sent_ids.append(batch.batch_id)
+        if len(sent_ids) % 3 == 0:
+            raise DestinationError("usb", "cut", retryable=True)
+        await original(batch, limiter)
+
+    memory.send_batch = flaky  # type: ignore[method-assign]
+    for _ in range(20):
+        try:
+            await engine.drain()
+            break
+        except DestinationError:
+            continue
+    assert sorted(memory.records) == list(range(1, 41))
+    # Every failed batch was sent again with the same identity.
+    failed = sent_ids[2::3]
+    assert all(sent_ids.count(batch_id) >= 2 for batch_id in failed)
+
+
+async def test_daily_payload_budget_holds_payloads_not_records(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    blobs = await fill(journal, payload_store)
+    memory = MemoryDestination(name="usb")
+    smallest = min(len(b) for b in blobs.values())
+    engine = SyncEngine(
+        journal,
+        payload_store,
+        memory,
+        dest_cfg(tmp_path, daily_payload_budget=smallest + 10),
+        settings(),
+    )
+    assert await engine.drain() is False
+    assert sorted(memory.records) == list(range(1, 121))
+    assert len(memory.payloads) == 1
+    waiting = await journal.read(lambda r: r.payload_outbox("usb", Priority.SAMPLE, 100))
+    assert waiting
+
+
+async def test_evicted_payloads_are_skipped_and_counted(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    blobs = await fill(journal, payload_store, per_priority=10)
+    gone = next(iter(blobs))
+    payload_store.delete(gone)
+    memory = MemoryDestination(name="usb")
+    engine = SyncEngine(journal, payload_store, memory, dest_cfg(tmp_path), settings())
+    assert await engine.drain() is True
+    assert gone not in memory.payloads and engine.state.payloads_skipped == 1
+
+
+def test_time_windows() -> None:
+    def at(hour: int, minute: int) -> datetime:
+        return datetime(2026, 1, 1, hour, minute, tzinfo=UTC)
+
+    assert in_windows([], at(12, 0))
+    assert in_windows(["02:00-05:00"], at(2, 0)) and not in_windows(["02:00-05:00"], at(5, 0))
+    assert in_windows(["22:00-02:00"], at(23, 30)) and in_windows(["22:00-02:00"], at(1, 59))
+    assert not in_windows(["22:00-02:00"], at(12, 0))
+
+
+async def test_bandwidth_cap_is_respected(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    for i in range(40):
+        await journal.append(
+            NewRecord("s", "reading", Priority.TELEMETRY, {"pad": "x" * 2000, "i": i})
+        )
+    memory = MemoryDestination(name="usb")
+    engine = SyncEngine(
+        journal,
+        payload_store,
+        memory,
+        dest_cfg(tmp_path, bandwidth="8KiB/s"),
+        settings(batch_records=5),
+    )
+    started = asyncio.get_running_loop().time()
+    await engine.drain()
+    elapsed = asyncio.get_running_loop().time() - started
+    wire = sum(len(b.body) for b in memory.batches.values())
+    # The first second's burst is free; everything after it is paced at the cap.
+    assert elapsed >= (wire - 8192) / 8192 * 0.9
+
+
+async def test_run_loop_drains_when_the_link_returns(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    await fill(journal, payload_store, per_priority=5)
+    memory = MemoryDestination(name="usb", up=False)
+    engine = SyncEngine(
+        journal, payload_store, memory, dest_cfg(tmp_path), settings(retry_max="1s")
+    )
+    task = asyncio.create_task(engine.run())
+    try:
+        await asyncio.sleep(0.3)
+        assert not memory.records and engine.state.consecutive_failures >= 1
+        memory.up = True
+        for _ in range(100):
+            if len(memory.records) == 20:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(memory.records) == list(range(1, 21))
+        assert engine.state.last_success is not None
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+# ------------------------------------------------------------------- directory destination
+
+
+def check_directory(root: Path, blobs: dict[str, bytes], seqs: int) -> None:
+    """Everything complete is consistent; nothing partial is visible as complete."""
+    seen: set[int] = set()
+    for manifest_path in root.glob("records/*/*/*.manifest.json"):
+        manifest = json.loads(manifest_path.read_text())
+        data = (manifest_path.parent / manifest["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == manifest["sha256"]
+        for line in gzip.decompress(data).splitlines():
+            seen.add(json.loads(line)["seq"])
+    assert seen == set(range(1, seqs + 1))
+    for sha, data in blobs.items():
+        assert (root / "payloads" / "test-appliance" / sha[:2] / sha).read_bytes() == data
+
+
+async def test_directory_destination_end_to_end(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    blobs = await fill(journal, payload_store)
+    target_dir = tmp_path / "usb"
+    target_dir.mkdir()
+    cfg = dest_cfg(target_dir)
+    target = DirectoryTarget(cfg, journal.appliance_id, chunk_size=4096)
+    engine = SyncEngine(journal, payload_store, target, cfg, settings())
+    assert await engine.drain() is True
+    check_directory(target_dir, blobs, 120)
+
+
+async def test_directory_vanishing_mid_write_leaves_nothing_partial_complete(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    blobs = await fill(journal, payload_store)
+    target_dir = tmp_path / "usb"
+    target_dir.mkdir()
+    cfg = dest_cfg(target_dir)
+    target = DirectoryTarget(cfg, journal.appliance_id, chunk_size=1024)
+    engine = SyncEngine(journal, payload_store, target, cfg, settings())
+    original = target._write_batch
+    writes = 0
+
+    def unplug_sometimes(batch: Batch) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 4:
+            shutil.rmtree(target_dir)  # the disk is pulled while the engine works
+        original(batch)
+
+    target._write_batch = unplug_sometimes  # type: ignore[method-assign]
+    with pytest.raises(DestinationError) as caught:
+        await engine.drain()
+    assert caught.value.retryable
+    assert not await target.reachable()
+    target_dir.mkdir()  # plugged back in (an empty disk: everything goes again)
+
+    def rewind(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE cursors SET acked_seq = 0 WHERE destination = 'usb'")
+        conn.execute("DELETE FROM payload_outbox WHERE destination = 'usb'")
+
+    await journal.execute_write(rewind)
+    assert await engine.drain() is True
+    check_directory(target_dir, blobs, 120)
+    assert not list(target_dir.rglob("*.tmp"))
+
+
+async def test_payload_copy_resumes_after_a_cut(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    data = bytes(range(256)) * 400  # 100 KiB
+    ref = await payload_store.put(data)
+    target_dir = tmp_path / "usb"
+    target_dir.mkdir()
+    target = DirectoryTarget(dest_cfg(target_dir), "test-appliance", chunk_size=10_000)
+    limiter = RateLimiter(None)
+    calls = 0
+    real_append = directory_module._append_chunk
+
+    def cut_after_three(partial: Path, offset: int, chunk: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 4:
+            raise OSError(5, "link cut", str(partial))
+        real_append(partial, offset, chunk)
+
+    directory_module._append_chunk = cut_after_three
+    try:
+        with pytest.raises(DestinationError):
+            await target.send_payload(
+                ref.sha256, ref.size, "", payload_store.path_for(ref.sha256), limiter
+            )
+        sent = await target.send_payload(
+            ref.sha256, ref.size, "", payload_store.path_for(ref.sha256), limiter
+        )
+    finally:
+        directory_module._append_chunk = real_append
+    assert sent == len(data) - 30_000  # resumed from the three chunks already written
+    assert (
+        target_dir / "payloads" / "test-appliance" / ref.sha256[:2] / ref.sha256
+    ).read_bytes() == data
