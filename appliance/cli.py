@@ -16,8 +16,10 @@ from appliance.daemon import Daemon
 from appliance.export import export_records, parse_since
 from appliance.logs import setup_logging
 from appliance.status import collect_status, render_status
+from appliance.syncnow import sync_now
 from config import ConfigError, config_schema, load_config
 from sync import JournalReader, SyncError
+from sync.receiver import parse_listen, parse_tokens_file, run_receiver
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -94,6 +96,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path)
     config_sub.add_parser("schema", help="print the JSON schema of the config file")
+
+    sync_cmd = commands.add_parser(
+        "sync", parents=[common], help="ship the backlog to the destinations now"
+    )
+    sync_cmd.add_argument(
+        "--now", action="store_true", required=True, help="drain now (the only mode so far)"
+    )
+    sync_cmd.add_argument("-c", "--config", type=Path, help="config file (default: demo profile)")
+    sync_cmd.add_argument("--destination", metavar="NAME", help="only this destination")
+    sync_cmd.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="give up after this long (exit 1)"
+    )
+
+    receiver = commands.add_parser(
+        "receiver", help="run the reference upstream receiver (docs/sync-protocol.md)"
+    )
+    receiver.add_argument(
+        "--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any)"
+    )
+    receiver.add_argument(
+        "--data", type=Path, required=True, metavar="DIR", help="receiver data directory"
+    )
+    receiver.add_argument(
+        "--tokens", type=Path, metavar="FILE", help="'APPLIANCE_ID TOKEN' a line (default: none)"
+    )
+    receiver.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     return parser
 
 
@@ -124,11 +154,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         )  # check the file itself, not this shell's overrides
         print(f"{args.file}: ok ({len(cfg.sensors)} sources, data_dir {cfg.appliance.data_dir})")
         return EXIT_OK
+    if args.command == "receiver":
+        return _receiver(args)
 
     cfg = load_config(args.config, data_dir=args.data_dir)
     if args.command in ("run", "replay"):
         setup_logging(args.log_level)
         return asyncio.run(Daemon(cfg, mode=args.command).run())
+    if args.command == "sync":
+        if args.timeout is not None and args.timeout <= 0:
+            print("error: --timeout must be positive", file=sys.stderr)
+            return EXIT_USAGE
+        drained, reason = asyncio.run(sync_now(cfg, args.destination, args.timeout))
+        if drained:
+            print("drained: nothing left to ship", file=sys.stderr)
+            return EXIT_OK
+        print(f"not finished: {reason}", file=sys.stderr)
+        return EXIT_FAILED
     if args.command == "status":
         report = collect_status(cfg)
         print(json.dumps(report, indent=2) if args.json else render_status(report))
@@ -151,3 +193,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             reader.close()
         return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _receiver(args: argparse.Namespace) -> int:
+    # Check what the user typed before serving, so a typo is a usage error (2), not a crash.
+    try:
+        parse_listen(args.listen)
+        if args.tokens is not None:
+            parse_tokens_file(args.tokens)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(args.log_level)
+    asyncio.run(run_receiver(args.listen, args.data, args.tokens))
+    return EXIT_OK

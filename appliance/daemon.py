@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from dataclasses import asdict
 from typing import Any, Literal
 
+from appliance.control import ControlServer
 from appliance.health import HealthMonitor, app_version
 from appliance.pipeline import SensorConfig, SourcePipeline
 from appliance.scheduler import Jobs
@@ -120,6 +121,8 @@ class Daemon:
                     engines.append(engine)
                     monitor.destinations[dest.name] = engine.state
             self.engines = engines
+            if self.mode == "run":
+                await stack.enter_async_context(ControlServer(data_dir, engines))
             jobs = Jobs()
             jobs.every("retention", cfg.storage.check_interval, guard.run_once, run_now=True)
             jobs.every("checkpoint", cfg.journal.checkpoint_interval, journal.checkpoint)

@@ -1,6 +1,13 @@
 """The store-and-forward core: the SQLite journal, the payload store and retention. Imports only config."""
 
-from sync.errors import JournalClosed, JournalMissing, PayloadError, StorageFull, SyncError
+from sync.errors import (
+    JournalClosed,
+    JournalLocked,
+    JournalMissing,
+    PayloadError,
+    StorageFull,
+    SyncError,
+)
 from sync.journal import Journal
 from sync.payloads import PayloadStore
 from sync.reader import JOURNAL_FILE, JournalReader
@@ -11,6 +18,7 @@ __all__ = [
     "JOURNAL_FILE",
     "Journal",
     "JournalClosed",
+    "JournalLocked",
     "JournalMissing",
     "JournalReader",
     "NewRecord",

@@ -13,6 +13,15 @@ class JournalClosed(SyncError):
     """The journal was closed; nothing more can be appended."""
 
 
+class JournalLocked(SyncError):
+    """Another process holds the journal for writing (the daemon, a replay, a sync --now)."""
+
+    def __init__(self, path: str, holder: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(f"the journal in {path} is open for writing by {holder}")
+
+
 class JournalMissing(SyncError):
     """No journal exists in the data directory (the appliance has not run there)."""
 

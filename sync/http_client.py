@@ -89,7 +89,7 @@ class HttpTarget:
 
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(_REQUEST_ATTEMPTS),
-            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=2.0),
             retry=retry_if_exception(_transient),
             reraise=True,
         ):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from config import JournalSection
-from sync.errors import JournalClosed, PayloadError, StorageFull, SyncError
+from sync.errors import JournalClosed, JournalLocked, PayloadError, StorageFull, SyncError
 from sync.migrations import migrate
 from sync.payloads import PayloadStore, fsync_dir
 from sync.reader import JOURNAL_FILE, JournalReader, connect
@@ -178,6 +179,7 @@ class Journal:
         self._disk_full_listeners: list[Callable[[], None]] = []
         self._drop_lock = threading.Lock()
         self._unflushed_drops: Counter[tuple[int, str]] = Counter()
+        self._lock_fd: int | None = None
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
         self._reader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-reader")
@@ -204,7 +206,14 @@ class Journal:
         With a payload store, payload files and rows are reconciled before anything is written."""
         settings = settings or JournalSection()
         await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
-        opened = await asyncio.to_thread(_open_sync, data_dir, settings.full_check_limit, payloads)
+        lock_fd = await asyncio.to_thread(acquire_writer_lock, data_dir)
+        try:
+            opened = await asyncio.to_thread(
+                _open_sync, data_dir, settings.full_check_limit, payloads
+            )
+        except BaseException:
+            os.close(lock_fd)
+            raise
         conn, next_seq, reserved, recovery = opened
         journal = cls(
             data_dir,
@@ -216,6 +225,7 @@ class Journal:
             recovery=recovery,
             payloads=payloads,
         )
+        journal._lock_fd = lock_fd
         try:
             await journal.execute_write(journal._record_boot)
             if recovery.anything_found:
@@ -268,6 +278,9 @@ class Journal:
         await asyncio.to_thread(self._thread.join)
         await self._loop.run_in_executor(self._reader_pool, self._close_reader)
         self._reader_pool.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the writer lock
+            self._lock_fd = None
 
     @property
     def closed(self) -> bool:
@@ -815,6 +828,39 @@ def format_ts_now() -> str:
         prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
         _ts_prefix = (second, prefix)  # one tuple: safe to share between threads
     return f"{prefix}{fraction:06d}Z"
+
+
+LOCK_FILE = "journal.lock"
+
+
+def acquire_writer_lock(data_dir: Path) -> int:
+    """Take the data directory's writer lock (flock: the kernel drops it when the process dies,
+    so a SIGKILL never leaves a stale lock). Raises JournalLocked naming the holder."""
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise JournalLocked(str(data_dir), holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def writer_lock_holder(data_dir: Path) -> str | None:
+    """Who holds the writer lock now, or None when nobody does (read-only check)."""
+    try:
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)
+    return None
 
 
 def read_seq_reservation(data_dir: Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from config import JournalSection
 from sync import (
     Journal,
     JournalClosed,
+    JournalLocked,
     JournalMissing,
     JournalReader,
     NewRecord,
@@ -25,7 +27,7 @@ from sync import (
     Priority,
     StorageFull,
 )
-from sync.journal import SEQ_RESERVATION_FILE, read_seq_reservation
+from sync.journal import SEQ_RESERVATION_FILE, read_seq_reservation, writer_lock_holder
 from sync.records import RECORD_OVERHEAD_BYTES
 from tests.conftest import APPLIANCE_ID
 
@@ -666,3 +668,13 @@ async def test_a_record_whose_payload_file_vanished_is_refused(
         await journal.append(rec(payloads=(ref,)))
     # The writer is unharmed and the next records go through.
     assert await journal.append(rec()) > 0
+
+
+async def test_only_one_writer_per_data_directory(journal: Journal, data_dir: Path) -> None:
+    with pytest.raises(JournalLocked, match=f"pid {os.getpid()}"):
+        await Journal.open(data_dir, appliance_id="second")
+    assert writer_lock_holder(data_dir) == f"pid {os.getpid()}"
+    await journal.close()
+    assert writer_lock_holder(data_dir) is None
+    again = await Journal.open(data_dir, appliance_id="second")
+    await again.close()

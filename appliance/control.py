@@ -1,0 +1,170 @@
+"""The daemon's local control socket (`control.sock` in the data directory, a Unix socket only
+the appliance's user can open). `appliance sync --now` asks the running daemon through it instead
+of opening a second writer; the answer streams progress as NDJSON lines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from sync.destination import DestinationError
+from sync.engine import Progress, SyncEngine
+from sync.reader import JournalReader
+
+CONTROL_SOCKET = "control.sock"
+
+
+async def drain_engines(
+    engines: list[SyncEngine], time_limit: float | None
+) -> AsyncIterator[dict[str, Any]]:
+    """Drain each engine in turn, yielding progress dicts, then one final dict with `done`."""
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
+
+    async def run() -> dict[str, Any]:
+        for engine in engines:
+            backlog = await engine.backlog()
+            waiting = await engine.journal.read(
+                functools.partial(JournalReader.payloads_waiting, destination=engine.name)
+            )
+            total_records = sum(n for n, _, _ in backlog.values())
+            total_bytes = sum(b for _, b, _ in backlog.values()) + waiting[1]
+            start = (engine.state.records_sent, engine.state.bytes_sent)
+            started = time.monotonic()
+
+            def report(
+                p: Progress,
+                engine: SyncEngine = engine,
+                total_records: int = total_records,
+                total_bytes: int = total_bytes,
+                start: tuple[int, int] = start,
+                started: float = started,
+            ) -> None:
+                sent_bytes = p.bytes - start[1]
+                elapsed = max(time.monotonic() - started, 1e-3)
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(
+                        {
+                            "destination": p.destination,
+                            "records": p.records - start[0],
+                            "records_total": total_records,
+                            "bytes": sent_bytes,
+                            "bytes_total": total_bytes,
+                            "rate_bytes_per_s": sent_bytes / elapsed,
+                        }
+                    )
+
+            try:
+                complete = await engine.drain(report)
+            except DestinationError as exc:
+                return {"done": True, "drained": False, "reason": str(exc)}
+            if not complete:
+                return {
+                    "done": True,
+                    "drained": False,
+                    "reason": f"{engine.name}: daily payload budget reached; payloads wait for tomorrow",
+                }
+        return {"done": True, "drained": True, "reason": None}
+
+    task = asyncio.ensure_future(run())
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    try:
+        while not task.done():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                yield {
+                    "done": True,
+                    "drained": False,
+                    "reason": f"timed out after {time_limit:g} s",
+                }
+                return
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait(
+                {getter, task}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        while not queue.empty():
+            yield queue.get_nowait()
+        yield task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class ControlServer:
+    """Serves POST /sync?destination=NAME&timeout=S on the control socket while the daemon runs."""
+
+    def __init__(self, data_dir: Path, engines: list[SyncEngine]) -> None:
+        self.path = data_dir / CONTROL_SOCKET
+        self.engines = engines
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> ControlServer:
+        app = web.Application()
+        app.router.add_post("/sync", self._sync)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.path.unlink(missing_ok=True)  # left by a killed daemon: we hold the writer lock
+        site = web.UnixSite(self._runner, str(self.path))
+        await site.start()
+        self.path.chmod(0o600)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.path.unlink(missing_ok=True)
+
+    async def _sync(self, request: web.Request) -> web.StreamResponse:
+        name = request.query.get("destination")
+        engines = [e for e in self.engines if name in (None, e.name)]
+        if not engines:
+            raise web.HTTPBadRequest(text=f"no destination named {name!r}")
+        timeout = float(request.query["timeout"]) if "timeout" in request.query else None
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        for engine in engines:
+            engine.wake.clear()
+        async for line in drain_engines(engines, timeout):
+            await response.write(json.dumps(line).encode() + b"\n")
+        await response.write_eof()
+        return response
+
+
+async def ask_daemon(
+    data_dir: Path, destination: str | None, time_limit: float | None
+) -> AsyncIterator[dict[str, Any]]:
+    """Client side: stream the daemon's progress lines."""
+    params = {
+        k: v for k, v in (("destination", destination), ("timeout", time_limit)) if v is not None
+    }
+    connector = aiohttp.UnixConnector(path=str(data_dir / CONTROL_SOCKET))
+    async with (
+        aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+        ) as session,
+        session.post(
+            "http://appliance/sync", params={k: str(v) for k, v in params.items()}
+        ) as response,
+    ):
+        if response.status != 200:
+            raise DestinationError("daemon", (await response.text()).strip(), retryable=False)
+        async for raw in response.content:
+            if raw.strip():
+                yield json.loads(raw)
