@@ -121,8 +121,13 @@ def test_repeated_sigkill_loses_nothing_durable(tmp_path: Path) -> None:
 
     # A final clean run reconciles: orphans from killed payload writes are removed, and files
     # and rows agree exactly once it has stopped.
+    starts_before = sum(1 for e in log_events(log) if e["msg"] == "started")
     proc = start_daemon(config, log)
-    wait_for(lambda: any(e["msg"] == "started" for e in log_events(log)[-5:]), 30, "final start")
+    wait_for(
+        lambda: sum(1 for e in log_events(log) if e["msg"] == "started") > starts_before,
+        30,
+        "final start",
+    )
     time.sleep(1.0)
     assert stop_daemon(proc) == 0
     files = _payload_files(data)
