@@ -74,7 +74,7 @@ def test_repeated_sigkill_loses_nothing_durable(tmp_path: Path) -> None:
         try:
             # Kill at random moments: sometimes during start-up and recovery, mostly mid-stream.
             deadline = time.monotonic() + rng.choice(
-                [0.05, 0.3, rng.uniform(0.8, 2.5), rng.uniform(0.8, 2.5)]
+                [0.05, 0.3, rng.uniform(1.2, 2.8), rng.uniform(1.2, 2.8)]
             )
             while time.monotonic() < deadline:
                 seen.update(_snapshot(data))
@@ -117,7 +117,7 @@ def test_repeated_sigkill_loses_nothing_durable(tmp_path: Path) -> None:
                 assert hashlib.sha256(files[sha]).hexdigest() == sha and len(files[sha]) == size
 
     assert len(seen) > 150, "the daemon barely ran; the test proves little"
-    assert len({boot for boot, _, _ in seen.values()}) >= KILLS // 2
+    assert len({boot for boot, _, _ in seen.values()}) >= KILLS // 4
 
     # A final clean run reconciles: orphans from killed payload writes are removed, and files
     # and rows agree exactly once it has stopped.
