@@ -342,7 +342,16 @@ class SyncSection(Strict):
         description="Payload upload chunk; a cut upload re-sends at most one chunk.",
     )
     retry_max: Duration = Field(
-        default=300.0, gt=0, description="Longest pause between attempts while a link is down."
+        default=300.0,
+        gt=0,
+        description="Longest pause between attempts after failures while the destination "
+        "answers (errors, cut transfers).",
+    )
+    probe_interval: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="How often an unreachable destination is probed; a link that returns is "
+        "drained at once.",
     )
     destinations: list[Destination] = Field(
         default_factory=list, description="Where records and payloads go; `type` picks the kind."

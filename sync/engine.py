@@ -218,7 +218,9 @@ class SyncEngine:
             try:
                 self.state.reachable = await self.destination.reachable()
                 if not self.state.reachable:
-                    raise DestinationError(self.name, "not reachable", retryable=True)
+                    self._failed(DestinationError(self.name, "not reachable", retryable=True))
+                    await self._probe_until_reachable()
+                    continue
                 await self.drain()
             except DestinationError as exc:
                 self._failed(exc)
@@ -230,6 +232,14 @@ class SyncEngine:
                 await self._sleep(delay * random.uniform(0.5, 1.0))
                 continue
             await self._sleep(self.settings.interval)
+
+    async def _probe_until_reachable(self) -> None:
+        """The link is down: probe cheaply every `probe_interval` (jittered) and return as soon
+        as it answers, so a returning link is drained at once, not after a long backoff."""
+        while True:
+            await self._sleep(self.settings.probe_interval * random.uniform(0.5, 1.0))
+            if await self.destination.reachable():
+                return
 
     async def final_attempt(self) -> None:
         """On shutdown: one try to ship what is waiting (the caller bounds it), never an error."""

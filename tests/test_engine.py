@@ -175,7 +175,11 @@ async def test_run_loop_drains_when_the_link_returns(
     await fill(journal, payload_store, per_priority=5)
     memory = MemoryDestination(name="usb", up=False)
     engine = SyncEngine(
-        journal, payload_store, memory, dest_cfg(tmp_path), settings(retry_max="1s")
+        journal,
+        payload_store,
+        memory,
+        dest_cfg(tmp_path),
+        settings(retry_max="1s", probe_interval="200ms"),
     )
     task = asyncio.create_task(engine.run())
     try:
@@ -294,3 +298,31 @@ async def test_payload_copy_resumes_after_a_cut(
     assert (
         target_dir / "payloads" / "test-appliance" / ref.sha256[:2] / ref.sha256
     ).read_bytes() == data
+
+
+async def test_a_returning_link_is_drained_at_once_not_after_the_backoff(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    await fill(journal, payload_store, per_priority=5)
+    memory = MemoryDestination(name="usb", up=False)
+    engine = SyncEngine(
+        journal,
+        payload_store,
+        memory,
+        dest_cfg(tmp_path),
+        settings(retry_max="1h", probe_interval="200ms"),
+    )
+    task = asyncio.create_task(engine.run())
+    try:
+        await asyncio.sleep(1.0)  # down for a while: several failed probes
+        assert not memory.records
+        memory.up = True
+        for _ in range(40):
+            if len(memory.records) == 20:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(memory.records) == list(range(1, 21))
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
