@@ -212,7 +212,9 @@ def _convert(exc: ValidationError, lines: Mapping[KeyPath, int], file: str) -> C
         loc: KeyPath = tuple(
             part
             for part in error["loc"]
-            if not (isinstance(part, str) and part in ("simulated", "csv", "http", "directory"))
+            if not (
+                isinstance(part, str) and part in ("simulated", "csv", "http", "directory", "s3")
+            )
         )
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":

@@ -323,7 +323,33 @@ class DirectoryDestination(DestinationCommon):
     )
 
 
-Destination = Annotated[HttpDestination | DirectoryDestination, Field(discriminator="type")]
+class S3Destination(DestinationCommon):
+    type: Literal["s3"] = Field(
+        description="An S3-compatible bucket (AWS S3, MinIO, SeaweedFS, ...)."
+    )
+    endpoint_url: str = Field(
+        pattern=r"^https?://[^\s/]+",
+        description="Endpoint of the S3 API, http:// or https:// (for AWS: "
+        "https://s3.REGION.amazonaws.com).",
+    )
+    bucket: str = Field(
+        min_length=3, max_length=63, description="Bucket the objects are written to; must exist."
+    )
+    prefix: str = Field(
+        default="",
+        description='Prepended to every object key (for example "site-a/"); empty: none.',
+    )
+    region: str = Field(default="us-east-1", min_length=1, description="Region to sign for.")
+    access_key_file: Path = Field(description="File holding the access key id (one line).")
+    secret_key_file: Path = Field(description="File holding the secret access key (one line).")
+    timeout: Duration = Field(
+        default=30.0, gt=0, description="Connect and read timeout of one request."
+    )
+
+
+Destination = Annotated[
+    HttpDestination | DirectoryDestination | S3Destination, Field(discriminator="type")
+]
 
 
 class SyncSection(Strict):

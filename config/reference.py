@@ -16,12 +16,13 @@ from config.models import (
     CsvSensor,
     DirectoryDestination,
     HttpDestination,
+    S3Destination,
     SimulatedSensor,
 )
 
 _UNION_MEMBERS: dict[str, tuple[type[BaseModel], ...]] = {
     "sensors": (SimulatedSensor, CsvSensor),
-    "sync.destinations": (HttpDestination, DirectoryDestination),
+    "sync.destinations": (HttpDestination, DirectoryDestination, S3Destination),
 }
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from config.models import DirectoryDestination, HttpDestination, SyncSection
+from config.models import DirectoryDestination, HttpDestination, S3Destination, SyncSection
 from config.units import parse_window
 from sync.destination import Destination, DestinationError, RateLimiter, encode_batch
 from sync.journal import Journal
@@ -25,7 +25,7 @@ from sync.records import Priority, format_ts
 
 log = logging.getLogger(__name__)
 
-DestinationConfig = HttpDestination | DirectoryDestination
+DestinationConfig = HttpDestination | DirectoryDestination | S3Destination
 _OUTBOX_PAGE = 64
 _ERROR_LOG_INTERVAL_S = 60.0
 

