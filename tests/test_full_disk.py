@@ -52,7 +52,12 @@ def _fill(path: Path, limit: int | None = None) -> int:
     """Write zeros until ENOSPC (or `limit` bytes); return bytes written."""
     written = 0
     chunk = b"\0" * 65536
-    with path.open("ab") as handle:
+    try:
+        handle = path.open("ab")
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+        return 0  # so full that not even an empty file fits: that is the point
+    with handle:
         while limit is None or written < limit:
             try:
                 handle.write(chunk)
