@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +19,9 @@ from appliance.logs import setup_logging
 from appliance.status import collect_status, render_status
 from appliance.syncnow import sync_now
 from config import ConfigError, config_schema, load_config
+from config.units import parse_duration
 from sync import JournalReader, SyncError
-from sync.receiver import parse_listen, parse_tokens_file, run_receiver
+from sync.receiver import parse_listen, parse_tokens_file, run_receiver, server_tls_context
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -122,6 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens", type=Path, metavar="FILE", help="'APPLIANCE_ID TOKEN' a line (default: none)"
     )
     receiver.add_argument(
+        "--partial-ttl",
+        default="30d",
+        metavar="DURATION",
+        help="delete partial uploads nobody resumed for this long (default: 30d)",
+    )
+    receiver.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="FILE",
+        help="serve HTTPS with this certificate chain (PEM)",
+    )
+    receiver.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="private key of --tls-cert (default: in it)"
+    )
+    receiver.add_argument(
+        "--client-ca",
+        type=Path,
+        metavar="FILE",
+        help="require client certificates signed by this CA (PEM); needs --tls-cert",
+    )
+    receiver.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
@@ -197,13 +220,38 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _receiver(args: argparse.Namespace) -> int:
     # Check what the user typed before serving, so a typo is a usage error (2), not a crash.
+    ssl_context: ssl.SSLContext | None = None
     try:
         parse_listen(args.listen)
+        try:
+            partial_ttl = parse_duration(args.partial_ttl)
+        except ValueError as exc:
+            raise ValueError(f"--partial-ttl: {exc}") from None
+        if partial_ttl < 3600:
+            raise ValueError("--partial-ttl must be at least 1h (appliances resume after cuts)")
         if args.tokens is not None:
             parse_tokens_file(args.tokens)
+        if args.tls_cert is None and (args.tls_key or args.client_ca):
+            raise ValueError("--tls-key and --client-ca need --tls-cert")
+        for flag, path in (
+            ("--tls-cert", args.tls_cert),
+            ("--tls-key", args.tls_key),
+            ("--client-ca", args.client_ca),
+        ):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{flag}: {path} is not a readable file")
+        if args.tls_cert is not None:
+            ssl_context = server_tls_context(args.tls_cert, args.tls_key, args.client_ca)
+    except ssl.SSLError as exc:
+        print(f"error: cannot use the TLS files: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(args.log_level)
-    asyncio.run(run_receiver(args.listen, args.data, args.tokens))
+    asyncio.run(
+        run_receiver(
+            args.listen, args.data, args.tokens, partial_ttl=partial_ttl, ssl_context=ssl_context
+        )
+    )
     return EXIT_OK

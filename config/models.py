@@ -305,7 +305,25 @@ class HttpDestination(DestinationCommon):
     ca_file: Path | None = Field(
         default=None, description="CA bundle to verify an https receiver with; null: system CAs."
     )
+    client_cert: Path | None = Field(
+        default=None,
+        description="Client certificate chain (PEM) presented to an https receiver that asks for "
+        "one; null: none.",
+    )
+    client_key: Path | None = Field(
+        default=None,
+        description="Private key of client_cert (PEM); null: the key is in client_cert.",
+    )
     timeout: Duration = Field(default=30.0, gt=0, description="Timeout of one request.")
+
+    @model_validator(mode="after")
+    def _tls_files_fit_the_url(self) -> HttpDestination:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key needs client_cert")
+        tls_files = [self.ca_file, self.client_cert]
+        if self.url.startswith("http://") and any(path is not None for path in tls_files):
+            raise ValueError("ca_file and client_cert are for https:// urls; this url is http://")
+        return self
 
 
 class DirectoryDestination(DestinationCommon):

@@ -101,7 +101,8 @@ class Destination(Protocol):
     ) -> None: ...
 
     async def reachable(self) -> bool:
-        """A cheap connectivity probe."""
+        """A cheap connectivity probe: False while the link is down; raises a permanent
+        DestinationError when the destination answers but can never work as configured."""
         ...
 
     async def send_batch(self, batch: Batch, limiter: RateLimiter) -> None:

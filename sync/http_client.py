@@ -1,6 +1,7 @@
 """The `http` destination: the client side of docs/sync-protocol.md (batches by identity,
-resumable payload uploads, bearer token, HTTPS with a configurable CA bundle). tenacity retries a
-single request briefly; the engine owns the longer backoff."""
+resumable payload uploads, bearer token, HTTPS with a configurable CA bundle and an optional
+client certificate). tenacity retries a single request briefly; the engine owns the longer
+backoff."""
 
 from __future__ import annotations
 
@@ -45,14 +46,47 @@ class HttpTarget:
                     retryable=False,
                 ) from exc
             self._token = text.strip()
-        ssl_context: ssl.SSLContext | bool = True
-        if self.cfg.ca_file is not None:
-            ssl_context = ssl.create_default_context(cafile=str(self.cfg.ca_file))
+        ssl_context = await asyncio.to_thread(self._tls_context)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.cfg.timeout),
             connector=aiohttp.TCPConnector(ssl=ssl_context, limit=4),
         )
         return self
+
+    def _tls_context(self) -> ssl.SSLContext | bool:
+        """The CA bundle and client certificate from config; unreadable files are permanent."""
+        if self.cfg.ca_file is None and self.cfg.client_cert is None:
+            return True  # aiohttp's default: system CAs
+        what = f"ca_file {self.cfg.ca_file}"
+        try:
+            context = ssl.create_default_context(
+                cafile=None if self.cfg.ca_file is None else str(self.cfg.ca_file)
+            )
+            if self.cfg.client_cert is not None:
+                what = f"client_cert {self.cfg.client_cert}"
+                context.load_cert_chain(self.cfg.client_cert, self.cfg.client_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise DestinationError(
+                self.name, f"cannot use {what}: {exc.strerror or exc}", retryable=False
+            ) from exc
+        return context
+
+    def _tls_error(self, exc: aiohttp.ClientError) -> DestinationError | None:
+        """A TLS failure that retrying cannot fix, as a permanent error saying what to check."""
+        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            return DestinationError(
+                self.name,
+                f"the receiver's certificate is not trusted ({exc.certificate_error}); "
+                "check ca_file and the url's host name",
+                retryable=False,
+            )
+        if isinstance(exc, aiohttp.ClientSSLError):
+            return DestinationError(
+                self.name,
+                f"TLS handshake refused ({exc}); check client_cert/client_key and ca_file",
+                retryable=False,
+            )
+        return None
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._session is not None:
@@ -79,7 +113,11 @@ class HttpTarget:
                 async with session.request(method, url, **kwargs) as response:
                     body = await response.read()
                     status, headers = response.status, dict(response.headers)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except aiohttp.ClientError as exc:
+                raise self._tls_error(exc) or DestinationError(
+                    self.name, f"{method} failed: {exc or type(exc).__name__}", retryable=True
+                ) from exc
+            except TimeoutError as exc:
                 raise DestinationError(
                     self.name, f"{method} failed: {exc or type(exc).__name__}", retryable=True
                 ) from exc
@@ -100,6 +138,8 @@ class HttpTarget:
     def _refused(self, what: str, status: int, body: bytes) -> DestinationError:
         detail = body.decode(errors="replace")[:300]
         hint = {401: " (check token_file)", 403: " (token of another appliance)"}.get(status, "")
+        if b"client certificate" in body:
+            hint = " (check client_cert/client_key)"
         return DestinationError(
             self.name, f"{what} refused with {status}{hint}: {detail}", retryable=False
         )
@@ -108,8 +148,15 @@ class HttpTarget:
         assert self._session is not None
         try:
             async with self._session.get(f"{self.base}/v1/health") as response:
+                if 400 <= response.status < 500:  # it answers, and says we are doing it wrong
+                    raise self._refused("health check", response.status, await response.read())
                 return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+        except aiohttp.ClientError as exc:
+            tls_error = self._tls_error(exc)
+            if tls_error is not None:
+                raise tls_error from exc  # reachable, but never usable as configured
+            return False
+        except TimeoutError:
             return False
 
     async def send_batch(self, batch: Batch, limiter: RateLimiter) -> None:

@@ -5,7 +5,8 @@ Layout under the data directory:
 
     receiver.db                               records, batches, payloads, per-appliance counters
     payloads/<appliance_id>/<sha256>          verified payloads (renamed into place, dir fsync'd)
-    partial/<appliance_id>/<sha256>.part      uploads in progress (every chunk fsync'd)
+    partial/<appliance_id>/<sha256>.part      uploads in progress (every chunk fsync'd); one
+                                              untouched for `partial_ttl` is abandoned: deleted
 
 Every path is built only from identifiers that passed the protocol's strict patterns. SQLite is
 touched by one thread only (a single-worker executor: the queue in front of it serialises
@@ -23,6 +24,8 @@ import os
 import re
 import signal
 import sqlite3
+import ssl
+import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +50,9 @@ RECEIVER_DB = "receiver.db"
 PAYLOADS_DIR = "payloads"
 PARTIAL_DIR = "partial"
 PRIORITIES = ("alert", "event", "sample", "telemetry")
+# An appliance may stay offline for weeks and still resume; only far older partials are dropped.
+DEFAULT_PARTIAL_TTL_S = 30 * 86400.0
+_EXPIRY_INTERVAL_S = 3600.0
 
 # fullmatch, not `$`: `$` also matches before a trailing newline ("a\n" from `a%0A`).
 APPLIANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -186,6 +192,23 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
             return _error_response(507, "receiver disk full", "try again later")
         log.exception("request failed", extra={"fields": {"path": request.path}})
         return _error_response(500, "internal error", "try again later")
+
+
+@web.middleware
+async def _client_certificate_required(
+    request: web.Request, handler: _Handler
+) -> web.StreamResponse:
+    """With --client-ca the TLS layer verifies any certificate a client presents; one that
+    presents none gets a clear 403 here (a handshake failure would reach the client as a bare
+    disconnect, indistinguishable from a cut link)."""
+    transport = request.transport
+    if not (transport is not None and transport.get_extra_info("peercert")):
+        raise Refusal(
+            403,
+            "client certificate required",
+            "this receiver only accepts clients with a certificate signed by its client CA",
+        )
+    return await handler(request)
 
 
 # ---------------------------------------------------------------------------------- storage
@@ -574,6 +597,35 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def abandoned_partials(data_dir: Path, ttl_s: float, now: float) -> list[tuple[str, str]]:
+    """(appliance_id, sha256) of partial uploads last written more than `ttl_s` before `now`."""
+    found: list[tuple[str, str]] = []
+    root = data_dir / PARTIAL_DIR
+    if not root.is_dir():
+        return found
+    for appliance_dir in root.iterdir():
+        if not (appliance_dir.is_dir() and valid_appliance_id(appliance_dir.name)):
+            continue
+        for part in appliance_dir.glob("*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                if SHA256_RE.fullmatch(part.stem) and now - part.stat().st_mtime > ttl_s:
+                    found.append((appliance_dir.name, part.stem))
+    return found
+
+
+def _remove_if_stale(partial: Path, ttl_s: float, now: float) -> int:
+    """Delete `partial` if it is still stale (re-checked under the upload lock); its size, or 0."""
+    try:
+        stat = partial.stat()
+    except FileNotFoundError:
+        return 0
+    if now - stat.st_mtime <= ttl_s:
+        return 0  # an upload resumed since the scan
+    partial.unlink()
+    fsync_dir(partial.parent)
+    return stat.st_size
+
+
 def _complete_upload(partial: Path, final: Path, sha256: str) -> bool:
     """Verify the partial file; move it into place (True) or discard it (False)."""
     if _file_sha256(partial) != sha256:
@@ -724,8 +776,10 @@ class _Receiver:
         *,
         max_batch_bytes: int,
         max_chunk_bytes: int,
+        partial_ttl: float = DEFAULT_PARTIAL_TTL_S,
     ) -> None:
         self.data_dir = data_dir
+        self.partial_ttl = partial_ttl
         self.max_batch_bytes = max_batch_bytes
         self.max_chunk_bytes = max_chunk_bytes
         self.open_access = tokens is None
@@ -753,10 +807,45 @@ class _Receiver:
             log.warning(
                 "no tokens file: accepting every appliance without a token (local tests only)"
             )
+        expiry = asyncio.create_task(self._expire_partials_forever(), name="partial-expiry")
         try:
             yield
         finally:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
             await self._store.close()
+
+    async def _expire_partials_forever(self) -> None:
+        while True:
+            try:
+                await self.expire_partials()
+            except OSError as exc:  # a full or read-only disk must not stop the receiver
+                log.error("partial upload expiry failed", extra={"fields": {"error": str(exc)}})
+            await asyncio.sleep(min(_EXPIRY_INTERVAL_S, self.partial_ttl / 4))
+
+    async def expire_partials(self, now: float | None = None) -> int:
+        """Delete partial uploads nobody has resumed within `partial_ttl`; how many went."""
+        now = time.time() if now is None else now
+        stale = await asyncio.to_thread(abandoned_partials, self.data_dir, self.partial_ttl, now)
+        removed = freed = 0
+        for appliance_id, sha256 in stale:
+            async with self._lock(appliance_id, sha256):
+                size = await asyncio.to_thread(
+                    _remove_if_stale,
+                    self._partial_path(appliance_id, sha256),
+                    self.partial_ttl,
+                    now,
+                )
+            if size:
+                removed, freed = removed + 1, freed + size
+                log.info(
+                    "abandoned partial upload deleted",
+                    extra={
+                        "fields": {"appliance_id": appliance_id, "sha256": sha256, "bytes": size}
+                    },
+                )
+        return removed
 
     # ------------------------------------------------------------------------- helpers
 
@@ -955,25 +1044,41 @@ class _Receiver:
         return web.json_response(await self.store.summary(appliance_id))
 
 
+RECEIVER_KEY = web.AppKey("receiver", _Receiver)
+
+
 def build_receiver_app(
     data_dir: Path,
     tokens: dict[str, str] | None,
     *,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    partial_ttl: float = DEFAULT_PARTIAL_TTL_S,
+    require_client_certificate: bool = False,
 ) -> web.Application:
     """The receiver as an aiohttp app; receiver.db opens on startup and closes on cleanup.
 
     `tokens` maps appliance id -> bearer token; None accepts every appliance without a token.
-    Serve it with `serve_receiver()` (or an AppRunner with auto_decompress=False): the app
+    `require_client_certificate` answers 403 to a request whose TLS connection presented no
+    client certificate (serve it with `server_tls_context(..., client_ca=...)`). Partial uploads
+    untouched for `partial_ttl` seconds are deleted (checked at start, then hourly); the handlers'
+    object is `app[RECEIVER_KEY]`. Serve it with `serve_receiver()` (or an AppRunner with auto_decompress=False): the app
     inflates gzip bodies itself, under its own limits."""
     receiver = _Receiver(
-        data_dir, tokens, max_batch_bytes=max_batch_bytes, max_chunk_bytes=max_chunk_bytes
+        data_dir,
+        tokens,
+        max_batch_bytes=max_batch_bytes,
+        max_chunk_bytes=max_chunk_bytes,
+        partial_ttl=partial_ttl,
     )
     # Handlers stream bodies under their own limits; this caps anything that reads whole bodies.
+    middlewares: list[Any] = [_json_errors]
+    if require_client_certificate:
+        middlewares.append(_client_certificate_required)
     app = web.Application(
-        middlewares=[_json_errors], client_max_size=max(max_batch_bytes, max_chunk_bytes)
+        middlewares=middlewares, client_max_size=max(max_batch_bytes, max_chunk_bytes)
     )
+    app[RECEIVER_KEY] = receiver
     app.cleanup_ctx.append(receiver.lifecycle)
     base = "/v1/appliances/{appliance_id}"
     app.router.add_get("/v1/health", receiver.health)
@@ -986,21 +1091,44 @@ def build_receiver_app(
 
 @contextlib.asynccontextmanager
 async def serve_receiver(
-    app: web.Application, host: str, port: int
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
 ) -> AsyncIterator[list[tuple[str, int]]]:
-    """Serve `app` on host:port (0 picks a free port); yields the bound (host, port) pairs."""
+    """Serve `app` on host:port (0 picks a free port), over TLS when `ssl_context` is given;
+    yields the bound (host, port) pairs."""
     runner = web.AppRunner(app, auto_decompress=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
         yield [(str(address[0]), int(address[1])) for address in runner.addresses]
     finally:
         await runner.cleanup()
 
 
+def server_tls_context(
+    cert_file: Path, key_file: Path | None = None, client_ca: Path | None = None
+) -> ssl.SSLContext:
+    """TLS for `appliance receiver`: its certificate chain (and key, unless in the same file);
+    with `client_ca`, a certificate a client presents must be signed by it (CERT_OPTIONAL: the
+    app's `require_client_certificate` answers a client without one with a clear 403). Raises
+    OSError or ssl.SSLError naming what could not be loaded."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca is not None:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
 async def run_receiver(
-    listen: str, data_dir: Path, tokens_file: Path | None, *, stop: asyncio.Event | None = None
+    listen: str,
+    data_dir: Path,
+    tokens_file: Path | None,
+    *,
+    partial_ttl: float = DEFAULT_PARTIAL_TTL_S,
+    ssl_context: ssl.SSLContext | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
     """`appliance receiver`: serve until `stop` is set or SIGTERM/SIGINT arrives."""
     host, port = parse_listen(listen)
@@ -1013,11 +1141,13 @@ async def run_receiver(
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
     try:
-        app = build_receiver_app(data_dir, tokens)
-        async with serve_receiver(app, host, port) as addresses:
+        client_certificates = ssl_context is not None and ssl_context.verify_mode != ssl.CERT_NONE
+        app = build_receiver_app(data_dir, tokens, require_client_certificate=client_certificates)
+        async with serve_receiver(app, host, port, ssl_context) as addresses:
+            scheme = "https" if ssl_context is not None else "http"
             for bound_host, bound_port in addresses:
                 shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-                url = f"http://{shown}:{bound_port}"
+                url = f"{scheme}://{shown}:{bound_port}"
                 log.info(
                     "receiver listening",
                     extra={
@@ -1027,6 +1157,7 @@ async def run_receiver(
                             "port": bound_port,
                             "data_dir": str(data_dir),
                             "appliances": None if tokens is None else len(tokens),
+                            "client_certificates": client_certificates,
                         }
                     },
                 )

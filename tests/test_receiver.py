@@ -9,10 +9,12 @@ import gzip
 import hashlib
 import json
 import logging
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from sync.receiver import (
     PARTIAL_DIR,
     PAYLOADS_DIR,
     RECEIVER_DB,
+    RECEIVER_KEY,
     build_receiver_app,
     parse_listen,
     parse_tokens_file,
@@ -620,6 +623,33 @@ async def test_payload_renamed_before_a_crash_is_counted_at_start(data_dir: Path
         assert (await client.head(sha(data))).headers["Upload-Complete"] == "1"
 
 
+async def test_abandoned_partial_uploads_expire_and_resumed_ones_stay(data_dir: Path) -> None:
+    old, fresh = b"abandoned " * 500, b"still coming " * 500
+    async with running(data_dir) as client:
+        for data in (old, fresh):
+            assert (await client.patch(sha(data), data[:MAX_CHUNK], 0, len(data)))[0] == 204
+    partial = data_dir / PARTIAL_DIR / "ship-1"
+    forty_days_ago = time.time() - 40 * 86400
+    os.utime(partial / f"{sha(old)}.part", (forty_days_ago, forty_days_ago))
+    (partial / "not-a-sha256.part").write_bytes(b"left alone")  # not ours to judge
+
+    app = build_receiver_app(data_dir, TOKENS, partial_ttl=30 * 86400)
+    async with serve_receiver(app, "127.0.0.1", 0), aiohttp.ClientSession():
+        # Checked at start: the 40-day-old partial is gone, the recent one is kept.
+        for _ in range(200):
+            if not (partial / f"{sha(old)}.part").exists():
+                break
+            await asyncio.sleep(0.05)
+        assert not (partial / f"{sha(old)}.part").exists()
+        assert (partial / f"{sha(fresh)}.part").stat().st_size == MAX_CHUNK
+        assert (partial / "not-a-sha256.part").exists()
+        # A resume after expiry starts over from offset 0, as the protocol allows.
+        receiver = app[RECEIVER_KEY]
+        assert await receiver.expire_partials(now=time.time() + 29 * 86400) == 0
+        assert await receiver.expire_partials(now=time.time() + 31 * 86400) == 1
+        assert not (partial / f"{sha(fresh)}.part").exists()
+
+
 # ------------------------------------------------------------------- tokens, listen, CLI
 
 
@@ -702,6 +732,12 @@ def test_cli_receiver_usage_errors_exit_2(
     assert f"{tokens}:1" in capsys.readouterr().err
     assert cli_main([*args[:-1], str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+    for ttl in ("soon", "10m"):
+        assert (
+            cli_main(["receiver", "--listen", "127.0.0.1:0", "--data", "x", "--partial-ttl", ttl])
+            == 2
+        )
+        assert "--partial-ttl" in capsys.readouterr().err
 
 
 def test_cli_receiver_serves_until_sigterm(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
 from sync.destination import Batch, DestinationError, RateLimiter, encode_batch
 from sync.engine import SyncEngine
 from sync.s3 import MIN_PART_SIZE, S3Target
+from tests.faultproxy import FaultProxy
 
 ACCESS_KEY = "APPLIANCETESTKEY"
 SECRET_KEY = "appliance-test-secret-0123456789"
@@ -314,6 +315,33 @@ async def test_a_cut_multipart_upload_resumes_without_resending_finished_parts(
     listing = await client.list_multipart_uploads(Bucket=BUCKET, Prefix=target.payload_key(sha256))
     assert not listing.get("Uploads")
     assert await target.send_payload(sha256, len(data), "image/jpeg", path, RateLimiter(None)) == 0
+
+
+async def test_a_real_connection_cut_mid_part_resends_at_most_that_part(
+    s3_server: S3Server, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The same through a real socket: the fault proxy resets the connection in the middle of
+    the third part; whatever retries (botocore's own, then the engine's next call), the bytes
+    that crossed the link stay within the payload plus one part."""
+    data = os.urandom(3 * MIN_PART_SIZE + 1000)
+    sha256 = hashlib.sha256(data).hexdigest()
+    path = tmp_path / "payload.bin"
+    path.write_bytes(data)
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        cfg = s3_cfg(s3_server, f"{request.node.name}/", endpoint_url=proxy.url_for())
+        async with S3Target(cfg, "test-appliance", 64 * 1024) as target:
+            proxy.cut_after(int(2.5 * MIN_PART_SIZE), "upstream", once=False)
+            try:
+                await target.send_payload(sha256, len(data), "image/jpeg", path, RateLimiter(None))
+            except DestinationError as exc:
+                assert exc.retryable, exc
+            assert proxy.stats.connections_cut >= 1
+            proxy.clear()
+            await target.send_payload(sha256, len(data), "image/jpeg", path, RateLimiter(None))
+            body, _ = await get_object(target, target.payload_key(sha256))
+    assert body == data
+    assert proxy.stats.bytes_upstream <= len(data) + MIN_PART_SIZE + 64 * 1024
 
 
 async def test_wrong_credentials_are_a_clear_permanent_error(

@@ -5,14 +5,16 @@ and still every record exactly once and every payload byte-identical."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from config.models import HttpDestination, SyncSection
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
@@ -27,9 +29,43 @@ TOKEN = "s3cret-token"
 FAULT_CYCLES = 50
 
 
+class ServerErrors:
+    """Injected 5xx answers from the real receiver: `before` refuses requests unhandled (an
+    overloaded server), `after` lets the receiver store what it got and then answers 500 (the
+    acknowledgement lost), which is the case that tests deduplication."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.every = 1
+        self.injected = 0
+        self._seen = 0
+
+    def set(self, mode: str | None, every: int = 1) -> None:
+        self.mode, self.every, self._seen = mode, every, 0
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self.mode is None or request.path == "/v1/health":
+            return await handler(request)
+        self._seen += 1
+        if self._seen % self.every:
+            return await handler(request)
+        self.injected += 1
+        if self.mode == "after":
+            await handler(request)
+            return web.json_response({"error": "injected"}, status=500)
+        return web.json_response({"error": "injected"}, status=503)
+
+
 @asynccontextmanager
-async def receiver(data: Path, tokens: dict[str, str] | None = None) -> AsyncIterator[int]:
+async def receiver(
+    data: Path, tokens: dict[str, str] | None = None, errors: ServerErrors | None = None
+) -> AsyncIterator[int]:
     app = build_receiver_app(data, tokens if tokens is not None else {APPLIANCE_ID: TOKEN})
+    if errors is not None:
+        app.middlewares.append(errors.middleware)
     async with serve_receiver(app, "127.0.0.1", 0) as bound:
         yield bound[0][1]
 
@@ -88,7 +124,8 @@ async def test_exactly_once_through_fifty_fault_cycles(
     token_file.write_text(TOKEN + "\n")
     rdata = tmp_path / "receiver"
     faults: dict[str, int] = {}
-    async with receiver(rdata) as port, FaultProxy("127.0.0.1", port) as proxy:
+    errors = ServerErrors()
+    async with receiver(rdata, errors=errors) as port, FaultProxy("127.0.0.1", port) as proxy:
         engine, target = engine_for(journal, payload_store, proxy.url_for(), token_file)
         async with target:
             for cycle in range(FAULT_CYCLES):
@@ -109,7 +146,9 @@ async def test_exactly_once_through_fifty_fault_cycles(
                             payloads=refs,
                         )
                     )
-                fault = rng.choice(["cut_up", "cut_down", "refuse", "stall", "trickle", "none"])
+                fault = rng.choice(
+                    ["cut_up", "cut_down", "refuse", "stall", "trickle", "5xx", "5xx_acked", "none"]
+                )
                 faults[fault] = faults.get(fault, 0) + 1
                 if fault == "cut_up":
                     proxy.cut_after(rng.randint(100, 200_000), "upstream")
@@ -122,6 +161,10 @@ async def test_exactly_once_through_fifty_fault_cycles(
                     proxy.stall(True)
                 elif fault == "trickle":
                     proxy.rate_limit(64 * 1024)
+                elif fault == "5xx":
+                    errors.set("before", every=rng.randint(1, 4))
+                elif fault == "5xx_acked":
+                    errors.set("after", every=rng.randint(1, 4))
                 try:
                     # Each cycle is cut short too: an engine stopped mid-drain is a fault of
                     # its own (the appliance killed mid-sync).
@@ -133,6 +176,7 @@ async def test_exactly_once_through_fifty_fault_cycles(
                     pass
                 proxy.cut_all()
                 proxy.clear()
+                errors.set(None)
             assert await engine.drain() is True
         # The receiver got every record exactly once, and every payload byte for byte.
     total = 400 + FAULT_CYCLES * 12
@@ -148,7 +192,12 @@ async def test_exactly_once_through_fifty_fault_cycles(
         }
     )
     assert cursors == newest
-    assert len(faults) >= 5
+    assert len(faults) >= 7 and errors.injected > 0
+    # Acknowledgements lost to injected 500s were resent, and the receiver ignored the copies.
+    conn = sqlite3.connect(f"{(rdata / 'receiver.db').as_uri()}?mode=ro", uri=True)
+    with contextlib.closing(conn):
+        (duplicates,) = conn.execute("SELECT duplicates_ignored FROM appliances").fetchone()
+    assert duplicates > 0
 
 
 async def test_receiver_restart_mid_sync(
