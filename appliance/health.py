@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -34,6 +35,7 @@ class HealthMonitor:
         self.mode = mode
         self.components: dict[str, ComponentHealth] = {}
         self.sources: dict[str, Any] = {}
+        self.cameras: dict[str, Callable[[], dict[str, Any]]] = {}
         self.destinations: dict[str, DestinationState] = {}
         self.started = datetime.now(UTC)
         self._started_mono = time.monotonic()
@@ -71,6 +73,7 @@ class HealthMonitor:
                 }
                 for name, h in sorted(self.sources.items())
             },
+            "cameras": {name: health() for name, health in sorted(self.cameras.items())},
             "destinations": {n: d.to_dict() for n, d in sorted(self.destinations.items())},
             "journal": {
                 "commits": stats.commits,

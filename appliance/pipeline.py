@@ -1,24 +1,21 @@
 """The pipeline of one sensor source: readings -> features, limits and samples -> journal records.
 
-This is where sensors/, inference/ and sync/ meet; nothing else wires them together."""
+Cameras have their own in appliance/vision.py; both journal through appliance/recorder.py."""
 
 from __future__ import annotations
 
 import asyncio
 import io
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from appliance.logs import RateLimitedLog
+from appliance.recorder import Recorder
 from config import CsvSensor, Limit, SimulatedSensor
 from inference.features import Summary, summarise
 from sensors import QualityReport, SampleWindow, Source
-from sync import Journal, NewRecord, PayloadError, PayloadStore, Priority, StorageFull
+from sync import Journal, NewRecord, PayloadStore, Priority
 from sync.records import format_ts
-
-log = logging.getLogger(__name__)
 
 SensorConfig = SimulatedSensor | CsvSensor
 
@@ -26,10 +23,8 @@ SensorConfig = SimulatedSensor | CsvSensor
 @dataclass
 class PipelineStats:
     windows: int = 0
-    records: int = 0
     samples: int = 0
     limit_crossings: int = 0
-    dropped: int = 0
 
 
 def encode_window(window: SampleWindow) -> bytes:
@@ -57,8 +52,8 @@ class SourcePipeline:
         self.journal = journal
         self.payloads = payloads
         self.stats = PipelineStats()
+        self.recorder = Recorder(cfg.name, journal, payloads)
         self._violated: set[tuple[int, str]] = set()
-        self._warn = RateLimitedLog(log)
 
     async def run(self) -> None:
         async with self.source:
@@ -69,22 +64,7 @@ class SourcePipeline:
                     await self._on_quality(reading)
 
     async def _append(self, record: NewRecord) -> bool:
-        try:
-            await self.journal.append(record)
-        except (StorageFull, PayloadError) as exc:
-            self.stats.dropped += 1
-            if isinstance(exc, PayloadError):
-                self.journal.count_drop(record.priority, "payload_vanished")
-            self._warn.warning(
-                f"full:{record.priority}",
-                "record not journalled",
-                source=self.cfg.name,
-                priority=record.priority.label,
-                reason=getattr(exc, "reason", str(exc)),
-            )
-            return False
-        self.stats.records += 1
-        return True
+        return await self.recorder.append(record) is not None
 
     async def _on_window(self, window: SampleWindow) -> None:
         self.stats.windows += 1
@@ -147,16 +127,10 @@ class SourcePipeline:
 
     async def _keep_sample(self, window: SampleWindow, summary: Summary) -> None:
         data = await asyncio.to_thread(encode_window, window)
-        try:
-            ref = await self.payloads.put(data, "application/x-npz")
-        except StorageFull:
-            self.journal.count_drop(Priority.SAMPLE, "disk_full")
-            self.stats.dropped += 1
-            self._warn.warning(
-                "payload-full", "raw sample not kept: disk full", source=self.cfg.name
-            )
+        ref = await self.recorder.store(data, "application/x-npz", Priority.SAMPLE)
+        if ref is None:
             return
-        if await self._append(
+        seq = await self.recorder.append_with_payloads(
             NewRecord(
                 source=self.cfg.name,
                 kind="sample",
@@ -171,20 +145,9 @@ class SourcePipeline:
                 ts=window.ts,
                 mono_ns=window.mono_ns,
             )
-        ):
-            self.stats.samples += 1
-        else:
-            await self._discard_payload(ref.sha256)
-
-    async def _discard_payload(self, sha256: str) -> None:
-        """Remove a payload whose record could not be journalled, unless another record uses it."""
-        referenced = await self.journal.read(
-            lambda r: r.conn.execute(
-                "SELECT 1 FROM payloads WHERE sha256 = ?", (sha256,)
-            ).fetchone()
         )
-        if referenced is None:
-            await asyncio.to_thread(self.payloads.delete, sha256)
+        if seq is not None:
+            self.stats.samples += 1
 
     async def _on_quality(self, report: QualityReport) -> None:
         await self._append(

@@ -79,6 +79,7 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
             "heartbeat_age_s": None if age is None else round(age, 1),
             "components": beat.get("components", {}),
             "sources": beat.get("sources", {}),
+            "cameras": beat.get("cameras", {}),
             "destinations": beat.get("destinations", {}),
         }
 
@@ -231,6 +232,9 @@ def render_status(report: dict[str, Any]) -> str:
         )
     if disk["payloads_missing"]:
         lines.append(f"payloads missing on disk: {disk['payloads_missing']}")
+    cameras = daemon.get("cameras", {}) if daemon.get("running") else {}
+    for name, cam in sorted(cameras.items()):
+        lines.append(_camera_line(name, cam))
     components = daemon.get("components", {}) if daemon.get("running") else {}
     for name, component in sorted(components.items()):
         if component.get("state") not in ("running", "finished"):
@@ -238,6 +242,24 @@ def render_status(report: dict[str, Any]) -> str:
                 f"component  {name}: {component.get('state')} ({component.get('last_error')})"
             )
     return "\n".join(lines)
+
+
+def _camera_line(name: str, cam: dict[str, Any]) -> str:
+    pipeline = cam.get("pipeline", {})
+    latency = cam.get("latency_ms") or {}
+    age = cam.get("last_frame_age_s")
+    parts = [
+        f"camera     {name}: {cam.get('state')}, {cam.get('fps', 0):.1f} fps",
+        "no frame yet" if age is None else f"last frame {age:.1f} s ago",
+        f"{cam.get('model')} p50 {latency.get('p50') or 0:.0f} ms",
+        f"analysed {pipeline.get('analysed', 0)}/{pipeline.get('frames', 0)}"
+        f" (motion skipped {pipeline.get('skipped_motion', 0)})",
+        f"objects {pipeline.get('objects', 0)}, zone entries {pipeline.get('zone_entries', 0)}",
+        f"drops {cam.get('frames_dropped', 0)}, reconnects {cam.get('reconnects', 0)}",
+    ]
+    if cam.get("error"):
+        parts.append(f"last error: {cam['error']}")
+    return ", ".join(parts)
 
 
 def ensure_data_dir(path: Path) -> None:

@@ -276,6 +276,205 @@ class CsvSensor(SensorCommon):
 Sensor = Annotated[SimulatedSensor | CsvSensor, Field(discriminator="type")]
 
 
+# ------------------------------------------------------------------------- models and cameras
+
+BUILTIN_DETECTOR = "builtin:yolov3-tiny"
+
+
+class DetectorModel(Strict):
+    path: str = Field(
+        default=BUILTIN_DETECTOR,
+        min_length=1,
+        description="`builtin:yolov3-tiny` (the default detector, converted from darknet at "
+        "setup) or the path of an ONNX file (YOLO darknet-style heads, YOLOv5, YOLOv8/v11 or "
+        "SSD-style outputs).",
+    )
+    version: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+        description="Version stamped on records as name@version; null: from the model's "
+        "metadata, else the first 12 hex digits of its sha256.",
+    )
+    labels_file: Path | None = Field(
+        default=None,
+        description="Class names, one a line; null: from the model's metadata (or COCO for "
+        "80-class models without any).",
+    )
+    layout: Literal["auto", "darknet", "yolov5", "yolov8", "ssd"] = Field(
+        default="auto", description="Output layout; `auto` recognises it from the outputs."
+    )
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
+        description="onnxruntime execution providers, in order of preference.",
+    )
+    threads: int = Field(
+        default=2, ge=1, le=64, description="Threads of one inference (intra-op parallelism)."
+    )
+    score_threshold: float = Field(
+        default=0.35, gt=0, lt=1, description="Detections scoring below it are dropped."
+    )
+    nms_iou: float = Field(
+        default=0.45, gt=0, le=1, description="Overlap (IoU) above which NMS keeps one box."
+    )
+
+
+class MotionSettings(Strict):
+    enabled: bool = Field(
+        default=True, description="Run the detector only on frames with motion (plus keepalives)."
+    )
+    width: int = Field(
+        default=160, ge=16, le=1920, description="Width the frame is shrunk to for differencing."
+    )
+    pixel_threshold: int = Field(
+        default=25, ge=1, le=255, description="Grey-level change that counts a pixel as moved."
+    )
+    min_area: float = Field(
+        default=0.002,
+        gt=0,
+        le=1,
+        description="Share of the frame that must move for the detector to run.",
+    )
+    keepalive: Duration = Field(
+        default=10.0,
+        gt=0,
+        description="Run the detector at least this often anyway, so still objects stay tracked.",
+    )
+
+
+class TrackingSettings(Strict):
+    iou_threshold: float = Field(
+        default=0.3, gt=0, le=1, description="Overlap that matches a detection to a track."
+    )
+    max_missed: Duration = Field(
+        default=2.0, gt=0, description="A track unseen for this long has ended (its event closes)."
+    )
+    min_hits: int = Field(
+        default=2, ge=1, description="Detections before a track counts (filters one-frame noise)."
+    )
+
+
+def _normalised_point(value: tuple[float, float]) -> tuple[float, float]:
+    if not all(0.0 <= v <= 1.0 for v in value):
+        raise ValueError(
+            f"polygon point {list(value)} is outside 0..1 (coordinates are normalised)"
+        )
+    return value
+
+
+class Zone(Strict):
+    name: Name = Field(description="Zone name, stamped on the records it causes.")
+    polygon: list[Annotated[tuple[float, float], AfterValidator(_normalised_point)]] = Field(
+        min_length=3, description="Corners as [x, y] in 0..1 of the frame's width and height."
+    )
+    classes: list[str] = Field(
+        default_factory=list, description="Classes the zone cares about; empty: all the camera's."
+    )
+    priority: Literal["alert", "event"] = Field(
+        default="alert", description="Priority of the record when an object enters the zone."
+    )
+
+
+class SnapshotSettings(Strict):
+    max_width: int = Field(default=640, ge=64, le=4096, description="Snapshots are shrunk to it.")
+    quality: int = Field(default=80, ge=10, le=100, description="JPEG quality to start from.")
+    max_bytes: ByteSize = Field(
+        default=200 * 1024,
+        ge=8 * 1024,
+        description="Largest snapshot; quality and size step down until it fits.",
+    )
+
+
+class ClipSettings(Strict):
+    enabled: bool = Field(default=True, description="Keep an MP4 clip for every alert.")
+    pre: Duration = Field(default=5.0, ge=0, le=60, description="Seconds before the alert.")
+    post: Duration = Field(default=5.0, ge=0, le=60, description="Seconds after the alert.")
+    max_width: int = Field(default=640, ge=64, le=1920, description="Clips are shrunk to it.")
+
+
+class SamplingSettings(Strict):
+    uncertain: tuple[float, float] | None = Field(
+        default=(0.25, 0.5),
+        description="Keep frames with a detection scoring in [low, high): the model was unsure. "
+        "Null: off.",
+    )
+    classes: list[str] = Field(
+        default_factory=list, description="Keep frames showing any of these classes."
+    )
+    random: float = Field(
+        default=0.002,
+        ge=0,
+        le=1,
+        description="Share of analysed frames kept at random, for drift checks.",
+    )
+    per_hour: int = Field(default=20, ge=0, description="Most samples kept per hour.")
+    per_day: int = Field(default=200, ge=0, description="Most samples kept per UTC day.")
+    daily_bytes: ByteSize = Field(
+        default=50 * 1024 * 1024, ge=0, description="Most sample payload bytes per UTC day."
+    )
+
+    @model_validator(mode="after")
+    def _band_is_ordered(self) -> SamplingSettings:
+        if self.uncertain is not None and not 0 <= self.uncertain[0] < self.uncertain[1] <= 1:
+            raise ValueError("uncertain must be [low, high] with 0 <= low < high <= 1")
+        return self
+
+
+class Camera(Strict):
+    name: Name = Field(description="Camera name, stamped on its records.")
+    url: str = Field(
+        min_length=1,
+        description="rtsp:// or http(s):// stream, a video file path, or a USB device index "
+        "(digits, e.g. `0`).",
+    )
+    loop: bool = Field(default=False, description="Start a video file over at its end.")
+    pace: Literal["realtime", "fast"] = Field(
+        default="realtime",
+        description="Video files: `realtime` at the file's frame rate, `fast` as fast as the "
+        "pipeline takes frames (replay, benchmarks); streams are always realtime.",
+    )
+    fps: float = Field(
+        default=5.0, gt=0, le=120, description="Most frames a second taken from the camera."
+    )
+    model: str = Field(default="detector", description="Key of the detector in `models`.")
+    classes: list[str] = Field(
+        default_factory=list, description="Classes to report; empty: every label of the model."
+    )
+    queue: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Frames waiting for the detector; when full the newest wins (drops counted).",
+    )
+    open_timeout: Duration = Field(
+        default=10.0, gt=0, description="Give up opening a stream after this long (then retry)."
+    )
+    read_timeout: Duration = Field(
+        default=10.0, gt=0, description="A stream that delivers no frame this long is reopened."
+    )
+    reconnect_max: Duration = Field(
+        default=30.0, gt=0, description="Longest wait between reconnect attempts (jittered)."
+    )
+    motion: MotionSettings = Field(default_factory=MotionSettings, description="Motion gating.")
+    tracking: TrackingSettings = Field(
+        default_factory=TrackingSettings, description="Tracking detections into objects."
+    )
+    zones: list[Zone] = Field(
+        default_factory=list, description="Restricted areas; entering one is an alert or event."
+    )
+    snapshot: SnapshotSettings = Field(
+        default_factory=SnapshotSettings, description="The JPEG kept for every event."
+    )
+    clip: ClipSettings = Field(default_factory=ClipSettings, description="MP4 clips of alerts.")
+    blur_classes: list[str] = Field(
+        default_factory=list,
+        description="Classes blurred in every snapshot, clip and sample (e.g. [person]).",
+    )
+    sampling: SamplingSettings = Field(
+        default_factory=SamplingSettings, description="Frames kept for retraining."
+    )
+
+
 class DestinationCommon(Strict):
     name: Name = Field(description="Destination name, used in status, logs and records.")
     bandwidth: Rate | None = Field(
@@ -422,6 +621,14 @@ class ApplianceConfig(Strict):
     sensors: list[Sensor] = Field(
         default_factory=list, description="Sensor sources; `type` picks the kind."
     )
+    models: dict[Name, DetectorModel] = Field(
+        default_factory=dict,
+        description="Detectors by name; cameras refer to them. A camera naming `detector` "
+        "when none is configured gets the built-in default.",
+    )
+    cameras: list[Camera] = Field(
+        default_factory=list, description="Camera sources and what to do with their frames."
+    )
     sync: SyncSection = Field(
         default_factory=SyncSection, description="Shipping records and payloads upstream."
     )
@@ -429,8 +636,22 @@ class ApplianceConfig(Strict):
     @model_validator(mode="after")
     def _unique_source_names(self) -> ApplianceConfig:
         seen: set[str] = set()
-        for sensor in self.sensors:
-            if sensor.name in seen:
-                raise ValueError(f"two sources are named {sensor.name!r}; names must be unique")
-            seen.add(sensor.name)
+        for source in [*self.sensors, *self.cameras]:
+            if source.name in seen:
+                raise ValueError(f"two sources are named {source.name!r}; names must be unique")
+            seen.add(source.name)
         return self
+
+    @model_validator(mode="after")
+    def _cameras_name_models(self) -> ApplianceConfig:
+        for camera in self.cameras:
+            if camera.model not in self.models and camera.model != "detector":
+                raise ValueError(
+                    f"camera {camera.name!r} uses model {camera.model!r}, which is not one of "
+                    f"{sorted(self.models) or 'the configured models (none)'}"
+                )
+        return self
+
+    def detector_for(self, camera: Camera) -> DetectorModel:
+        """The model config a camera runs (the built-in default for an unconfigured `detector`)."""
+        return self.models.get(camera.model) or DetectorModel()

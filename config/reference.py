@@ -37,7 +37,10 @@ def _default(info: FieldInfo) -> str:
     if info.is_required():
         return "required"
     if info.default_factory is not None:
-        return "`[]`" if "list" in str(info.annotation) else "(defaults)"
+        if str(info.annotation).startswith(("list", "dict")):
+            made = info.default_factory()  # type: ignore[call-arg]
+            return f"`{json.dumps(made)}`"
+        return "(defaults)"
     value = info.default
     validators = {getattr(getattr(m, "func", None), "__name__", "") for m in info.metadata}
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -76,7 +79,11 @@ def _rows(model: type[BaseModel], prefix: str, out: list[str]) -> None:
             continue
         nested = _model_of(info.annotation)
         if nested is not None:
-            _rows(nested, f"{path}[]." if "list" in str(info.annotation) else f"{path}.", out)
+            text = str(info.annotation)
+            inner = (
+                "[]." if text.startswith("list") else ".NAME." if text.startswith("dict") else "."
+            )
+            _rows(nested, f"{path}{inner}", out)
 
 
 def reference() -> str:

@@ -1,9 +1,10 @@
-"""Sources: what sensors yield (sample windows, quality reports, health) and the source kinds."""
+"""Sources: what sensors yield (sample windows, frames, quality reports, health) and the source kinds."""
 
 from __future__ import annotations
 
 from config.models import CsvSensor, SimulatedSensor
 from sensors.base import (
+    Frame,
     QualityIssue,
     QualityReport,
     Reading,
@@ -15,6 +16,7 @@ from sensors.base import (
     mono_ns,
     utc_now,
 )
+from sensors.camera import CameraHealth, CameraSource
 from sensors.csv_replay import CsvSource
 from sensors.simulated import SimulatedSource
 
@@ -27,7 +29,10 @@ def open_source(cfg: SimulatedSensor | CsvSensor) -> Source:
 
 
 __all__ = [
+    "CameraHealth",
+    "CameraSource",
     "CsvSource",
+    "Frame",
     "QualityIssue",
     "QualityReport",
     "Reading",

@@ -61,6 +61,26 @@ class QualityReport:
     examples: tuple[QualityIssue, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded video frame from a camera, as OpenCV gives it (BGR, uint8, height x width x 3)."""
+
+    source: str
+    image: npt.NDArray[np.uint8]
+    ts: datetime  # UTC wall clock when the frame was read
+    mono_ns: int  # monotonic clock when the frame was read
+    index: int  # frames taken from this camera since it started (across reconnects)
+    position_s: float | None = None  # position in a video file; None for live streams
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+
 Reading = SampleWindow | QualityReport
 
 

@@ -53,19 +53,19 @@ def _fill(path: Path, limit: int | None = None) -> int:
     written = 0
     chunk = b"\0" * 65536
     try:
-        handle = path.open("ab")
+        # Unbuffered: a buffered file would try to flush its last chunk again on close, and that
+        # second ENOSPC would escape the `with`.
+        handle = path.open("ab", buffering=0)
     except OSError as exc:
         assert exc.errno == errno.ENOSPC
         return 0  # so full that not even an empty file fits: that is the point
     with handle:
         while limit is None or written < limit:
             try:
-                handle.write(chunk)
-                handle.flush()
+                written += handle.write(chunk) or 0
             except OSError as exc:
                 assert exc.errno == errno.ENOSPC
                 break
-            written += len(chunk)
         with contextlib.suppress(OSError):
             os.fsync(handle.fileno())
     return written

@@ -1,0 +1,88 @@
+"""Journalling for pipelines: append a record, store a payload and append the record that
+references it, and never crash a pipeline on a full disk (drops are counted and logged instead)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from appliance.logs import RateLimitedLog
+from sync import Journal, NewRecord, PayloadError, PayloadRef, PayloadStore, Priority, StorageFull
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RecorderStats:
+    records: int = 0
+    payloads: int = 0
+    payload_bytes: int = 0
+    dropped: int = 0
+
+
+class Recorder:
+    """One source's way into the journal and the payload store."""
+
+    def __init__(self, source: str, journal: Journal, payloads: PayloadStore) -> None:
+        self.source = source
+        self.journal = journal
+        self.payloads = payloads
+        self.stats = RecorderStats()
+        self._warn = RateLimitedLog(log)
+
+    async def append(self, record: NewRecord) -> int | None:
+        """Journal `record`: its seq, or None (counted, logged at most once a minute) if refused."""
+        try:
+            seq = await self.journal.append(record)
+        except (StorageFull, PayloadError) as exc:
+            self.stats.dropped += 1
+            if isinstance(exc, PayloadError):
+                self.journal.count_drop(record.priority, "payload_vanished")
+            self._warn.warning(
+                f"full:{record.priority}",
+                "record not journalled",
+                source=self.source,
+                priority=record.priority.label,
+                reason=getattr(exc, "reason", str(exc)),
+            )
+            return None
+        self.stats.records += 1
+        return seq
+
+    async def store(self, data: bytes, media_type: str, priority: Priority) -> PayloadRef | None:
+        """Store a payload; None (the drop counted under `priority`) when the disk is full."""
+        try:
+            ref = await self.payloads.put(data, media_type)
+        except StorageFull:
+            self.journal.count_drop(priority, "disk_full")
+            self.stats.dropped += 1
+            self._warn.warning(
+                f"payload-full:{priority}",
+                "payload not kept: disk full",
+                source=self.source,
+                priority=priority.label,
+            )
+            return None
+        self.stats.payloads += 1
+        self.stats.payload_bytes += ref.size
+        return ref
+
+    async def append_with_payloads(self, record: NewRecord) -> int | None:
+        """Journal a record whose payloads are already stored (its seq, or None); if the record
+        is refused, its payloads are removed again (unless another record uses them)."""
+        seq = await self.append(record)
+        if seq is None:
+            for ref in record.payloads:
+                await self.discard_payload(ref.sha256)
+        return seq
+
+    async def discard_payload(self, sha256: str) -> None:
+        """Remove a payload whose record could not be journalled, unless another record uses it."""
+        referenced = await self.journal.read(
+            lambda r: r.conn.execute(
+                "SELECT 1 FROM payloads WHERE sha256 = ?", (sha256,)
+            ).fetchone()
+        )
+        if referenced is None:
+            await asyncio.to_thread(self.payloads.delete, sha256)

@@ -1,0 +1,428 @@
+"""The pipeline of one camera: frames -> motion gate -> detector -> tracker and zones -> event and
+alert records with snapshots and clips, and samples for retraining, in the journal.
+
+One record per tracked object (kind `object`, at its end: start, end, best score, best snapshot),
+one per zone entry (kind `zone_entry`, at once, priority from the zone, with a snapshot and later
+a `clip` record with pre- and post-roll), and `sample` records chosen by the sampling policy.
+Every image that leaves the device goes through the camera's blur classes first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from appliance.logs import RateLimitedLog
+from appliance.recorder import Recorder
+from config import ApplianceConfig, Camera, DetectorModel
+from inference.detect import OnnxDetector, open_detector
+from inference.detections import Detection, Detector
+from inference.media import (
+    ClipBuilder,
+    ClipRecorder,
+    MediaError,
+    blur_regions,
+    encode_snapshot,
+    write_clip,
+)
+from inference.motion import MotionGate
+from inference.sampling import Sampler, sample_body
+from inference.session import InferenceError
+from inference.tracking import Tracker, TrackEvent
+from sensors.base import Frame
+from sensors.camera import CameraSource
+from sync import NewRecord, PayloadRef, Priority
+
+log = logging.getLogger(__name__)
+
+Image = npt.NDArray[np.uint8]
+_NS = 1_000_000_000
+
+
+@dataclass
+class CameraStats:
+    """What the pipeline did with the camera's frames (health and status read it)."""
+
+    frames: int = 0
+    analysed: int = 0
+    skipped_motion: int = 0
+    detections: int = 0
+    inference_errors: int = 0
+    objects: int = 0
+    zone_entries: int = 0
+    clips: int = 0
+    samples: int = 0
+    media_errors: int = 0
+
+
+@dataclass
+class _PendingClip:
+    """Zone entries a clip being recorded covers, so its record can name them."""
+
+    builder: ClipBuilder
+    priority: Priority
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Timeline:
+    """The clock the gate, tracker and clips run on: the file's own time for video files (so a
+    fast replay tracks and cuts clips exactly as a realtime run would), the monotonic clock for
+    live cameras. A looping file keeps counting forward across its restarts."""
+
+    def __init__(self) -> None:
+        self._offset_ns = 0
+        self._last_pos_ns: int | None = None
+        self._step_ns = _NS // 25
+
+    def at(self, frame: Frame) -> int:
+        if frame.position_s is None:
+            return frame.mono_ns
+        pos = round(frame.position_s * _NS)
+        if self._last_pos_ns is not None:
+            if pos <= self._last_pos_ns:  # the file started over
+                self._offset_ns += self._last_pos_ns - pos + self._step_ns
+            else:
+                self._step_ns = pos - self._last_pos_ns
+        self._last_pos_ns = pos
+        return pos + self._offset_ns
+
+
+def quiet_opencv() -> None:
+    """OpenCV prints its own warnings (open timeouts, FFmpeg thread-safety notes) to stderr,
+    outside our structured log; the camera's health and our log lines already say what matters."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+class DetectorPool:
+    """The detectors cameras share, opened on first use (conversion, hashing and warm-up run in a
+    worker thread) and closed with the daemon. A model that fails to open fails the camera that
+    asked for it (which the supervisor restarts within its budget), not the appliance."""
+
+    def __init__(self, cfg: ApplianceConfig) -> None:
+        self.cfg = cfg
+        self._open: dict[str, OnnxDetector] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, name: str) -> OnnxDetector:
+        async with self._lock:
+            detector = self._open.get(name)
+            if detector is None:
+                model_cfg = self.cfg.models.get(name) or DetectorModel()
+                detector = await asyncio.to_thread(open_detector, model_cfg, name)
+                self._open[name] = detector
+                log.info(
+                    "model loaded",
+                    extra={"fields": {"model": f"{detector.name}@{detector.version}"}},
+                )
+            return detector
+
+    @property
+    def loaded(self) -> dict[str, OnnxDetector]:
+        return dict(self._open)
+
+    async def aclose(self) -> None:
+        for detector in self._open.values():
+            await detector.aclose()
+        self._open.clear()
+
+
+class CameraPipeline:
+    """Runs one camera until its file ends (or cancellation) and journals what it sees."""
+
+    def __init__(
+        self,
+        cfg: Camera,
+        source: CameraSource,
+        detector: Detector,
+        recorder: Recorder,
+        *,
+        scratch_dir: Path,
+    ) -> None:
+        self.cfg = cfg
+        self.source = source
+        self.detector = detector
+        self.recorder = recorder
+        self.scratch_dir = scratch_dir
+        self.model = f"{detector.name}@{detector.version}"
+        self.stats = CameraStats()
+        self.gate = MotionGate(cfg.motion)
+        self.sampler = Sampler(cfg.sampling)
+        self.classes = set(cfg.classes)
+        named = {*cfg.classes, *cfg.blur_classes, *(c for zone in cfg.zones for c in zone.classes)}
+        unknown = sorted(named - set(detector.labels))
+        if unknown:
+            raise ValueError(
+                f"camera {cfg.name!r} names classes {unknown} that model {self.model} does not "
+                f"know; its labels include {list(detector.labels[:12])}"
+            )
+        self.clips = ClipRecorder(cfg.clip, cfg.fps) if cfg.clip.enabled else None
+        self.tracker: Tracker | None = None  # sized by the first frame
+        self._timeline = _Timeline()
+        # track id -> (frame info, JPEG) of its best detection: encoded when it improves, so an
+        # open track holds a bounded snapshot, not a full frame.
+        self._best: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self._pending_clips: list[_PendingClip] = []
+        self._private: list[Detection] = []  # latest boxes of blur classes, for frames not analysed
+        self._last_frame: Frame | None = None
+        self._warn = RateLimitedLog(log)
+
+    # ------------------------------------------------------------------------------- running
+
+    async def run(self) -> None:
+        async with self.source:
+            try:
+                async for frame in self.source.frames():
+                    await self._on_frame(frame)
+            finally:
+                # End of file, shutdown or a failed camera: open tracks and clips are closed and
+                # journalled, so an object seen before a restart is not lost.
+                await asyncio.shield(self._finish())
+
+    def health(self) -> dict[str, Any]:
+        """The camera's health, its pipeline's counters and its model's latency, JSON-ready."""
+        camera = dataclasses.asdict(self.source.health)
+        latency = getattr(self.detector, "stats", None)
+        return {
+            **camera,
+            "model": self.model,
+            "pipeline": dataclasses.asdict(self.stats),
+            "motion": dataclasses.asdict(self.gate.stats),
+            "latency_ms": None
+            if latency is None
+            else {"p50": latency.p50_ms, "p95": latency.p95_ms, "count": latency.count},
+            "open_tracks": 0 if self.tracker is None else self.tracker.open_tracks,
+            "sampling": self.sampler.status(),
+        }
+
+    async def _on_frame(self, raw: Frame) -> None:
+        self.stats.frames += 1
+        frame = dataclasses.replace(raw, mono_ns=self._timeline.at(raw))
+        self._last_frame = frame
+        if self.tracker is None:
+            self.tracker = Tracker(self.cfg.tracking, self.cfg.zones, (frame.width, frame.height))
+        detections: list[Detection] | None = None
+        if self.gate.check(frame).detect:
+            detections = await self._detect(frame)
+        else:
+            self.stats.skipped_motion += 1
+        if detections is not None and self.cfg.blur_classes:
+            self._private = [d for d in detections if d.label in self.cfg.blur_classes]
+        image = self._private_image(frame.image)
+        if self.clips is not None:
+            for done in self.clips.add(frame.mono_ns, image):
+                await self._write_clip(done, frame)
+        if detections is None:
+            return
+        for event in self.tracker.update(detections, frame):
+            await self._on_track_event(event, frame, image, detections)
+        await self._maybe_sample(raw, image, detections)
+
+    async def _detect(self, frame: Frame) -> list[Detection] | None:
+        try:
+            found = await self.detector.detect(frame.image)
+        except InferenceError as exc:
+            self.stats.inference_errors += 1
+            self._warn.warning(
+                "inference", "inference failed", camera=self.cfg.name, error=str(exc)
+            )
+            return None
+        self.stats.analysed += 1
+        if self.classes:
+            found = [d for d in found if d.label in self.classes]
+        self.stats.detections += len(found)
+        return found
+
+    def _private_image(self, image: Image) -> Image:
+        if not self._private:
+            return image
+        return blur_regions(image, self._private, self.cfg.blur_classes)
+
+    # ------------------------------------------------------------------------- track events
+
+    async def _on_track_event(
+        self, event: TrackEvent, frame: Frame, image: Image, detections: list[Detection]
+    ) -> None:
+        if event.keep_frame:
+            jpeg = await self._encode(image, [event.track.best], "snapshot")
+            if jpeg is not None:
+                self._best[event.track.id] = (_frame_info(frame), jpeg)
+        if event.kind == "zone_entered" and event.zone is not None:
+            await self._zone_entry(event, frame, image, detections)
+        elif event.kind == "ended":
+            await self._object_ended(event)
+
+    async def _zone_entry(
+        self, event: TrackEvent, frame: Frame, image: Image, detections: list[Detection]
+    ) -> None:
+        assert event.zone is not None
+        priority = Priority.from_label(event.zone.priority)
+        self.stats.zone_entries += 1
+        body: dict[str, Any] = {
+            "zone": event.zone.name,
+            "track_id": event.track.id,
+            "label": event.track.label,
+            "score": round(event.track.last.score, 4),
+            "box": event.track.last.as_dict()["box"],
+            "frame": _frame_info(frame),
+            "detections": [d.as_dict() for d in detections],
+        }
+        snapshot = await self._snapshot(image, [event.track.last], priority)
+        record = NewRecord(
+            source=self.cfg.name,
+            kind="zone_entry",
+            priority=priority,
+            body=body,
+            model=self.model,
+            payloads=() if snapshot is None else (snapshot,),
+            ts=frame.ts,
+        )
+        seq = await self.recorder.append_with_payloads(record)
+        if self.clips is not None:
+            builder = self.clips.alert(frame.mono_ns)
+            pending = next((p for p in self._pending_clips if p.builder is builder), None)
+            if pending is None:
+                pending = _PendingClip(builder, priority)
+                self._pending_clips.append(pending)
+            pending.priority = min(pending.priority, priority)
+            pending.entries.append(
+                {"seq": seq, "zone": event.zone.name, "track_id": event.track.id}
+            )
+
+    async def _object_ended(self, event: TrackEvent) -> None:
+        track = event.track
+        best = self._best.pop(track.id, None)
+        self.stats.objects += 1
+        path = [[round(x, 1), round(y, 1)] for x, y in track.path]
+        body: dict[str, Any] = {**track.as_dict(), "path": path}
+        payloads: tuple[PayloadRef, ...] = ()
+        if best is not None:
+            body["best_frame"], jpeg = best
+            snapshot = await self.recorder.store(jpeg, "image/jpeg", Priority.EVENT)
+            payloads = () if snapshot is None else (snapshot,)
+        await self.recorder.append_with_payloads(
+            NewRecord(
+                source=self.cfg.name,
+                kind="object",
+                priority=Priority.EVENT,
+                body=body,
+                model=self.model,
+                payloads=payloads,
+                ts=track.first_ts,
+            )
+        )
+
+    async def _encode(self, image: Image, boxes: list[Detection] | None, what: str) -> bytes | None:
+        try:
+            return await asyncio.to_thread(encode_snapshot, image, self.cfg.snapshot, boxes)
+        except MediaError as exc:
+            self.stats.media_errors += 1
+            self._warn.warning(what, f"{what} not kept", camera=self.cfg.name, error=str(exc))
+            return None
+
+    async def _snapshot(
+        self, image: Image, boxes: list[Detection], priority: Priority
+    ) -> PayloadRef | None:
+        data = await self._encode(image, boxes, "snapshot")
+        return None if data is None else await self.recorder.store(data, "image/jpeg", priority)
+
+    # ---------------------------------------------------------------------- clips, samples
+
+    async def _write_clip(self, builder: ClipBuilder, frame: Frame | None) -> None:
+        pending = next((p for p in self._pending_clips if p.builder is builder), None)
+        if pending is not None:
+            self._pending_clips.remove(pending)
+        frames = builder.frames
+        if pending is None or len(frames) < 2:
+            return
+        path = self.scratch_dir / f"clip-{uuid.uuid4().hex}.mp4"
+        try:
+            info = await asyncio.to_thread(write_clip, frames, None, path)
+            data = await asyncio.to_thread(path.read_bytes)
+        except (MediaError, OSError) as exc:
+            self.stats.media_errors += 1
+            self._warn.warning("clip", "clip not kept", camera=self.cfg.name, error=str(exc))
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(path.unlink, missing_ok=True)
+        ref = await self.recorder.store(data, "video/mp4", pending.priority)
+        if ref is None:
+            return
+        self.stats.clips += 1
+        await self.recorder.append_with_payloads(
+            NewRecord(
+                source=self.cfg.name,
+                kind="clip",
+                priority=pending.priority,
+                body={
+                    "entries": pending.entries,
+                    "frames": info.frames,
+                    "width": info.width,
+                    "height": info.height,
+                    "fps": round(info.fps, 3),
+                    "duration_s": round(info.duration_s, 3),
+                    "codec": info.fourcc,
+                    "capped": builder.capped,
+                },
+                model=self.model,
+                payloads=(ref,),
+                ts=None if frame is None else frame.ts,
+            )
+        )
+
+    async def _maybe_sample(self, frame: Frame, image: Image, detections: list[Detection]) -> None:
+        ticket = self.sampler.consider(frame.ts, detections)
+        if ticket is None:
+            return
+        data = await self._encode(image, None, "sample")
+        if data is None:
+            self.sampler.cancel(ticket)
+            return
+        if not self.sampler.commit(ticket, len(data)):
+            return
+        ref = await self.recorder.store(data, "image/jpeg", Priority.SAMPLE)
+        if ref is None:
+            return
+        width = min(frame.width, self.cfg.snapshot.max_width)
+        size = (width, round(frame.height * width / frame.width))
+        body = sample_body(detections, ticket.reason, self.model, frame, image_size=size)
+        seq = await self.recorder.append_with_payloads(
+            NewRecord(
+                source=self.cfg.name,
+                kind="sample",
+                priority=Priority.SAMPLE,
+                body=body,
+                model=self.model,
+                payloads=(ref,),
+                ts=frame.ts,
+            )
+        )
+        if seq is not None:
+            self.stats.samples += 1
+
+    async def _finish(self) -> None:
+        if self.tracker is not None:
+            for event in self.tracker.end_all(self._last_frame):
+                if event.kind == "ended":
+                    await self._object_ended(event)
+        if self.clips is not None:
+            for done in self.clips.flush():
+                await self._write_clip(done, self._last_frame)
+
+
+def _frame_info(frame: Frame) -> dict[str, Any]:
+    return {
+        "index": frame.index,
+        "position_s": None if frame.position_s is None else round(frame.position_s, 3),
+        "width": frame.width,
+        "height": frame.height,
+    }
