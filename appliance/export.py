@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
@@ -66,7 +65,7 @@ def export_records(
                 )
             )
         else:
-            out.write(json.dumps(record.to_dict(), separators=(",", ":"), ensure_ascii=False))
+            out.write(record.to_json_line())
             out.write("\n")
         written += 1
     return written

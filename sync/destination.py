@@ -50,7 +50,7 @@ def encode_batch(appliance_id: str, priority: Priority, records: Sequence[Stored
     lines = []
     payloads: list[str] = []
     for record in records:
-        lines.append(json.dumps(record.to_dict(), separators=(",", ":"), ensure_ascii=False))
+        lines.append(record.to_json_line())
         payloads.extend(record.payloads)
     raw = ("\n".join(lines) + "\n").encode()
     return Batch(

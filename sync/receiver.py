@@ -959,7 +959,10 @@ class _Receiver:
         appliance_id = self._authorize(request)
         sha256 = self._sha256(request)
         held, complete = await self._held(appliance_id, sha256)
-        headers = {"Upload-Offset": str(held), "Cache-Control": "no-store"}
+        # Content-Length: 0 so clients keep the connection: without it aiohttp cannot tell where
+        # this bodiless answer ends and opens a new connection for every payload (a TLS handshake
+        # per payload on a satellite link).
+        headers = {"Upload-Offset": str(held), "Cache-Control": "no-store", "Content-Length": "0"}
         if complete:
             headers["Upload-Complete"] = "1"
             headers["Upload-Length"] = str(held)

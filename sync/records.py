@@ -69,6 +69,9 @@ class NewRecord:
     mono_ns: int | None = None
 
 
+_encode_line = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
     """A record as the journal holds it; `body_json` stays encoded so batches ship without re-encoding."""
@@ -88,6 +91,27 @@ class StoredRecord:
     @property
     def body(self) -> Any:
         return json.loads(self.body_json)
+
+    def to_json_line(self) -> str:
+        """`json.dumps(self.to_dict())` (compact, UTF-8 as is) without decoding the body: the
+        stored body is already compact JSON, so it is spliced in as it is (a third of the cost
+        of a telemetry record on the way out was that decode and re-encode)."""
+        head = _encode_line(
+            {
+                "seq": self.seq,
+                "appliance_id": self.appliance_id,
+                "boot_id": self.boot_id,
+                "ts": self.ts,
+                "mono_ns": self.mono_ns,
+                "source": self.source,
+                "kind": self.kind,
+                "priority": self.priority.label,
+                "model": self.model,
+            }
+        )
+        return (
+            f'{head[:-1]},"body":{self.body_json},"payloads":{_encode_line(list(self.payloads))}}}'
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

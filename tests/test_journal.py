@@ -678,3 +678,23 @@ async def test_only_one_writer_per_data_directory(journal: Journal, data_dir: Pa
     assert writer_lock_holder(data_dir) is None
     again = await Journal.open(data_dir, appliance_id="second")
     await again.close()
+
+
+async def test_a_stored_record_as_one_json_line_is_the_json_of_its_dict(journal: Journal) -> None:
+    bodies: list[dict[str, object]] = [
+        {"v": 0.1, "n": -3, "big": 2**60, "f": 1e-300, "t": True, "none": None},
+        {"text": 'quote " backslash \\ newline \n tab \t é ☃ \u2028 \x01', "list": [1, [2, {}]]},
+        {},
+    ]
+    for index, body in enumerate(bodies):
+        await journal.append(
+            NewRecord("cam", "reading", Priority.EVENT, body, model="m@1" if index else None)
+        )
+    rows = await journal.read(
+        lambda r: r.records_after(Priority.EVENT, 0, limit=10, max_bytes=1 << 20)
+    )
+    assert len(rows) == len(bodies)
+    for row in rows:
+        expected = json.dumps(row.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        assert row.to_json_line() == expected
+        assert json.loads(row.to_json_line())["body"] == row.body

@@ -511,6 +511,30 @@ async def test_resumable_upload_in_three_chunks(client: Client) -> None:
     assert (await client.head(digest, appliance_id="ship-2")).status == 404
 
 
+async def test_head_answers_keep_the_connection_open(data_dir: Path) -> None:
+    # A HEAD per payload must not cost a new connection (a TLS handshake on a slow link).
+    opened = 0
+
+    async def count(*_: object) -> None:
+        nonlocal opened
+        opened += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(count)
+    app = build_receiver_app(data_dir, TOKENS)
+    async with (
+        serve_receiver(app, "127.0.0.1", 0) as addresses,
+        aiohttp.ClientSession(trace_configs=[trace]) as session,
+    ):
+        client = Client(f"http://127.0.0.1:{addresses[0][1]}", session, data_dir)
+        data = b"partly there" * 100
+        assert (await client.patch(sha(data), data[:MAX_CHUNK], 0, len(data)))[0] == 204
+        for digest in (sha(data), sha(b"nothing"), sha(data)):
+            response = await client.head(digest)
+            assert response.headers["Content-Length"] == "0"
+    assert opened == 1
+
+
 async def test_empty_payload_completes(client: Client) -> None:
     digest = sha(b"")
     status, headers, _ = await client.patch(digest, b"", 0, 0)
