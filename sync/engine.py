@@ -139,16 +139,36 @@ class SyncEngine:
     async def _drain_records(
         self, priority: Priority, progress: Callable[[Progress], None] | None
     ) -> None:
+        """Three things overlap here, each of which would otherwise wait for the others: reading
+        and encoding the next batch (CPU here), sending this one (the link and the receiver), and
+        committing the previous one's acknowledgement (an fsync of the journal). Batches are still
+        sent one at a time and in order, and acknowledgements commit in order; the cursor moves
+        only with an acknowledgement. A crash between a send and its commit resends that batch,
+        which the destination recognises by its identity."""
         after = await self.journal.read(lambda r: r.cursor(self.name, priority))
         batch = await self._next_batch(priority, after)
-        while batch is not None:
-            # Read and encode the next batch while this one is on the wire: one is CPU here,
-            # the other the link and the receiver, so in turn they would add up. The cursor
-            # still moves only on acknowledgement; a failure in either discards the other
-            # (gather marks a late exception retrieved), and the next drain starts at the cursor.
-            _, batch = await asyncio.gather(
-                self._ship(batch, progress), self._next_batch(priority, batch.last_seq)
-            )
+        committing: asyncio.Task[None] | None = None
+        try:
+            while batch is not None:
+                upcoming = asyncio.ensure_future(self._next_batch(priority, batch.last_seq))
+                try:
+                    started = time.monotonic()
+                    await self.destination.send_batch(batch, self.limiter)
+                    if committing is not None:
+                        await committing  # in order, and its error surfaces here
+                    committing = asyncio.ensure_future(self._commit(batch, started, progress))
+                except BaseException:
+                    upcoming.cancel()
+                    with contextlib.suppress(BaseException):
+                        await upcoming
+                    raise
+                batch = await upcoming
+        finally:
+            if committing is not None and not committing.done():
+                # A batch the destination acknowledged is recorded even when we stop now.
+                await asyncio.shield(committing)
+        if committing is not None:
+            await committing
 
     async def _next_batch(self, priority: Priority, after: int) -> Batch | None:
         records = await self.journal.read(
@@ -164,9 +184,9 @@ class SyncEngine:
             return None
         return await asyncio.to_thread(encode_batch, self.journal.appliance_id, priority, records)
 
-    async def _ship(self, batch: Batch, progress: Callable[[Progress], None] | None) -> None:
-        started = time.monotonic()
-        await self.destination.send_batch(batch, self.limiter)
+    async def _commit(
+        self, batch: Batch, started: float, progress: Callable[[Progress], None] | None
+    ) -> None:
         await self.journal.acknowledge(
             self.name,
             batch.priority,
