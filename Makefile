@@ -36,6 +36,9 @@ soak: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.journal_append
 	$(BIN)/python -m bench.journal_growth
+	$(BIN)/python -m bench.sync_drain
+	$(BIN)/python -m bench.sync_backlog
+	$(BIN)/python -m bench.detection
 
 system-deps:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \

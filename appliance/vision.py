@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Image = npt.NDArray[np.uint8]
 _NS = 1_000_000_000
+_BEST_SNAPSHOT_INTERVAL_NS = _NS  # re-encode a track's best snapshot at most this often
 
 
 @dataclass
@@ -164,12 +165,17 @@ class CameraPipeline:
                 f"camera {cfg.name!r} names classes {unknown} that model {self.model} does not "
                 f"know; its labels include {list(detector.labels[:12])}"
             )
-        self.clips = ClipRecorder(cfg.clip, cfg.fps) if cfg.clip.enabled else None
+        # Clips are only cut at zone entries: without zones, no pre-roll ring to keep.
+        self.clips = ClipRecorder(cfg.clip, cfg.fps) if cfg.clip.enabled and cfg.zones else None
         self.tracker: Tracker | None = None  # sized by the first frame
         self._timeline = _Timeline()
         # track id -> (frame info, JPEG) of its best detection: encoded when it improves, so an
-        # open track holds a bounded snapshot, not a full frame.
+        # open track holds a bounded snapshot, not a full frame; at most once a second per track
+        # (a new track improves on most frames at first), the latest improvement waiting in
+        # _better until then or until the track ends.
         self._best: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self._best_encoded_ns: dict[int, int] = {}
+        self._better: dict[int, tuple[Frame, Image, Detection]] = {}
         self._pending_clips: list[_PendingClip] = []
         self._private: list[Detection] = []  # latest boxes of blur classes, for frames not analysed
         self._last_frame: Frame | None = None
@@ -252,9 +258,12 @@ class CameraPipeline:
         self, event: TrackEvent, frame: Frame, image: Image, detections: list[Detection]
     ) -> None:
         if event.keep_frame:
-            jpeg = await self._encode(image, [event.track.best], "snapshot")
-            if jpeg is not None:
-                self._best[event.track.id] = (_frame_info(frame), jpeg)
+            track_id = event.track.id
+            last = self._best_encoded_ns.get(track_id)
+            if last is not None and frame.mono_ns - last < _BEST_SNAPSHOT_INTERVAL_NS:
+                self._better[track_id] = (frame, image, event.track.best)
+            else:
+                await self._keep_best(track_id, frame, image, event.track.best)
         if event.kind == "zone_entered" and event.zone is not None:
             await self._zone_entry(event, frame, image, detections)
         elif event.kind == "ended":
@@ -297,8 +306,19 @@ class CameraPipeline:
                 {"seq": seq, "zone": event.zone.name, "track_id": event.track.id}
             )
 
+    async def _keep_best(self, track_id: int, frame: Frame, image: Image, best: Detection) -> None:
+        self._better.pop(track_id, None)
+        self._best_encoded_ns[track_id] = frame.mono_ns
+        jpeg = await self._encode(image, [best], "snapshot")
+        if jpeg is not None:
+            self._best[track_id] = (_frame_info(frame), jpeg)
+
     async def _object_ended(self, event: TrackEvent) -> None:
         track = event.track
+        waiting = self._better.get(track.id)
+        if waiting is not None:
+            await self._keep_best(track.id, *waiting)
+        self._best_encoded_ns.pop(track.id, None)
         best = self._best.pop(track.id, None)
         self.stats.objects += 1
         path = [[round(x, 1), round(y, 1)] for x, y in track.path]

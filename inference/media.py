@@ -99,9 +99,12 @@ def fit_width(image: Image, max_width: int) -> Image:
     if width <= max_width:
         return image.copy()
     new_height = max(1, round(height * max_width / width))
-    # INTER_AREA averages the source pixels: no aliasing shimmer when shrinking a lot.
+    # INTER_AREA averages the source pixels: no aliasing shimmer when shrinking a lot. Below a
+    # halving, bilinear looks the same and costs a fifth (this runs on every frame of a camera
+    # with clips: bench/detection.py measured 2.0 ms against 0.4 ms for 768 -> 640 pixels).
+    interpolation = cv2.INTER_AREA if width >= 2 * max_width else cv2.INTER_LINEAR
     return np.asarray(
-        cv2.resize(image, (max_width, new_height), interpolation=cv2.INTER_AREA), dtype=np.uint8
+        cv2.resize(image, (max_width, new_height), interpolation=interpolation), dtype=np.uint8
     )
 
 
