@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from typing import Any, Literal
@@ -66,6 +67,13 @@ def check_replayable(cfg: ApplianceConfig) -> None:
                 key=f"sensors[{index}].duration",
                 line=None,
             )
+
+
+def _waker(engine: SyncEngine) -> Callable[[], Awaitable[None]]:
+    async def wake() -> None:
+        engine.wake.set()
+
+    return wake
 
 
 class Daemon:
@@ -155,6 +163,10 @@ class Daemon:
             jobs.every("checkpoint", cfg.journal.checkpoint_interval, journal.checkpoint)
             jobs.every("health", cfg.appliance.health_interval, monitor.record, run_now=True)
             jobs.every("heartbeat", HEARTBEAT_INTERVAL_S, monitor.heartbeat, run_now=True)
+            for engine in engines:
+                # The interval drain; the engine's own probe starts one at once when a link returns.
+                engine.scheduled = True
+                jobs.every(f"sync:{engine.name}", cfg.sync.interval, _waker(engine))
             await stack.enter_async_context(jobs)
             stack.push_async_callback(monitor.heartbeat, state="stopped")
             await self._lifecycle(journal, "started")

@@ -1,4 +1,4 @@
-"""Periodic jobs on APScheduler (retention, WAL checkpoint, health records, heartbeat), as an async
+"""Periodic jobs on APScheduler (retention, WAL checkpoint, health records, heartbeat, the sync interval), as an async
 context manager; a failing job is logged and tried again at its next run, never fatal."""
 
 from __future__ import annotations

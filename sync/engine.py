@@ -94,6 +94,9 @@ class SyncEngine:
         self.limiter = RateLimiter(cfg.bandwidth)
         self.state = DestinationState(cfg.name)
         self.wake = asyncio.Event()
+        # True when a scheduler sets `wake` every sync.interval (the daemon's APScheduler job);
+        # then run() waits for it after a drain instead of timing the interval itself.
+        self.scheduled = False
         # Two drains never ship the same batch at once: the daemon's loop and `sync --now`
         # (which asks the daemon) take turns on this lock.
         self._lock = asyncio.Lock()
@@ -265,7 +268,7 @@ class SyncEngine:
                     delay = self.settings.retry_max
                 await self._sleep(delay * random.uniform(0.5, 1.0))
                 continue
-            await self._sleep(self.settings.interval)
+            await self._sleep(None if self.scheduled else self.settings.interval)
 
     async def _probe_until_reachable(self) -> None:
         """The link is down: probe cheaply every `probe_interval` (jittered) and return as soon
@@ -281,7 +284,7 @@ class SyncEngine:
             if await self.destination.reachable():
                 await self.drain()
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float | None) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout=seconds)
         self.wake.clear()

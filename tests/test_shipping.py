@@ -73,3 +73,32 @@ def test_daemon_ships_everything_to_a_directory(tmp_path: Path) -> None:
         original = data / "payloads" / sha[:2] / sha
         assert copy.read_bytes() == original.read_bytes()
     assert status_json(config)["destinations"]["usb"]["backlog_records"] == 0
+
+
+def test_the_daemon_drains_again_every_sync_interval(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    config = write_config(
+        tmp_path / "c.yaml",
+        data,
+        [fast_sensor("a")],
+        sync={
+            "interval": "1s",
+            "destinations": [{"name": "usb", "type": "directory", "path": "outbox"}],
+        },
+    )
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        successes: set[str] = set()
+
+        def drained_three_times() -> bool:
+            if not (data / "journal.db").exists():
+                return False
+            usb = status_json(config)["destinations"].get("usb", {})
+            if usb.get("last_success"):
+                successes.add(usb["last_success"])
+            return len(successes) >= 3
+
+        # The source writes ~20 records a second; each interval's drain ships them.
+        wait_for(drained_three_times, 30, "three interval drains")
+    finally:
+        assert stop_daemon(proc) == 0
