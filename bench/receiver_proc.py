@@ -3,15 +3,23 @@ are not counted as the appliance's (`appliance receiver` on 127.0.0.1, an epheme
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Self
 
 _LISTENING = re.compile(r"receiver listening on (http://\S+)")
+
+
+def _drain(stream: IO[str]) -> None:
+    with contextlib.suppress(ValueError, OSError):  # closed by stop()
+        for _ in stream:
+            pass
 
 
 class ReceiverProcess:
@@ -57,6 +65,8 @@ class ReceiverProcess:
             found = _LISTENING.search(line)
             if found:
                 self.url = found.group(1)
+                # Keep reading stdout so a chatty receiver can never block on a full pipe.
+                threading.Thread(target=_drain, args=(self._proc.stdout,), daemon=True).start()
                 return self
         self.stop()
         raise RuntimeError(

@@ -92,7 +92,8 @@ CAPPED_PAYLOAD_BYTES = 256 * 1024
 CAP_SAMPLE_S = 0.05
 CAP_MIN_SAMPLES = 10
 RESEND_MAX_DRAINS = 20
-# Payloads are stored by rows that carry them; detections and samples have snapshots.
+# Priorities of the records that carry a payload, in turn: detections and samples come with
+# snapshots, telemetry does not.
 PAYLOAD_PRIORITIES = (Priority.ALERT, Priority.EVENT, Priority.SAMPLE)
 
 
@@ -610,8 +611,9 @@ async def bandwidth_phase(
         "header_overhead": round(wire / engine["bytes_sent"] - 1, 4),
         "whole_run_bytes_per_s": round(whole),
         "whole_run_ratio_to_cap": round(whole / cap, 4),
-        # What the limiter allows over the whole run: the cap plus its one-second burst.
-        "whole_run_ratio_allowed_by_burst": round((clock.wall + 1.0) / clock.wall, 4),
+        # What the limiter lets through over the whole run: the cap plus its one-second burst
+        # (HTTP headers, which it does not count, and the last item's unpaid debt come on top).
+        "whole_run_ratio_expected": round((clock.wall + 1.0) / clock.wall, 4),
         "steady_bytes_per_s": None if steady is None else round(steady),
         "steady_ratio_to_cap": None if steady is None else round(steady / cap, 4),
         "steady_window_s": [round(burst_end, 3), round(clock.wall, 3)],

@@ -162,7 +162,9 @@ class SyncEngine:
                     committing = asyncio.ensure_future(self._commit(batch, started, progress))
                 except BaseException:
                     upcoming.cancel()
-                    with contextlib.suppress(BaseException):
+                    # Only the abandoned read's own outcome is dropped; the error that got us
+                    # here is re-raised below.
+                    with contextlib.suppress(Exception, asyncio.CancelledError):
                         await upcoming
                     raise
                 batch = await upcoming
