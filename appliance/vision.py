@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +75,20 @@ class _PendingClip:
     entries: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Timeline:
-    """The clock the gate, tracker and clips run on: the file's own time for video files (so a
-    fast replay tracks and cuts clips exactly as a realtime run would), the monotonic clock for
-    live cameras. A looping file keeps counting forward across its restarts."""
+class FrameClock:
+    """The clock the gate, tracker, clips and sampling caps run on: the file's own time for video
+    files (so a fast replay tracks, cuts clips and meets its hourly sampling caps exactly as a
+    realtime run would), the monotonic clock and wall time for live cameras. A looping file keeps
+    counting forward across its restarts."""
 
     def __init__(self) -> None:
         self._offset_ns = 0
         self._last_pos_ns: int | None = None
         self._step_ns = _NS // 25
+        self._footage_epoch: datetime | None = None
 
     def at(self, frame: Frame) -> int:
+        """The frame's time in nanoseconds: monotonic for live cameras, footage time for files."""
         if frame.position_s is None:
             return frame.mono_ns
         pos = round(frame.position_s * _NS)
@@ -95,6 +99,16 @@ class _Timeline:
                 self._step_ns = pos - self._last_pos_ns
         self._last_pos_ns = pos
         return pos + self._offset_ns
+
+    def wall(self, frame: Frame, at_ns: int) -> datetime:
+        """The UTC time the frame stands for: its wall time for live cameras; for files, the wall
+        time of the first frame plus the footage time since (`at_ns` from `at()`), so that an hour
+        of footage replayed in minutes spans an hour of sampling periods."""
+        if frame.position_s is None:
+            return frame.ts
+        if self._footage_epoch is None:
+            self._footage_epoch = frame.ts - timedelta(microseconds=at_ns / 1000)
+        return self._footage_epoch + timedelta(microseconds=at_ns / 1000)
 
 
 def quiet_opencv() -> None:
@@ -168,7 +182,7 @@ class CameraPipeline:
         # Clips are only cut at zone entries: without zones, no pre-roll ring to keep.
         self.clips = ClipRecorder(cfg.clip, cfg.fps) if cfg.clip.enabled and cfg.zones else None
         self.tracker: Tracker | None = None  # sized by the first frame
-        self._timeline = _Timeline()
+        self._clock = FrameClock()
         # track id -> (frame info, JPEG) of its best detection: encoded when it improves, so an
         # open track holds a bounded snapshot, not a full frame; at most once a second per track
         # (a new track improves on most frames at first), the latest improvement waiting in
@@ -211,7 +225,7 @@ class CameraPipeline:
 
     async def _on_frame(self, raw: Frame) -> None:
         self.stats.frames += 1
-        frame = dataclasses.replace(raw, mono_ns=self._timeline.at(raw))
+        frame = dataclasses.replace(raw, mono_ns=self._clock.at(raw))
         self._last_frame = frame
         if self.tracker is None:
             self.tracker = Tracker(self.cfg.tracking, self.cfg.zones, (frame.width, frame.height))
@@ -230,7 +244,7 @@ class CameraPipeline:
             return
         for event in self.tracker.update(detections, frame):
             await self._on_track_event(event, frame, image, detections)
-        await self._maybe_sample(raw, image, detections)
+        await self._maybe_sample(frame, image, detections)
 
     async def _detect(self, frame: Frame) -> list[Detection] | None:
         try:
@@ -400,7 +414,7 @@ class CameraPipeline:
         )
 
     async def _maybe_sample(self, frame: Frame, image: Image, detections: list[Detection]) -> None:
-        ticket = self.sampler.consider(frame.ts, detections)
+        ticket = self.sampler.consider(self._clock.wall(frame, frame.mono_ns), detections)
         if ticket is None:
             return
         data = await self._encode(image, None, "sample")

@@ -474,6 +474,15 @@ class Camera(Strict):
         default_factory=SamplingSettings, description="Frames kept for retraining."
     )
 
+    @model_validator(mode="after")
+    def _unique_zone_names(self) -> Camera:
+        # A zone's name is what its alerts say; two zones of one name could not be told apart.
+        names = [z.name for z in self.zones]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"zone names must be unique within a camera; repeated: {repeated}")
+        return self
+
 
 class DestinationCommon(Strict):
     name: Name = Field(description="Destination name, used in status, logs and records.")

@@ -266,12 +266,19 @@ class DarknetHead:
 
 
 def decode_darknet_head(
-    raw: npt.NDArray[Any], head: DarknetHead, input_width: int, input_height: int
+    raw: npt.NDArray[Any],
+    head: DarknetHead,
+    input_width: int,
+    input_height: int,
+    min_objectness: float = 0.0,
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Decode one raw head [1, A*(5+C), h, w] as darknet's yolo_layer.c does.
 
-    Returns, for every (anchor, row, column) in that order: boxes xyxy in input pixels [n, 4],
-    objectness [n] and per-class probabilities [n, C] (not yet multiplied by objectness).
+    Returns, for every (anchor, row, column) in that order whose objectness is at least
+    `min_objectness`: boxes xyxy in input pixels [n, 4], objectness [n] and per-class
+    probabilities [n, C] (not yet multiplied by objectness). A class score is objectness times a
+    probability of at most 1, so a caller with a score threshold passes it here and skips the
+    class activations of the (usually 99%) cells that cannot reach it.
     With new_coords=0 the raw values are logits (x, y, objectness and classes go through a
     sigmoid, w and h through exp); with new_coords=1 the layer before already applied the
     logistic activation to everything, and w = (2 * tw)^2 * anchor.
@@ -287,28 +294,31 @@ def decode_darknet_head(
             f"head {head.output}: shape {list(raw.shape)} is not [1, {anchors}*(5+C), h, w]"
         )
     channels, grid_h, grid_w = x.shape
-    x = x.reshape(anchors, channels // anchors, grid_h, grid_w)
-    tx, ty, tw, th, obj = x[:, 0], x[:, 1], x[:, 2], x[:, 3], x[:, 4]
-    cls = x[:, 5:]
+    # [anchor, row, column, 5+C]: one row per cell, in the order the docstring promises.
+    grid = x.reshape(anchors, channels // anchors, grid_h, grid_w).transpose(0, 2, 3, 1)
+    cells: FloatArray = grid.reshape(-1, channels // anchors)
+    obj = cells[:, 4] if head.new_coords else _sigmoid(cells[:, 4])
+    keep = np.flatnonzero(obj >= min_objectness)
+    cells, obj = cells[keep], obj[keep]
+    anchor_index, cell_index = np.divmod(keep, grid_h * grid_w)
+    rows, cols = np.divmod(cell_index, grid_w)
+    tx, ty, tw, th = cells[:, 0], cells[:, 1], cells[:, 2], cells[:, 3]
+    cls = cells[:, 5:]
     if not head.new_coords:
-        tx, ty, obj, cls = _sigmoid(tx), _sigmoid(ty), _sigmoid(obj), _sigmoid(cls)
+        tx, ty, cls = _sigmoid(tx), _sigmoid(ty), _sigmoid(cls)
     sxy = np.float32(head.scale_x_y)
     shift = np.float32((head.scale_x_y - 1.0) / 2.0)
-    cols = np.arange(grid_w, dtype=np.float32)[None, None, :]
-    rows = np.arange(grid_h, dtype=np.float32)[None, :, None]
-    cx = (tx * sxy - shift + cols) / grid_w * input_width
-    cy = (ty * sxy - shift + rows) / grid_h * input_height
-    anchor = np.asarray(head.anchors, dtype=np.float32)
-    aw, ah = anchor[:, 0, None, None], anchor[:, 1, None, None]
+    cx = (tx * sxy - shift + cols.astype(np.float32)) / grid_w * input_width
+    cy = (ty * sxy - shift + rows.astype(np.float32)) / grid_h * input_height
+    anchor = np.asarray(head.anchors, dtype=np.float32)[anchor_index]
+    aw, ah = anchor[:, 0], anchor[:, 1]
     if head.new_coords:
         bw, bh = (2.0 * tw) ** 2 * aw, (2.0 * th) ** 2 * ah
     else:
         bw = np.exp(np.minimum(tw, _MAX_EXP)) * aw
         bh = np.exp(np.minimum(th, _MAX_EXP)) * ah
-    boxes = _cxcywh_to_xyxy(cx, cy, bw, bh).reshape(-1, 4)
-    num_classes = cls.shape[1]
-    probs = cls.transpose(0, 2, 3, 1).reshape(-1, num_classes)
-    return boxes, obj.reshape(-1).astype(np.float32), probs.astype(np.float32)
+    boxes = _cxcywh_to_xyxy(cx, cy, bw, bh)
+    return boxes, obj.astype(np.float32), np.asarray(cls, dtype=np.float32)
 
 
 def _number(value: Any) -> bool:
@@ -424,7 +434,9 @@ class DarknetAdapter:
                     f"head {head.output} came back {list(raw.shape)}, expected "
                     f"[1, {expected}, h, w]",
                 )
-            boxes, obj, probs = decode_darknet_head(raw, head, input_width, input_height)
+            boxes, obj, probs = decode_darknet_head(
+                raw, head, input_width, input_height, min_objectness=score_threshold
+            )
             rows, ids, scores = _best_class(probs, obj, score_threshold)
             parts.append(Decoded(boxes[rows], scores, ids))
         return Decoded(*(np.concatenate(arrays) for arrays in zip(*parts, strict=True)))

@@ -49,7 +49,8 @@ class Sampler:
     `cancel(ticket)`. Open tickets count against the hourly and daily caps so that several frames
     in flight at once cannot overshoot them either.
 
-    Periods are UTC clock hours and UTC days of the frames' wall time. A clock that steps (a ship
+    Periods are UTC clock hours and UTC days of the times `consider` is given (the camera
+    pipeline gives wall time for live cameras, footage time for files). A clock that steps (a ship
     syncing its clock) starts a new period whichever way it steps: the caps still bound every
     period, and a clock set back does not lock sampling out until its old day comes again.
     """

@@ -15,6 +15,7 @@ long gated pause is not enough to end an object that stood still through the pau
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from config.models import TrackingSettings, Zone
-from inference.detections import Detection, iou
+from inference.detections import Detection
 from sensors.base import Frame, mono_ns, utc_now
 
 EventKind = Literal["started", "improved", "zone_entered", "zone_left", "ended"]
@@ -340,37 +341,51 @@ class Tracker:
     # ------------------------------------------------------------------ internals
 
     def _match(self, detections: list[Detection], now_ns: int) -> list[tuple[_Track, int]]:
-        """Greedy matching, confirmed tracks before tentative ones, so noise never steals a box."""
+        """Greedy matching, confirmed tracks before tentative ones, so noise never steals a box.
+
+        The pairwise measures are numpy arrays: this runs on the event loop for every analysed
+        frame, and a busy street has tens of tracks times tens of boxes."""
         horizon_s = self.cfg.max_missed
         free = set(range(len(detections)))
         matches: list[tuple[_Track, int]] = []
+        found = _boxes(detections)
+        found_classes = np.fromiter((d.class_id for d in detections), np.int64, len(detections))
         for confirmed in (True, False):
             tracks = [t for t in self._tracks if t.confirmed is confirmed]
             if not tracks or not free:
                 continue
-            predicted = [t.predicted(now_ns, horizon_s) for t in tracks]
+            columns = np.fromiter(sorted(free), np.intp, len(free))
+            boxes = found[columns]
+            last = _boxes([t.last for t in tracks])
+            predicted = _boxes([t.predicted(now_ns, horizon_s) for t in tracks])
+            same_class = (
+                np.fromiter((t.class_id for t in tracks), np.int64, len(tracks))[:, None]
+                == found_classes[columns][None, :]
+            )
             # Overlap with the last box holds a still object; with the predicted one, a mover.
-            overlaps: list[tuple[float, int, int]] = []
-            distances: list[tuple[float, int, int]] = []
-            for ti, track in enumerate(tracks):
-                size = max(track.last.x2 - track.last.x1, track.last.y2 - track.last.y1, 1.0)
-                for j in free:
-                    d = detections[j]
-                    if d.class_id != track.class_id:
-                        continue
-                    overlap = max(iou(track.last, d), iou(predicted[ti], d))
-                    if overlap >= self.cfg.iou_threshold:
-                        overlaps.append((overlap, ti, j))
-                    elif _similar_size(track.last, d):
-                        # Moved less than its own size: still the same object at a low frame rate.
-                        moved = min(_distance(track.last, d), _distance(predicted[ti], d)) / size
-                        if moved < 1.0:
-                            distances.append((moved, ti, j))
-            taken: set[int] = set()
+            overlap = np.maximum(_pairwise_iou(last, boxes), _pairwise_iou(predicted, boxes))
+            overlapping = same_class & (overlap >= self.cfg.iou_threshold)
+            # Else moved less than its own size: still the same object at a low frame rate.
+            size = np.maximum(np.maximum(last[:, 2] - last[:, 0], last[:, 3] - last[:, 1]), 1.0)[
+                :, None
+            ]
+            moved = (
+                np.minimum(_pairwise_distance(last, boxes), _pairwise_distance(predicted, boxes))
+                / size
+            )
+            near = same_class & ~overlapping & _pairwise_similar_size(last, boxes) & (moved < 1.0)
             # Higher overlap first; then shorter relative distance first.
-            ranked = [(-o, ti, j) for o, ti, j in overlaps]
-            for pool in (ranked, distances):
-                for _, ti, j in sorted(pool):
+            ranked = sorted(
+                (-float(overlap[ti, c]), int(ti), int(columns[c]))
+                for ti, c in zip(*np.nonzero(overlapping), strict=True)
+            )
+            close = sorted(
+                (float(moved[ti, c]), int(ti), int(columns[c]))
+                for ti, c in zip(*np.nonzero(near), strict=True)
+            )
+            taken: set[int] = set()
+            for pool in (ranked, close):
+                for _, ti, j in pool:
                     if ti in taken or j not in free:
                         continue
                     taken.add(ti)
@@ -515,21 +530,59 @@ def _check_size(frame_size: tuple[int, int]) -> tuple[int, int]:
 
 def _check_detection(detection: Detection, frame: Frame) -> None:
     box = (detection.x1, detection.y1, detection.x2, detection.y2)
-    if not all(np.isfinite(box)) or detection.x2 < detection.x1 or detection.y2 < detection.y1:
+    if (
+        not all(math.isfinite(v) for v in box)
+        or detection.x2 < detection.x1
+        or detection.y2 < detection.y1
+    ):
         raise ValueError(
             f"camera {frame.source!r} frame {frame.index}: detection {detection.label!r} has an "
             f"invalid box {box} (need finite x1 <= x2, y1 <= y2)"
         )
 
 
-def _distance(a: Detection, b: Detection) -> float:
-    (ax, ay), (bx, by) = a.center, b.center
-    return float(np.hypot(ax - bx, ay - by))
+def _boxes(detections: list[Detection]) -> npt.NDArray[np.float64]:
+    """[n, 4] x1, y1, x2, y2."""
+    out = np.empty((len(detections), 4), np.float64)
+    for row, d in enumerate(detections):
+        out[row] = (d.x1, d.y1, d.x2, d.y2)
+    return out
 
 
-def _similar_size(a: Detection, b: Detection) -> bool:
-    small, large = sorted((max(a.area, 1.0), max(b.area, 1.0)))
-    return large <= SIZE_RATIO_LIMIT * small
+def _areas(boxes: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    widths = np.maximum(boxes[:, 2] - boxes[:, 0], 0.0)
+    return np.asarray(widths * np.maximum(boxes[:, 3] - boxes[:, 1], 0.0))
+
+
+def _pairwise_iou(
+    a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """[n, m] intersection over union of a's boxes with b's (0 where they do not overlap), the
+    same arithmetic as `inference.detections.iou`."""
+    w = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    h = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    overlapping = (w > 0) & (h > 0)
+    inter = np.where(overlapping, w * h, 0.0)
+    union = _areas(a)[:, None] + _areas(b)[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=overlapping)
+
+
+def _pairwise_distance(
+    a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """[n, m] distances between the boxes' centres."""
+    ca = (a[:, :2] + a[:, 2:]) / 2
+    cb = (b[:, :2] + b[:, 2:]) / 2
+    return np.asarray(np.hypot(ca[:, None, 0] - cb[None, :, 0], ca[:, None, 1] - cb[None, :, 1]))
+
+
+def _pairwise_similar_size(
+    a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]
+) -> npt.NDArray[np.bool_]:
+    """[n, m] whether the larger of each pair's areas is within SIZE_RATIO_LIMIT of the smaller."""
+    area_a = np.maximum(_areas(a), 1.0)[:, None]
+    area_b = np.maximum(_areas(b), 1.0)[None, :]
+    return np.asarray(np.maximum(area_a, area_b) <= SIZE_RATIO_LIMIT * np.minimum(area_a, area_b))
 
 
 def _polygon_area(points: list[tuple[float, float]]) -> float:

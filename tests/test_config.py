@@ -96,6 +96,15 @@ MISTAKES = {
         5,
         "names channel 'nope'",
     ),
+    "repeated zone name": (
+        MINIMAL
+        + "cameras:\n  - name: gate\n    url: builtin:vtest\n    zones:\n"
+        + "      - {name: quay, polygon: [[0, 0], [1, 0], [1, 1]]}\n"
+        + "      - {name: quay, polygon: [[0, 0], [0, 1], [1, 1]]}\n",
+        "cameras[0]",
+        5,
+        "repeated: ['quay']",
+    ),
     "unset variable": (
         MINIMAL.replace("/tmp/x", "${NOT_SET_ANYWHERE}"),
         "appliance.data_dir",

@@ -261,7 +261,7 @@ def test_darknet_decoding_matches_opencv_on_yolov3_tiny(frame: Image) -> None:
         DarknetHead("yolo_16", ((81, 82), (135, 169), (344, 319))),
         DarknetHead("yolo_23", ((10, 14), (23, 27), (37, 58))),
     ]
-    scored = 0
+    scored = floored = 0
     for raw, reference, head in zip((conv15, conv22), (yolo16, yolo23), heads, strict=True):
         grid_h, grid_w = raw.shape[2:]
         boxes, objectness, probs = decode_darknet_head(raw, head, 416, 416)
@@ -278,7 +278,15 @@ def test_darknet_decoding_matches_opencv_on_yolov3_tiny(frame: Image) -> None:
         np.testing.assert_allclose(mine[kept], ref_scores[kept], rtol=1e-4)
         assert np.all(mine[~kept] <= 0.2 + 1e-4)
         scored += int(kept.sum())
+        # With a floor on objectness: exactly the rows above it, decoded the same.
+        few = decode_darknet_head(raw, head, 416, 416, min_objectness=0.2)
+        above = objectness >= 0.2
+        assert len(few[0]) < len(boxes)
+        floored += len(few[0])
+        for part, whole in zip(few, (boxes, objectness, probs), strict=True):
+            np.testing.assert_array_equal(part, whole[above])
     assert scored >= 5  # the frame's pedestrians
+    assert floored > 0
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["channels-first", "transposed"])

@@ -5,7 +5,9 @@ and broken videos or models that degrade a camera without losing anything."""
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,12 @@ import cv2
 import numpy as np
 import pytest
 
-from config import DetectorModel
+from appliance.vision import FrameClock
+from config import DetectorModel, SamplingSettings
 from inference.detect import open_detector
 from inference.detections import Detection, iou
+from inference.sampling import Sampler
+from sensors.base import Frame
 from sensors.camera import builtin_footage
 from sync.payloads import PayloadStore
 from sync.reader import JournalReader
@@ -255,3 +260,24 @@ def test_a_broken_video_or_model_degrades_its_camera_and_loses_nothing(tmp_path:
     # The sensor beside them ran to its end, every window journalled.
     assert len(records(data_dir, "reading")) == 20
     assert [r["body"]["event"] for r in records(data_dir, "lifecycle")] == ["started", "stopped"]
+
+
+def test_sampling_caps_of_a_replayed_file_run_on_the_footage_clock() -> None:
+    """Two hours of footage replayed in a second meet two hourly caps, not one; a live camera's
+    samples run on wall time."""
+    clock = FrameClock()
+    sampler = Sampler(SamplingSettings(random=1.0, uncertain=None, per_hour=1), random.Random(1))
+    start = datetime(2026, 11, 23, 12, 0, 30, tzinfo=UTC)
+    image = np.zeros((4, 4, 3), np.uint8)
+    kept = []
+    for index, minute in enumerate(range(0, 120, 10)):
+        # Every frame read in the same wall-clock second, at ten-minute steps through the file.
+        frame = Frame("cam", image, start, mono_ns=index, index=index, position_s=minute * 60.0)
+        when = clock.wall(frame, clock.at(frame))
+        assert when == start + timedelta(minutes=minute)
+        ticket = sampler.consider(when, [])
+        if ticket is not None and sampler.commit(ticket, 100):
+            kept.append(minute)
+    assert kept == [0, 60]  # one in each UTC clock hour of the footage: 12:00:30, 13:00:30
+    live = Frame("cam", image, start, mono_ns=5, index=0)
+    assert FrameClock().wall(live, 5) == start
