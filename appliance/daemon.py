@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 from appliance.control import ControlServer
 from appliance.health import HealthMonitor, app_version
-from appliance.pipeline import SensorConfig, SourcePipeline
+from appliance.pipeline import SourcePipeline
 from appliance.recorder import Recorder
 from appliance.scheduler import Jobs
 from appliance.supervisor import ComponentHealth, Supervised
 from appliance.vision import CameraPipeline, DetectorPool, quiet_opencv
-from config import ApplianceConfig, Camera, ConfigError, SimulatedSensor
-from sensors import open_source
+from config import ApplianceConfig, Camera, ConfigError, LiveSensorCommon, SimulatedSensor
+from sensors import NmeaSource, Position, SensorConfig, open_source
 from sensors.camera import CameraSource, parse_camera_url
 from sync import Journal, NewRecord, PayloadStore, Priority, StorageFull, StorageGuard
 from sync.engine import SyncEngine
@@ -67,6 +67,13 @@ def check_replayable(cfg: ApplianceConfig) -> None:
                 key=f"sensors[{index}].duration",
                 line=None,
             )
+        if isinstance(sensor, LiveSensorCommon):
+            raise ConfigError(
+                f"source {sensor.name!r} is a live {sensor.type} source; replay needs recorded "
+                "data (a csv source, or a simulated one with `duration`)",
+                key=f"sensors[{index}].type",
+                line=None,
+            )
 
 
 def _waker(engine: SyncEngine) -> Callable[[], Awaitable[None]]:
@@ -74,6 +81,24 @@ def _waker(engine: SyncEngine) -> Callable[[], Awaitable[None]]:
         engine.wake.set()
 
     return wake
+
+
+class PositionBoard:
+    """The appliance's last known position, from whichever NMEA source has the newest fix; the
+    journal stamps it on every record (a ship's records say where they were taken)."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, NmeaSource] = {}
+        self._shown: tuple[Position, dict[str, Any]] | None = None
+
+    def latest(self) -> dict[str, Any] | None:
+        fixes = [s.last_position for s in self.sources.values() if s.last_position is not None]
+        if not fixes:
+            return None
+        newest = max(fixes, key=lambda p: p.received)
+        if self._shown is None or self._shown[0] is not newest:
+            self._shown = (newest, newest.as_dict())  # one dict per fix, not one per record
+        return self._shown[1]
 
 
 class Daemon:
@@ -87,6 +112,7 @@ class Daemon:
         self.stop = stop or asyncio.Event()
         self.pipelines: dict[str, SourcePipeline] = {}
         self.cameras: dict[str, CameraPipeline] = {}
+        self.positions = PositionBoard()
         self.monitor: HealthMonitor | None = None
         self.engines: list[SyncEngine] = []
         self._signals = 0
@@ -230,8 +256,11 @@ class Daemon:
 
         def attempt_factory(sensor: SensorConfig) -> Any:
             async def attempt() -> None:
-                source = open_source(sensor)
+                source = open_source(sensor, appliance_id=cfg.appliance.id)
                 monitor.sources[sensor.name] = source.health
+                if isinstance(source, NmeaSource) and source.cfg.position:
+                    self.positions.sources[sensor.name] = source
+                    journal.position_source = self.positions.latest
                 pipeline = SourcePipeline(sensor, source, journal, store)
                 self.pipelines[sensor.name] = pipeline
                 await pipeline.run()

@@ -25,8 +25,9 @@ CSV_COLUMNS = (
 )
 
 
-def parse_since(text: str) -> str:
-    """`--since`: an ISO-8601 time or date (UTC if no zone), or an age such as `30m` or `2d`."""
+def parse_since(text: str, option: str = "--since") -> str:
+    """`--since` (or `option`): an ISO-8601 time or date (UTC if no zone), or an age such as
+    `30m` or `2d`."""
     try:
         return format_ts(datetime.now(UTC) - timedelta(seconds=parse_duration(text)))
     except ValueError:
@@ -35,7 +36,7 @@ def parse_since(text: str) -> str:
         return format_ts(parse_ts(text))
     except ValueError:
         raise ValueError(
-            f"--since {text!r}: expected an ISO-8601 time such as 2026-11-01T00:00:00Z or an age such as 2h"
+            f"{option} {text!r}: expected an ISO-8601 time such as 2026-11-01T00:00:00Z or an age such as 2h"
         ) from None
 
 

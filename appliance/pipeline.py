@@ -1,4 +1,5 @@
-"""The pipeline of one sensor source: readings -> features, limits and samples -> journal records.
+"""The pipeline of one sensor source: readings -> features, limits, anomalies and samples ->
+journal records.
 
 Cameras have their own in appliance/vision.py; both journal through appliance/recorder.py."""
 
@@ -10,14 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from appliance.anomalies import AnomalyStage
+from appliance.baselines import BaselineStore
 from appliance.recorder import Recorder
-from config import CsvSensor, Limit, SimulatedSensor
+from config import Limit
 from inference.features import Summary, summarise
-from sensors import QualityReport, SampleWindow, Source
+from sensors import QualityReport, SampleWindow, SensorConfig, Source
 from sync import Journal, NewRecord, PayloadStore, Priority
 from sync.records import format_ts
-
-SensorConfig = SimulatedSensor | CsvSensor
 
 
 @dataclass
@@ -45,7 +46,12 @@ class SourcePipeline:
     """Runs one source to its end (or cancellation) and journals what it sees."""
 
     def __init__(
-        self, cfg: SensorConfig, source: Source, journal: Journal, payloads: PayloadStore
+        self,
+        cfg: SensorConfig,
+        source: Source,
+        journal: Journal,
+        payloads: PayloadStore,
+        baselines: BaselineStore | None = None,
     ) -> None:
         self.cfg = cfg
         self.source = source
@@ -54,37 +60,51 @@ class SourcePipeline:
         self.stats = PipelineStats()
         self.recorder = Recorder(cfg.name, journal, payloads)
         self._violated: set[tuple[int, str]] = set()
+        self.anomaly: AnomalyStage | None = None
+        if cfg.anomaly is not None:
+            store = baselines or BaselineStore.in_data_dir(journal.data_dir)
+            self.anomaly = AnomalyStage(cfg.name, cfg.anomaly, self.recorder, store)
 
     async def run(self) -> None:
+        if self.anomaly is not None:
+            await asyncio.to_thread(self.anomaly.load)
         async with self.source:
             async for reading in self.source.readings():
                 if isinstance(reading, SampleWindow):
                     await self._on_window(reading)
                 else:
                     await self._on_quality(reading)
+        if self.anomaly is not None:
+            await self.anomaly.finish()
 
     async def _append(self, record: NewRecord) -> bool:
         return await self.recorder.append(record) is not None
 
     async def _on_window(self, window: SampleWindow) -> None:
         self.stats.windows += 1
-        summary = summarise(window)
-        body = {
+        summary = summarise(window, settings=self.cfg.features)
+        body: dict[str, object] = {
             "window_s": window.duration_s,
             "sample_rate": window.sample_rate,
             "channels": summary,
         }
+        if window.quality:
+            body["quality"] = list(window.quality)
         await self._append(
             NewRecord(
                 source=self.cfg.name,
                 kind="reading",
                 priority=Priority.TELEMETRY,
                 body=body,
+                # Readings carry the baseline that scored them, so ashore can tell which did.
+                model=None if self.anomaly is None else self.anomaly.model,
                 ts=window.ts,
                 mono_ns=window.mono_ns,
             )
         )
         await self._check_limits(window, summary)
+        if self.anomaly is not None:
+            await self.anomaly.on_window(window, summary)
         every = self.cfg.sample_raw_every
         if every and self.stats.windows % every == 0:
             await self._keep_sample(window, summary)

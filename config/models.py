@@ -55,7 +55,18 @@ TimeWindow = Annotated[
 ]
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-FeatureName = Literal["rms", "peak", "mean", "min", "max"]
+FeatureName = Literal[
+    "rms",
+    "peak",
+    "mean",
+    "min",
+    "max",
+    "crest",
+    "kurtosis",
+    "skewness",
+    "centroid_hz",
+    "slope",
+]
 
 
 class Strict(BaseModel):
@@ -148,7 +159,9 @@ class JournalSection(Strict):
 
 
 class Limit(Strict):
-    feature: FeatureName = Field(description="Window feature the limit watches.")
+    feature: FeatureName | Annotated[str, Field(pattern=r"^band_[0-9p]+_[0-9p]+$")] = Field(
+        description="Window feature the limit watches (a band energy as `band_<low>_<high>`)."
+    )
     channel: str | None = Field(
         default=None, description="Channel the limit applies to; null means every channel."
     )
@@ -167,6 +180,89 @@ class Limit(Strict):
         return self
 
 
+class FeatureSettings(Strict):
+    kind: Literal["auto", "vibration", "slow"] = Field(
+        default="auto",
+        description="vibration: adds crest, kurtosis (Pearson, normal = 3), skewness, "
+        "centroid_hz and band energies; slow: adds slope (units/s); both also give rms, peak, "
+        "mean, min and max. auto: vibration for regularly sampled sources at 100 Hz or more, slow "
+        "otherwise.",
+    )
+    bands: list[tuple[float, float]] = Field(
+        default_factory=list,
+        description="Vibration: FFT bands [low, high) in Hz whose energy is a feature, named "
+        "`band_<low>_<high>` with `p` for a decimal point (e.g. band_312p5_625); empty: five "
+        "octave bands up to the Nyquist frequency.",
+    )
+
+    @model_validator(mode="after")
+    def _bands_are_ordered(self) -> FeatureSettings:
+        for low, high in self.bands:
+            if not 0 <= low < high:
+                raise ValueError(f"band [{low}, {high}] must have 0 <= low < high")
+        return self
+
+
+class AnomalySettings(Strict):
+    method: Literal["robust_z", "ewma", "hotelling", "isolation_forest", "autoencoder"] = Field(
+        description="robust_z: the largest median/MAD z-score of the features; ewma: an "
+        "exponentially weighted control chart; hotelling: Hotelling's T² of the feature vector; "
+        "isolation_forest, autoencoder: scikit-learn models fitted on the baseline and run as "
+        "ONNX (skl2onnx). isolation_forest splits one feature at a time: it misses a broken "
+        "correlation between channels (use hotelling or autoencoder) and its scores level off "
+        "near the baseline's most extreme windows, so a margin of about 1.2 suits it better."
+    )
+    features: list[str] = Field(
+        default_factory=list,
+        description="Feature vector as `channel.feature` names (e.g. `hss_axial.rms`); empty: "
+        "every feature of every channel.",
+    )
+    baseline: Duration = Field(
+        default=3600.0,
+        gt=0,
+        description="Healthy running fitted at the start (or after `models fit-baseline`); no "
+        "anomaly is reported before it is fitted.",
+    )
+    min_windows: int = Field(
+        default=30, ge=5, description="Fewest clean windows a baseline may be fitted on."
+    )
+    quantile: float = Field(
+        default=0.99,
+        gt=0.5,
+        lt=1,
+        description="The threshold is this quantile of the baseline's own scores, times `margin`.",
+    )
+    margin: float = Field(default=1.5, ge=1, description="Threshold = quantile score x margin.")
+    debounce: tuple[int, int] = Field(
+        default=(3, 5),
+        description="[k, n]: an anomaly starts when k of the last n windows are over the threshold.",
+    )
+    hysteresis: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="An anomaly ends when n windows in a row score under threshold x hysteresis.",
+    )
+    critical: float = Field(
+        default=2.0,
+        ge=1,
+        description="Score / threshold at which an anomaly is an `alert` rather than an `event`.",
+    )
+    raw_windows: tuple[int, int] = Field(
+        default=(3, 3),
+        description="[pre, post]: raw-sample windows kept around an anomaly as its payload.",
+    )
+
+    @model_validator(mode="after")
+    def _debounce_fits(self) -> AnomalySettings:
+        k, n = self.debounce
+        if not 1 <= k <= n <= 100:
+            raise ValueError("debounce must be [k, n] with 1 <= k <= n <= 100")
+        if min(self.raw_windows) < 0 or max(self.raw_windows) > 60:
+            raise ValueError("raw_windows must be [pre, post], each 0..60")
+        return self
+
+
 class SensorCommon(Strict):
     name: Name = Field(description="Source name, stamped on its records.")
     window: Duration = Field(
@@ -181,6 +277,12 @@ class SensorCommon(Strict):
         default_factory=list,
         description="Feature limits; crossing one journals an alert (or event) record, and "
         "returning inside journals a clear record.",
+    )
+    features: FeatureSettings = Field(
+        default_factory=FeatureSettings, description="Which window features are computed."
+    )
+    anomaly: AnomalySettings | None = Field(
+        default=None, description="Anomaly detection on the window features; null: off."
     )
 
 
@@ -273,7 +375,214 @@ class CsvSensor(SensorCommon):
     )
 
 
-Sensor = Annotated[SimulatedSensor | CsvSensor, Field(discriminator="type")]
+class LiveSensorCommon(SensorCommon):
+    """What every networked or serial source shares: value checks and reconnecting."""
+
+    ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Plausible [low, high] per channel; a value outside is a data-quality "
+        "record (`out_of_range`) and is left out of the window.",
+    )
+    stuck_after: int = Field(
+        default=0,
+        ge=0,
+        description="A channel reading the same value this many times in a row is reported "
+        "`stuck` (0: never).",
+    )
+    gap_after: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="No value from the source for this long is reported as a `gap` when "
+        "values return; null: never.",
+    )
+    reconnect_max: Duration = Field(
+        default=30.0, gt=0, description="Longest wait between reconnect attempts (jittered)."
+    )
+
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> LiveSensorCommon:
+        for channel, (low, high) in self.ranges.items():
+            if not low < high:
+                raise ValueError(f"range of {channel!r} must be [low, high] with low < high")
+        return self
+
+
+class MqttTopic(Strict):
+    topic: str = Field(
+        min_length=1, description="Topic filter to subscribe to; MQTT wildcards + and # allowed."
+    )
+    channel: Name | None = Field(
+        default=None,
+        description="Channel the values go to; null: the message's topic with / turned into "
+        "`.` (so one wildcard filter feeds many channels).",
+    )
+    field: str | None = Field(
+        default=None,
+        description="Dotted path of the value in a JSON payload (e.g. `data.temp`); null: the "
+        "payload is a bare number.",
+    )
+    scale: float = Field(default=1.0, description="Value = raw * scale + offset.")
+    offset: float = Field(default=0.0, description="Value = raw * scale + offset.")
+
+
+class MqttSensor(LiveSensorCommon):
+    type: Literal["mqtt"] = Field(description="Values from an MQTT broker (QoS 1).")
+    host: str = Field(min_length=1, description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker port.")
+    username: str | None = Field(default=None, description="User name, if the broker wants one.")
+    password: str | None = Field(
+        default=None, description="Password; write `${file:/run/secrets/...}` to keep it out."
+    )
+    tls: bool = Field(default=False, description="Connect with TLS.")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle for the broker's certificate; null: the system's."
+    )
+    client_id: str | None = Field(
+        default=None,
+        description="MQTT client id; null: `appliance-{id}-{name}`. A fixed id keeps the QoS 1 "
+        "session, so messages sent while the link was down are delivered on reconnect.",
+    )
+    keepalive: Duration = Field(default=30.0, ge=5, description="MQTT keepalive interval.")
+    topics: list[MqttTopic] = Field(min_length=1, description="Subscriptions and their channels.")
+
+    @model_validator(mode="after")
+    def _credentials_and_tls(self) -> MqttSensor:
+        if self.password is not None and self.username is None:
+            raise ValueError("`password` is set but `username` is not")
+        if self.ca_file is not None and not self.tls:
+            raise ValueError("`ca_file` is set but `tls` is false")
+        return self
+
+
+class ModbusRegister(Strict):
+    channel: Name = Field(description="Channel the value goes to.")
+    address: int = Field(ge=0, le=65535, description="First register (0-based).")
+    table: Literal["holding", "input"] = Field(
+        default="holding", description="Holding registers (function 3) or input registers (4)."
+    )
+    type: Literal["int16", "uint16", "int32", "uint32", "float32"] = Field(
+        default="uint16", description="How the register(s) are read; 32-bit types use two."
+    )
+    byte_order: Literal["big", "little"] = Field(
+        default="big", description="Byte order within a register (Modbus is big-endian)."
+    )
+    word_order: Literal["big", "little"] = Field(
+        default="big", description="32-bit types: which register holds the high word first."
+    )
+    scale: float = Field(default=1.0, description="Value = raw * scale + offset.")
+    offset: float = Field(default=0.0, description="Value = raw * scale + offset.")
+
+
+class ModbusSensor(LiveSensorCommon):
+    type: Literal["modbus"] = Field(description="Registers polled from a Modbus TCP device.")
+    host: str = Field(min_length=1, description="Device host name or address.")
+    port: int = Field(default=502, ge=1, le=65535, description="Modbus TCP port.")
+    unit: int = Field(default=1, ge=0, le=255, description="Unit (slave) id.")
+    poll: Duration = Field(default=1.0, gt=0, description="Time between polls.")
+    timeout: Duration = Field(default=3.0, gt=0, description="Give up on one request after it.")
+    registers: list[ModbusRegister] = Field(min_length=1, description="What to read.")
+
+    @model_validator(mode="after")
+    def _registers_fit(self) -> ModbusSensor:
+        seen: set[str] = set()
+        for register in self.registers:
+            if register.channel in seen:
+                raise ValueError(f"channel {register.channel!r} is configured twice")
+            seen.add(register.channel)
+            if register.type in ("int32", "uint32", "float32") and register.address > 65534:
+                raise ValueError(
+                    f"{register.channel} ({register.type}) at {register.address} runs past the "
+                    "last register address 65535"
+                )
+        return self
+
+
+class OpcUaNode(Strict):
+    node_id: str = Field(min_length=1, description="Node id, e.g. `ns=2;s=Gearbox.Temp`.")
+    channel: Name = Field(description="Channel the value goes to.")
+    scale: float = Field(default=1.0, description="Value = raw * scale + offset.")
+    offset: float = Field(default=0.0, description="Value = raw * scale + offset.")
+
+
+class OpcUaSensor(LiveSensorCommon):
+    type: Literal["opcua"] = Field(description="Subscriptions to an OPC UA server's nodes.")
+    url: str = Field(pattern=r"^opc\.tcp://", description="Endpoint, opc.tcp://host:port/path.")
+    nodes: list[OpcUaNode] = Field(min_length=1, description="Nodes to subscribe to.")
+    publishing_interval: Duration = Field(
+        default=1.0, gt=0, description="How often the server sends data changes."
+    )
+    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = Field(
+        default="None", description="Message security mode."
+    )
+    security_policy: Literal["Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"] = Field(
+        default="Basic256Sha256", description="Security policy when the mode is not None."
+    )
+    certificate: Path | None = Field(
+        default=None, description="Client certificate (DER or PEM) for Sign/SignAndEncrypt."
+    )
+    private_key: Path | None = Field(
+        default=None, description="Client private key (PEM) for Sign/SignAndEncrypt."
+    )
+    server_certificate: Path | None = Field(
+        default=None, description="The server's certificate, to trust it (Sign/SignAndEncrypt)."
+    )
+    username: str | None = Field(default=None, description="User name, if the server wants one.")
+    password: str | None = Field(
+        default=None, description="Password; write `${file:/run/secrets/...}` to keep it out."
+    )
+    timeout: Duration = Field(default=5.0, gt=0, description="Give up on one request after it.")
+
+    @model_validator(mode="after")
+    def _security_has_keys(self) -> OpcUaSensor:
+        if self.security_mode != "None" and (self.certificate is None or self.private_key is None):
+            raise ValueError(
+                f"security_mode {self.security_mode} needs certificate and private_key"
+            )
+        return self
+
+
+class NmeaSensor(LiveSensorCommon):
+    type: Literal["nmea"] = Field(
+        description="NMEA 0183 sentences from serial, UDP or TCP (GGA, RMC, VTG, HDT, MWV, MTW, XDR)."
+    )
+    transport: Literal["serial", "udp", "tcp"] = Field(description="Where the sentences come from.")
+    device: str | None = Field(default=None, description="Serial: the device, e.g. /dev/ttyUSB0.")
+    baudrate: int = Field(default=4800, gt=0, description="Serial: line speed (NMEA 0183: 4800).")
+    host: str = Field(
+        default="0.0.0.0",
+        description="UDP: address to listen on; TCP: the server to connect to.",
+    )
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="UDP: port to listen on; TCP: port to connect to."
+    )
+    talkers: list[str] = Field(
+        default_factory=list,
+        description="Talker ids to accept (e.g. GP, II); empty: all.",
+    )
+    position: bool = Field(
+        default=True,
+        description="Stamp the last known position (GGA/RMC) on every record the appliance writes.",
+    )
+    xdr: list[str] = Field(
+        default_factory=list,
+        description="XDR transducer names to keep as channels `xdr.<name>` (characters outside "
+        "[A-Za-z0-9._-] become _); values of other transducers are counted and dropped. Empty: "
+        "every transducer seen, up to 64.",
+    )
+
+    @model_validator(mode="after")
+    def _transport_has_address(self) -> NmeaSensor:
+        if self.transport == "serial" and not self.device:
+            raise ValueError("transport serial needs `device`")
+        if self.transport in ("udp", "tcp") and self.port is None:
+            raise ValueError(f"transport {self.transport} needs `port`")
+        return self
+
+
+Sensor = Annotated[
+    SimulatedSensor | CsvSensor | MqttSensor | ModbusSensor | OpcUaSensor | NmeaSensor,
+    Field(discriminator="type"),
+]
 
 
 # ------------------------------------------------------------------------- models and cameras

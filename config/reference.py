@@ -6,23 +6,22 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from config.models import (
-    ApplianceConfig,
-    CsvSensor,
-    DirectoryDestination,
-    HttpDestination,
-    S3Destination,
-    SimulatedSensor,
-)
+from config.models import ApplianceConfig, Destination, Sensor
+
+
+def _members(union: Any) -> tuple[type[BaseModel], ...]:
+    """The models of an `Annotated[A | B | ..., discriminator]` list item, in declaration order."""
+    return tuple(get_args(get_args(union)[0]))
+
 
 _UNION_MEMBERS: dict[str, tuple[type[BaseModel], ...]] = {
-    "sensors": (SimulatedSensor, CsvSensor),
-    "sync.destinations": (HttpDestination, DirectoryDestination, S3Destination),
+    "sensors": _members(Sensor),
+    "sync.destinations": _members(Destination),
 }
 
 

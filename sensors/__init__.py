@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from config.models import CsvSensor, SimulatedSensor
+from config.models import (
+    CsvSensor,
+    ModbusSensor,
+    MqttSensor,
+    NmeaSensor,
+    OpcUaSensor,
+    SimulatedSensor,
+)
 from sensors.base import (
     Frame,
     QualityIssue,
@@ -18,14 +25,30 @@ from sensors.base import (
 )
 from sensors.camera import CameraHealth, CameraSource
 from sensors.csv_replay import CsvSource
+from sensors.live import LiveSource
+from sensors.modbus import ModbusSource
+from sensors.mqtt import MqttSource
+from sensors.nmea import NmeaSource, Position
+from sensors.opcua import OpcUaSource
 from sensors.simulated import SimulatedSource
 
+SensorConfig = SimulatedSensor | CsvSensor | MqttSensor | ModbusSensor | OpcUaSensor | NmeaSensor
 
-def open_source(cfg: SimulatedSensor | CsvSensor) -> Source:
-    """The source for one `sensors:` entry (not entered yet: the caller owns its lifetime)."""
+
+def open_source(cfg: SensorConfig, *, appliance_id: str | None = None) -> Source:
+    """The source for one `sensors:` entry (not entered yet: the caller owns its lifetime).
+    `appliance_id` names the MQTT client, so its QoS 1 session survives restarts."""
     if isinstance(cfg, SimulatedSensor):
         return SimulatedSource(cfg)
-    return CsvSource(cfg)
+    if isinstance(cfg, CsvSensor):
+        return CsvSource(cfg)
+    if isinstance(cfg, MqttSensor):
+        return MqttSource(cfg, appliance_id=appliance_id)
+    if isinstance(cfg, ModbusSensor):
+        return ModbusSource(cfg)
+    if isinstance(cfg, OpcUaSensor):
+        return OpcUaSource(cfg)
+    return NmeaSource(cfg, xdr_transducers=cfg.xdr)
 
 
 __all__ = [
@@ -33,10 +56,17 @@ __all__ = [
     "CameraSource",
     "CsvSource",
     "Frame",
+    "LiveSource",
+    "ModbusSource",
+    "MqttSource",
+    "NmeaSource",
+    "OpcUaSource",
+    "Position",
     "QualityIssue",
     "QualityReport",
     "Reading",
     "SampleWindow",
+    "SensorConfig",
     "SimulatedSource",
     "Source",
     "SourceError",

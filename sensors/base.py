@@ -34,7 +34,13 @@ class SampleWindow:
     ts: datetime  # UTC wall clock at the window start
     mono_ns: int  # monotonic clock when the window closed, for ordering across clock jumps
     duration_s: float
-    sample_rate: float | None  # None for irregularly sampled sources (CSV)
+    sample_rate: float | None  # None for irregularly sampled sources (CSV, live sources)
+    # Live sources: each sample column's time in seconds after `ts` (a column is one message,
+    # poll or sentence; NaN where a channel had no value in it). None: regular, i / sample_rate.
+    times_s: npt.NDArray[np.float64] | None = None
+    # Reasons of the bad input met while the window was open (out_of_range, stuck, ...): such a
+    # window is journalled but never fitted into an anomaly baseline.
+    quality: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +57,10 @@ class QualityReport:
     """Bad input a source met and did not pass on: counts by reason plus a few examples.
 
     Reasons in use: `unparseable`, `nan`, `inf`, `missing` (dropped-out samples), `bad_timestamp`,
-    `empty_file`, `wrong_field_count`, `out_of_order`.
+    `empty_file`, `wrong_field_count`, `out_of_order`; live sources add `out_of_range`, `stuck`,
+    `gap`, `clock_backwards`, `malformed` (a payload that is not what was configured),
+    `bad_checksum` (NMEA) and `device_error` (Modbus: the device answered an exception such as
+    busy or gateway no answer; that poll's values of the read are missing).
     """
 
     source: str

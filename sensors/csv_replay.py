@@ -134,6 +134,7 @@ class CsvSource:
         window_s = self.cfg.window
         pending = _Pending()
         rows: list[list[float]] = []
+        times: list[float] = []
         start: float | None = None
         end = 0.0
         latest = -math.inf
@@ -153,11 +154,11 @@ class CsvSource:
                 ts = row.ts
                 if start is not None and ts >= end - _EPSILON:
                     await self._pace(first_ts, mono_anchor, end)
-                    yield self._window(layout, rows, start)
+                    yield self._window(layout, rows, times, start)
                     if pending.counts:
                         yield self._report(pending.counts, pending.examples, data_ts=start)
                         pending = _Pending()
-                    rows = []
+                    rows, times = [], []
                     steps = math.floor((ts - start) / window_s + _EPSILON)
                     start += steps * window_s
                     end = start + window_s
@@ -176,11 +177,12 @@ class CsvSource:
                 for issue in row.issues:
                     pending.add(issue)
                 rows.append(row.values)
+                times.append(ts)
             if eof:
                 break
         if start is not None:
             await self._pace(first_ts, mono_anchor, end)
-            yield self._window(layout, rows, start)
+            yield self._window(layout, rows, times, start)
         if not seen_rows and not pending.counts:
             yield self._report(Counter({"empty_file": 1}), [], data_ts=None)
         elif pending.counts:
@@ -226,7 +228,9 @@ class CsvSource:
         else:
             await asyncio.sleep(0)
 
-    def _window(self, layout: _Layout, rows: list[list[float]], start: float) -> SampleWindow:
+    def _window(
+        self, layout: _Layout, rows: list[list[float]], times: list[float], start: float
+    ) -> SampleWindow:
         values = np.array(rows, dtype=np.float64).reshape(len(rows), len(layout.channels)).T
         now_ns = time.monotonic_ns()
         self.health.windows += 1
@@ -239,6 +243,9 @@ class CsvSource:
             mono_ns=now_ns,
             duration_s=self.cfg.window,
             sample_rate=None,
+            times_s=np.array(times, dtype=np.float64) - start,
+            # Every row has every column: a NaN is a value that was bad or missing.
+            quality=("missing",) if np.isnan(values).any() else (),
         )
 
     def _report(

@@ -98,6 +98,7 @@ class SimulatedSource:
                 mono_ns=now_ns,
                 duration_s=self._span,
                 sample_rate=self.cfg.sample_rate,
+                quality=("missing",) if missing else (),
             )
             if missing:
                 yield QualityReport(

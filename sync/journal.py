@@ -156,6 +156,9 @@ class Journal:
         self.payloads = payloads
         self.stats = WriterStats()
         self.shed_level = 0  # 0 accept all; 1 shed telemetry; 2 also samples; 3 also events
+        # Where the appliance is, stamped as `position` into every record's body (ships: the
+        # last NMEA fix); None, or a provider answering None, stamps nothing.
+        self.position_source: Callable[[], Mapping[str, Any] | None] | None = None
         self._conn = conn
         self._next_seq = next_seq
         self._reserved_seq = reserved_seq
@@ -343,8 +346,13 @@ class Journal:
                     await asyncio.wait_for(self._space_freed.wait(), min(remaining, 1.0))
 
     def _encode(self, record: NewRecord) -> _Row:
+        content = record.body
+        if self.position_source is not None and "position" not in content:
+            position = self.position_source()
+            if position is not None:
+                content = {**content, "position": position}
         try:
-            body = _encode_json(record.body)
+            body = _encode_json(content)
         except (TypeError, ValueError) as exc:  # TypeError: a value JSON has no form for
             raise ValueError(f"record body is not JSON-serialisable: {exc}") from exc
         ts = format_ts(record.ts) if record.ts else format_ts_now()

@@ -187,6 +187,21 @@ def test_replay_refuses_endless_sources(tmp_path: Path) -> None:
     result = run_cli("replay", "-c", str(config))
     assert result.returncode == 2
     assert "sensors[0].duration" in result.stderr and "never ends" in result.stderr
+    live = write_config(
+        tmp_path / "live.yaml",
+        tmp_path / "d",
+        [
+            {
+                "name": "plc",
+                "type": "modbus",
+                "host": "127.0.0.1",
+                "registers": [{"channel": "v", "address": 0}],
+            }
+        ],
+    )
+    result = run_cli("replay", "-c", str(live))
+    assert result.returncode == 2
+    assert "sensors[0].type" in result.stderr and "live modbus source" in result.stderr
 
 
 def test_a_crashing_source_is_restarted_within_budget_then_degraded(tmp_path: Path) -> None:

@@ -698,3 +698,25 @@ async def test_a_stored_record_as_one_json_line_is_the_json_of_its_dict(journal:
         expected = json.dumps(row.to_dict(), separators=(",", ":"), ensure_ascii=False)
         assert row.to_json_line() == expected
         assert json.loads(row.to_json_line())["body"] == row.body
+
+
+async def test_the_last_known_position_is_stamped_on_every_record(
+    journal: Journal, data_dir: Path
+) -> None:
+    fix: dict[str, Any] | None = None
+    journal.position_source = lambda: fix
+    await journal.append(
+        NewRecord(source="a", kind="reading", priority=Priority.TELEMETRY, body={})
+    )
+    fix = {"lat": 59.91, "lon": 10.75, "fix_ts": "2026-11-23T12:00:00.000Z"}
+    await journal.append(
+        NewRecord(source="a", kind="reading", priority=Priority.TELEMETRY, body={"x": 1})
+    )
+    # A record that knows better (a replay of old data with its own position) keeps its own.
+    own = {"position": {"lat": 1.0, "lon": 2.0}}
+    await journal.append(
+        NewRecord(source="a", kind="reading", priority=Priority.TELEMETRY, body=own)
+    )
+    with JournalReader.open(data_dir) as reader:
+        bodies = [r.body for r in reader.iter_records()]
+    assert bodies == [{}, {"x": 1, "position": fix}, own]

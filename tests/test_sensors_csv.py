@@ -69,6 +69,11 @@ async def test_good_file_windows_and_features(tmp_path: Path) -> None:
     # After a gap, the window is aligned on the grid of the first one, not at the row.
     assert third.ts == datetime(2024, 1, 1, 0, 0, 4, tzinfo=UTC)
     np.testing.assert_array_equal(third.values, [[7.0], [60.0]])
+    # Each row's own time, for slopes of irregular data.
+    assert first.times_s is not None and second.times_s is not None and third.times_s is not None
+    np.testing.assert_allclose(first.times_s, [0.0, 0.5])
+    np.testing.assert_allclose(second.times_s, [0.0, 0.25, 0.75])
+    np.testing.assert_allclose(third.times_s, [0.5])
 
     features = summarise(second)["a"]
     assert features["n"] == 3

@@ -1,0 +1,303 @@
+"""The anomaly stage of a sensor pipeline: fit a baseline from the first healthy running (or load
+the saved one), score every window's feature vector, and journal anomalies with the raw samples
+around them, stamped with the baseline's name@version."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from appliance.baselines import BaselineStore
+from appliance.logs import RateLimitedLog
+from appliance.recorder import Recorder
+from config import AnomalySettings
+from inference.anomaly import AnomalyDetector, AnomalyEvent, Baseline, BaselineCollector
+from inference.features import Summary, feature_vector
+from inference.session import InferenceError
+from sensors.base import SampleWindow
+from sync import NewRecord, Priority
+from sync.records import format_ts
+
+log = logging.getLogger(__name__)
+
+
+def feature_names_of(summary: Summary, wanted: list[str]) -> list[str]:
+    """The vector's layout: the configured `channel.feature` names, or every numeric feature of
+    every channel in the first window (sorted, so a restart lays it out the same way)."""
+    if wanted:
+        return list(wanted)
+    return sorted(
+        f"{channel}.{feature}"
+        for channel, features in summary.items()
+        for feature in features
+        if feature != "n"
+    )
+
+
+def encode_windows(windows: list[SampleWindow], anomaly_index: int) -> bytes:
+    """Raw samples of consecutive windows as one compressed .npz: `values` (channels x samples,
+    float32, the windows end to end), `times_s` (each sample's seconds after the first window's
+    start), `window_starts` (ISO times), and `anomaly_window` (which window the anomaly began in)."""
+    first = windows[0].ts
+    channels = windows[-1].channels  # channels are only ever appended: the last has them all
+    values = np.concatenate(
+        [
+            np.pad(w.values, ((0, len(channels) - len(w.channels)), (0, 0)), constant_values=np.nan)
+            for w in windows
+        ],
+        axis=1,
+    ).astype(np.float32)
+    times: list[np.ndarray[Any, np.dtype[np.float64]]] = []
+    for window in windows:
+        offset = (window.ts - first).total_seconds()
+        samples = window.values.shape[1]
+        if window.times_s is not None:
+            own = window.times_s
+        elif window.sample_rate:
+            own = np.arange(samples) / window.sample_rate
+        else:
+            own = np.linspace(0.0, window.duration_s, samples, endpoint=False)
+        times.append(own + offset)
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        values=values,
+        times_s=np.concatenate(times),
+        channels=np.array(channels),
+        window_starts=np.array([format_ts(w.ts) for w in windows]),
+        anomaly_window=np.array(anomaly_index),
+        sample_rate=np.array(windows[0].sample_rate or np.nan),
+    )
+    return buffer.getvalue()
+
+
+@dataclass
+class _OpenAnomaly:
+    """An anomaly whose raw windows are still being gathered (its post-roll)."""
+
+    seq: int | None
+    priority: Priority
+    windows: list[SampleWindow]
+    anomaly_index: int
+    post_left: int
+
+
+@dataclass
+class AnomalyStats:
+    scored: int = 0
+    skipped: int = 0  # windows with bad input or missing features: neither fitted nor scored
+    errors: int = 0  # windows the model failed on
+    anomalies: int = 0
+    baseline_windows: int = 0
+    last_score: float | None = None
+    threshold: float | None = None
+    open_anomalies: list[str] = field(default_factory=list)
+
+
+class AnomalyStage:
+    """One source's baseline, scoring and anomaly records."""
+
+    def __init__(
+        self, source: str, settings: AnomalySettings, recorder: Recorder, store: BaselineStore
+    ) -> None:
+        self.source = source
+        self.settings = settings
+        self.recorder = recorder
+        self.store = store
+        self.stats = AnomalyStats()
+        self.baseline: Baseline | None = None
+        self.detector: AnomalyDetector | None = None
+        self._names: list[str] | None = None
+        self._collector: BaselineCollector | None = None
+        self._fitting: asyncio.Task[Baseline] | None = None
+        self._recent: deque[SampleWindow] = deque(maxlen=max(settings.raw_windows[0], 0) or 1)
+        self._open: list[_OpenAnomaly] = []
+        self._warn = RateLimitedLog(log)
+
+    @property
+    def model(self) -> str | None:
+        """`<source>-baseline@<version>` once a baseline scores this source."""
+        if self.baseline is None:
+            return None
+        return f"{self.source}-baseline@{self.baseline.version}"
+
+    def load(self) -> None:
+        """Score with the saved baseline, if there is one that fits the configuration."""
+        saved = self.store.load_current(self.source)
+        if saved is None:
+            return
+        if saved.method != self.settings.method or (
+            self.settings.features and list(saved.names) != list(self.settings.features)
+        ):
+            log.warning(
+                "baseline %s of %s was fitted for %s on %d features; the configuration asks "
+                "for %s: fitting anew",
+                saved.version,
+                self.source,
+                saved.method,
+                len(saved.names),
+                self.settings.method,
+            )
+            return
+        self._use(saved)
+
+    def _use(self, baseline: Baseline) -> None:
+        self.baseline = baseline
+        self._names = list(baseline.names)
+        self.detector = AnomalyDetector(self.settings, baseline)
+        self.stats.threshold = baseline.threshold
+
+    async def on_window(self, window: SampleWindow, summary: Summary) -> None:
+        if self._names is None:
+            self._names = feature_names_of(summary, self.settings.features)
+        vector = feature_vector(summary, self._names)
+        clean = not window.quality and bool(np.all(np.isfinite(vector)))
+        await self._gather_raw(window)
+        if self.detector is None:
+            await self._collect(window, vector, clean)
+        elif not clean:
+            self.stats.skipped += 1
+        else:
+            try:
+                events = self.detector.observe(vector, window.ts)
+            except InferenceError as exc:  # onnxruntime failed on this window: count, go on
+                self.stats.errors += 1
+                self._warn.warning(
+                    "score", "anomaly scoring failed", source=self.source, error=str(exc)
+                )
+                return
+            self.stats.scored += 1
+            for event in events:
+                await self._journal_event(event, window)
+            self.stats.last_score = self.detector.last_score
+        self._recent.append(window)
+
+    async def _collect(
+        self, window: SampleWindow, vector: np.ndarray[Any, Any], clean: bool
+    ) -> None:
+        if self._fitting is not None:
+            if self._fitting.done():
+                await self._fitted(self._fitting)
+            return
+        if self._collector is None:
+            self._collector = BaselineCollector(self.settings, self._names or [])
+        if not clean:
+            self.stats.skipped += 1
+            return
+        self._collector.add(vector, window.ts)
+        self.stats.baseline_windows += 1
+        if self._collector.ready():
+            # Fitting (an isolation forest, an autoencoder) takes seconds: off the event loop.
+            self._fitting = asyncio.create_task(asyncio.to_thread(self._collector.fit))
+
+    async def _fitted(self, task: asyncio.Task[Baseline]) -> None:
+        self._fitting = None
+        try:
+            baseline = task.result()
+        except ValueError as exc:
+            log.warning("baseline of %s not fitted: %s; collecting again", self.source, exc)
+            self._collector = None
+            return
+        await asyncio.to_thread(self.store.save, self.source, baseline)
+        self._use(baseline)
+        self._collector = None
+        await self.recorder.append(
+            NewRecord(
+                source=self.source,
+                kind="baseline",
+                priority=Priority.EVENT,
+                body={
+                    "state": "fitted",
+                    "version": baseline.version,
+                    "method": baseline.method,
+                    "windows": baseline.windows,
+                    "threshold": baseline.threshold,
+                    "features": list(baseline.names),
+                },
+                model=self.model,
+            )
+        )
+
+    async def _journal_event(self, event: AnomalyEvent, window: SampleWindow) -> None:
+        priority = Priority.from_label(event.priority)
+        if event.kind == "started":
+            self.stats.anomalies += 1
+        seq = await self.recorder.append(
+            NewRecord(
+                source=self.source,
+                kind="anomaly",
+                priority=priority,
+                body=event.as_dict(),
+                model=self.model,
+                ts=window.ts,
+                mono_ns=window.mono_ns,
+            )
+        )
+        if event.kind == "started":
+            pre = (
+                list(self._recent)[-self.settings.raw_windows[0] :]
+                if self.settings.raw_windows[0]
+                else []
+            )
+            self._open.append(
+                _OpenAnomaly(
+                    seq=seq,
+                    priority=priority,
+                    windows=[*pre, window],
+                    anomaly_index=len(pre),
+                    post_left=self.settings.raw_windows[1],
+                )
+            )
+            if not self.settings.raw_windows[1]:
+                await self._keep_raw(self._open.pop())
+        elif event.kind == "escalated":
+            for anomaly in self._open:
+                anomaly.priority = min(anomaly.priority, priority)
+
+    async def _gather_raw(self, window: SampleWindow) -> None:
+        for anomaly in list(self._open):
+            anomaly.windows.append(window)
+            anomaly.post_left -= 1
+            if anomaly.post_left <= 0:
+                self._open.remove(anomaly)
+                await self._keep_raw(anomaly)
+
+    async def _keep_raw(self, anomaly: _OpenAnomaly) -> None:
+        windows = anomaly.windows
+        data = await asyncio.to_thread(encode_windows, windows, anomaly.anomaly_index)
+        ref = await self.recorder.store(data, "application/x-npz", anomaly.priority)
+        if ref is None:
+            return
+        await self.recorder.append_with_payloads(
+            NewRecord(
+                source=self.source,
+                kind="anomaly_window",
+                priority=anomaly.priority,
+                body={
+                    "anomaly_seq": anomaly.seq,
+                    "windows": len(windows),
+                    "anomaly_window": anomaly.anomaly_index,
+                    "channels": list(windows[-1].channels),
+                    "samples": int(sum(w.values.shape[1] for w in windows)),
+                    "start": format_ts(windows[0].ts),
+                },
+                model=self.model,
+                payloads=(ref,),
+                ts=windows[0].ts,
+            )
+        )
+
+    async def finish(self) -> None:
+        """The source ended: keep the raw windows of open anomalies, finish a fit in progress."""
+        for anomaly in self._open:
+            await self._keep_raw(anomaly)
+        self._open.clear()
+        if self._fitting is not None:
+            await asyncio.wait({self._fitting})
+            await self._fitted(self._fitting)
