@@ -7,8 +7,10 @@ simulated vibration source summarised in an asyncio loop.
               (signal generation is not timed) and cycled through. Timed per window, as the
               simulated source and the pipeline do it: the missing-sample count the source keeps
               for its health, wrapping the array into a SampleWindow, `summarise` with
-              FeatureSettings(kind="vibration") (default octave bands) and, when given, the
-              `score` hook (the anomaly scoring, once it exists).
+              FeatureSettings(kind="vibration") (default octave bands) and the anomaly scoring
+              (`feature_vector` + `AnomalyDetector.observe`) with a Hotelling baseline fitted
+              beforehand on FIT_WINDOWS other windows of the same source, on every feature of
+              every channel (16 x 14); `--no-score` leaves the scoring out.
               baseline: `bare_features`, a per-window numpy function written here that computes
               the same features on the same arrays (no NaN handling, no overflow scaling, no
               rounding, no dicts; the Hann window and the band bin ranges are computed once,
@@ -25,7 +27,7 @@ simulated vibration source summarised in an asyncio loop.
               vibration at 10 kHz) in an asyncio loop for --seconds. Process CPU time (all
               threads) / wall time, from the end of the first window on, so start-up is left
               out; the signal generation of the source is part of it, and the share spent in
-              summarise is reported beside it. Target: under 0.5 core.
+              summarise (and the scoring) is reported beside it. Target: under 0.5 core.
 
 Prints one JSON object on stdout; progress on stderr.
 `python -m bench.sensor_throughput [--quick] [--windows N] [--rounds R] [--seconds S]`."""
@@ -50,8 +52,15 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.common import emit, machine, peak_rss_mib, progress
-from config.models import FeatureSettings, SimulatedSensor
-from inference.features import Summary, default_bands, feature_names, summarise
+from config.models import AnomalySettings, FeatureSettings, SimulatedSensor
+from inference.anomaly import AnomalyDetector, fit_baseline
+from inference.features import (
+    Summary,
+    default_bands,
+    feature_names,
+    feature_vector,
+    summarise,
+)
 from sensors.base import SampleWindow, utc_now
 from sensors.simulated import SimulatedSource
 
@@ -65,6 +74,7 @@ VIBRATION = FeatureSettings(kind="vibration")
 
 FloatArray = npt.NDArray[np.float64]
 Score = Callable[[Summary], object]
+FIT_WINDOWS = 240  # windows the scoring's baseline is fitted on (not timed)
 
 
 def sensor_config(pace: str) -> SimulatedSensor:
@@ -363,6 +373,36 @@ def fingerprint() -> dict[str, str]:
     return out
 
 
+def hotelling_scoring(cfg: SimulatedSensor) -> tuple[Score, dict[str, Any]]:
+    """The appliance's anomaly scoring for this source: a Hotelling baseline on every feature
+    of every channel, fitted (not timed) on FIT_WINDOWS windows of the same signal."""
+    progress(f"scoring: fitting a hotelling baseline on {FIT_WINDOWS} windows")
+    fit_cfg = cfg.model_copy(update={"seed": 99})
+    source = SimulatedSource(fit_cfg)
+    channels = tuple(channel.name for channel in cfg.channels)
+    names = [f"{c}.{f}" for c in channels for f in feature_names("vibration", cfg.sample_rate)]
+    vectors = []
+    for k in range(FIT_WINDOWS):
+        window = SampleWindow(
+            source=cfg.name,
+            channels=channels,
+            values=source.window_values(k),
+            ts=utc_now(),
+            mono_ns=time.monotonic_ns(),
+            duration_s=cfg.window,
+            sample_rate=cfg.sample_rate,
+        )
+        vectors.append(feature_vector(summarise(window, settings=VIBRATION), names))
+    settings = AnomalySettings(method="hotelling", min_windows=30)
+    baseline = fit_baseline(settings, np.asarray(vectors), names)
+    detector = AnomalyDetector(settings, baseline)
+
+    def score(summary: Summary) -> object:
+        return detector.observe(feature_vector(summary, names), utc_now())
+
+    return score, {"method": "hotelling", "features": len(names), "fit_windows": FIT_WINDOWS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--quick", action="store_true", help="short phases, for CI and smoke runs")
@@ -380,6 +420,9 @@ def main() -> None:
     parser.add_argument(
         "--seconds", type=float, help="cpu: seconds measured at realtime pace (default 20; quick 3)"
     )
+    parser.add_argument(
+        "--no-score", action="store_true", help="leave the anomaly scoring out of both phases"
+    )
     args = parser.parse_args()
     windows: int = args.windows or (15 if args.quick else 200)
     rounds: int = args.rounds or (2 if args.quick else 5)
@@ -394,9 +437,13 @@ def main() -> None:
         name: os.environ.get(name)
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
     }
-    result_throughput = throughput(windows, rounds, args.pool)
+    score: Score | None = None
+    scoring: dict[str, Any] | None = None
+    if not args.no_score:
+        score, scoring = hotelling_scoring(sensor_config("fast"))
+    result_throughput = throughput(windows, rounds, args.pool, score=score)
     progress(f"cpu: realtime simulated source through summarise for {seconds:g} s")
-    result_cpu = asyncio.run(cpu_share(seconds))
+    result_cpu = asyncio.run(cpu_share(seconds, score=score))
     progress(f"  {result_cpu['cpu_cores']} cores")
     passed = {
         "same_features": bool(result_throughput["check"]["same_features"]),
@@ -415,6 +462,7 @@ def main() -> None:
                 "window_s": WINDOW_S,
                 "features": list(feature_names("vibration", SAMPLE_RATE)),
             },
+            "scoring": scoring,
             "throughput": result_throughput,
             "cpu": result_cpu,
             "peak_rss_mib": peak_rss_mib(),
