@@ -8,7 +8,7 @@ import asyncio
 import io
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,7 +97,6 @@ class AnomalyStats:
     baseline_windows: int = 0
     last_score: float | None = None
     threshold: float | None = None
-    open_anomalies: list[str] = field(default_factory=list)
 
 
 class AnomalyStage:
@@ -126,6 +125,24 @@ class AnomalyStage:
         if self.baseline is None:
             return None
         return f"{self.source}-baseline@{self.baseline.version}"
+
+    def describe(self) -> dict[str, Any]:
+        """The stage's state for health records and the status page, JSON-ready."""
+        return {
+            "model": self.model,
+            "state": "scoring"
+            if self.detector is not None
+            else ("fitting" if self._fitting is not None else "collecting"),
+            "method": self.settings.method,
+            "threshold": self.stats.threshold,
+            "last_score": self.stats.last_score,
+            "in_anomaly": bool(self.detector is not None and self.detector.active),
+            "anomalies": self.stats.anomalies,
+            "scored": self.stats.scored,
+            "skipped": self.stats.skipped,
+            "errors": self.stats.errors,
+            "baseline_windows": self.stats.baseline_windows,
+        }
 
     def load(self) -> None:
         """Score with the saved baseline, if there is one that fits the configuration."""

@@ -263,6 +263,8 @@ class Daemon:
                     journal.position_source = self.positions.latest
                 pipeline = SourcePipeline(sensor, source, journal, store)
                 self.pipelines[sensor.name] = pipeline
+                if pipeline.anomaly is not None:
+                    monitor.anomalies[sensor.name] = pipeline.anomaly.describe
                 await pipeline.run()
 
             return attempt

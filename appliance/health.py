@@ -35,6 +35,7 @@ class HealthMonitor:
         self.mode = mode
         self.components: dict[str, ComponentHealth] = {}
         self.sources: dict[str, Any] = {}
+        self.anomalies: dict[str, Callable[[], dict[str, Any]]] = {}
         self.cameras: dict[str, Callable[[], dict[str, Any]]] = {}
         self.destinations: dict[str, DestinationState] = {}
         self.started = datetime.now(UTC)
@@ -63,16 +64,7 @@ class HealthMonitor:
             "started": format_ts(self.started),
             "uptime_s": round(time.monotonic() - self._started_mono, 1),
             "components": {n: c.to_dict() for n, c in sorted(self.components.items())},
-            "sources": {
-                name: {
-                    "state": h.state,
-                    "windows": h.windows,
-                    "bad_values": h.bad_values,
-                    "reconnects": h.reconnects,
-                    "error": h.error,
-                }
-                for name, h in sorted(self.sources.items())
-            },
+            "sources": {name: self._source(name, h) for name, h in sorted(self.sources.items())},
             "cameras": {name: health() for name, health in sorted(self.cameras.items())},
             "destinations": {n: d.to_dict() for n, d in sorted(self.destinations.items())},
             "journal": {
@@ -92,6 +84,25 @@ class HealthMonitor:
                 "budget": self.guard.settings.disk_budget,
             },
         }
+
+    def _source(self, name: str, health: Any) -> dict[str, Any]:
+        last = health.last_reading_mono_ns
+        entry: dict[str, Any] = {
+            "state": health.state,
+            "windows": health.windows,
+            "bad_values": health.bad_values,
+            "reconnects": health.reconnects,
+            "error": health.error,
+            "last_reading_age_s": None
+            if last is None
+            else round((time.monotonic_ns() - last) / 1e9, 1),
+        }
+        if health.extra:
+            entry["extra"] = dict(health.extra)
+        anomaly = self.anomalies.get(name)
+        if anomaly is not None:
+            entry["anomaly"] = anomaly()
+        return entry
 
     async def heartbeat(self, *, state: str | None = None) -> None:
         """Write the snapshot to meta (best effort: a full disk must not stop the daemon)."""

@@ -232,6 +232,9 @@ def render_status(report: dict[str, Any]) -> str:
         )
     if disk["payloads_missing"]:
         lines.append(f"payloads missing on disk: {disk['payloads_missing']}")
+    sources = daemon.get("sources", {}) if daemon.get("running") else {}
+    for name, source in sorted(sources.items()):
+        lines.append(_source_line(name, source))
     cameras = daemon.get("cameras", {}) if daemon.get("running") else {}
     for name, cam in sorted(cameras.items()):
         lines.append(_camera_line(name, cam))
@@ -242,6 +245,26 @@ def render_status(report: dict[str, Any]) -> str:
                 f"component  {name}: {component.get('state')} ({component.get('last_error')})"
             )
     return "\n".join(lines)
+
+
+def _source_line(name: str, source: dict[str, Any]) -> str:
+    age = source.get("last_reading_age_s")
+    parts = [
+        f"source     {name}: {source.get('state')}",
+        "no reading yet" if age is None else f"last reading {age:.1f} s ago",
+        f"windows {source.get('windows', 0)}, bad values {source.get('bad_values', 0)}",
+        f"reconnects {source.get('reconnects', 0)}",
+    ]
+    anomaly = source.get("anomaly")
+    if anomaly:
+        parts.append(
+            f"anomaly {anomaly.get('state')}"
+            + (" (in anomaly)" if anomaly.get("in_anomaly") else "")
+            + f", {anomaly.get('anomalies', 0)} found"
+        )
+    if source.get("error"):
+        parts.append(f"last error: {source['error']}")
+    return ", ".join(parts)
 
 
 def _camera_line(name: str, cam: dict[str, Any]) -> str:

@@ -108,6 +108,12 @@ def test_the_baseline_is_fitted_on_the_device_and_stamped_on_readings(turbine: P
     assert readings[-1]["model"] == model
     saved = turbine / "models" / "baselines" / "gearbox" / f"{body['version']}.npz"
     assert saved.is_file()
+    # The health record at the stop shows the stage scoring with it, and what it found.
+    health = records(turbine, "health")[-1]["body"]["sources"]["gearbox"]
+    assert health["anomaly"]["state"] == "scoring" and health["anomaly"]["model"] == model
+    assert health["anomaly"]["anomalies"] == len(FAULTS)
+    assert health["anomaly"]["threshold"] == pytest.approx(body["threshold"])
+    assert health["last_reading_age_s"] is not None
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))

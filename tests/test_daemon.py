@@ -98,6 +98,9 @@ def test_status_and_export_work_while_the_daemon_runs(tmp_path: Path) -> None:
         text = run_cli("status", "-c", str(config))
         assert text.returncode == 0
         assert "daemon running" in text.stdout and "telemetry" in text.stdout
+        # Each source on a line of its own: its state, how fresh its data is, reconnects.
+        source_lines = [line for line in text.stdout.splitlines() if line.startswith("source ")]
+        assert source_lines and "running" in source_lines[0] and "last reading" in source_lines[0]
 
         ndjson = run_cli("export", "-c", str(config))
         assert ndjson.returncode == 0, ndjson.stderr
