@@ -65,6 +65,12 @@ class SourcePipeline:
             store = baselines or BaselineStore.in_data_dir(journal.data_dir)
             self.anomaly = AnomalyStage(cfg.name, cfg.anomaly, self.recorder, store)
 
+    @property
+    def model(self) -> str | None:
+        """The baseline scoring this source, stamped on all its records so that ashore can tell
+        which model saw them; None without anomaly detection or before a baseline is fitted."""
+        return None if self.anomaly is None else self.anomaly.model
+
     async def run(self) -> None:
         if self.anomaly is not None:
             await asyncio.to_thread(self.anomaly.load)
@@ -96,8 +102,7 @@ class SourcePipeline:
                 kind="reading",
                 priority=Priority.TELEMETRY,
                 body=body,
-                # Readings carry the baseline that scored them, so ashore can tell which did.
-                model=None if self.anomaly is None else self.anomaly.model,
+                model=self.model,
                 ts=window.ts,
                 mono_ns=window.mono_ns,
             )
@@ -132,6 +137,7 @@ class SourcePipeline:
                         priority=Priority.from_label(limit.priority)
                         if violated
                         else Priority.EVENT,
+                        model=self.model,
                         body={
                             "state": "violated" if violated else "cleared",
                             "channel": channel,
@@ -155,6 +161,7 @@ class SourcePipeline:
                 source=self.cfg.name,
                 kind="sample",
                 priority=Priority.SAMPLE,
+                model=self.model,
                 body={
                     "reason": "periodic",
                     "channels": list(window.channels),
@@ -175,6 +182,7 @@ class SourcePipeline:
                 source=self.cfg.name,
                 kind="data_quality",
                 priority=Priority.EVENT,
+                model=self.model,
                 body={
                     "counts": report.counts,
                     "examples": [

@@ -182,7 +182,11 @@ def test_windows_with_bad_input_are_never_fitted_into_the_baseline(tmp_path: Pat
     (fitted,) = records(data, "baseline")
     # The 30 windows with missing samples were left out, so the fit waited for clean ones.
     assert fitted["body"]["windows"] <= BASELINE_S - 25
-    assert records(data, "data_quality")
+    quality = records(data, "data_quality")
+    assert quality and quality[0]["model"] is None  # the baseline was not fitted yet
+    # After the fit every record of the source carries the baseline, not only its readings.
+    model = f"gearbox-baseline@{fitted['body']['version']}"
+    assert records(data, "reading")[-1]["model"] == model
 
 
 def test_fit_baseline_on_recorded_readings_then_score_with_it(tmp_path: Path) -> None:
