@@ -3,6 +3,7 @@ and the Source protocol (an async context manager with an async iterator of read
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -113,6 +114,31 @@ class SourceError(Exception):
         self.source = source
         self.retryable = retryable
         super().__init__(f"source {source!r}: {message}")
+
+
+class SourceLifecycle:
+    """The enter/exit half of the `Source` protocol, shared by the source kinds: once entered,
+    health says `entered_state`; on exit `finished`, or `failed` with the error that ended it."""
+
+    health: SourceHealth
+    entered_state: SourceState = "running"
+
+    async def __aenter__(self) -> Self:
+        self.health.state = self.entered_state
+        self.health.error = None
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None and not isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            self.health.state = "failed"
+            self.health.error = str(exc)
+        else:
+            self.health.state = "finished"
 
 
 class Source(Protocol):

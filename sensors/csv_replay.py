@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from sensors.base import (
     SampleWindow,
     SourceError,
     SourceHealth,
+    SourceLifecycle,
     utc_now,
 )
 
@@ -65,7 +66,7 @@ class _Pending:
             self.examples.append(issue)
 
 
-class CsvSource:
+class CsvSource(SourceLifecycle):
     """Replays a CSV file; a finite source. The file is opened anew by each `readings()` call.
 
     The first line is the header. A window opens at the first row's timestamp and covers
@@ -81,11 +82,6 @@ class CsvSource:
         self.health = SourceHealth()
         self._file: IO[str] | None = None
 
-    async def __aenter__(self) -> Self:
-        self.health.state = "running"
-        self.health.error = None
-        return self
-
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -93,11 +89,7 @@ class CsvSource:
         tb: TracebackType | None,
     ) -> None:
         await self._close()
-        if exc is not None and not isinstance(exc, asyncio.CancelledError | GeneratorExit):
-            self.health.state = "failed"
-            self.health.error = str(exc)
-        else:
-            self.health.state = "finished"
+        await super().__aexit__(exc_type, exc, tb)
 
     async def readings(self) -> AsyncIterator[Reading]:
         self.health.state = "running"

@@ -18,11 +18,10 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 
+from config.models import LiveSensorCommon
 from sensors.base import (
     QualityIssue,
     QualityReport,
@@ -30,6 +29,7 @@ from sensors.base import (
     SampleWindow,
     SourceError,
     SourceHealth,
+    SourceLifecycle,
     mono_ns,
     utc_now,
 )
@@ -241,7 +241,7 @@ def backoff_delay(failures: int, cap_s: float) -> float:
     return float(delay * random.uniform(0.5, 1.0))
 
 
-class LiveSource(ABC):
+class LiveSource(SourceLifecycle, ABC):
     """Base of the networked and serial sources; endless (`finite` False).
 
     Subclasses set `transient` (the library's exceptions that mean "the link failed, try again")
@@ -251,32 +251,26 @@ class LiveSource(ABC):
     """
 
     transient: tuple[type[BaseException], ...] = ()
+    entered_state = "starting"  # running once `_session` has connected
 
     def __init__(
-        self,
-        name: str,
-        channels: Sequence[str],
-        *,
-        window_s: float,
-        reconnect_max_s: float,
-        ranges: Mapping[str, tuple[float, float]] | None = None,
-        stuck_after: int = 0,
-        gap_after_s: float | None = None,
-        lateness_s: float = 0.0,
+        self, cfg: LiveSensorCommon, channels: Sequence[str], *, lateness_s: float = 0.0
     ) -> None:
-        self.name = name
+        """`channels` known at the start (more may be added at run time); `lateness_s`: how long
+        after a window's end values stamped at the source may still arrive for it."""
+        self.name = cfg.name
         self.finite = False
         self.health = SourceHealth()
         self.quality = QualityLog()
-        self.reconnect_max_s = reconnect_max_s
+        self.reconnect_max_s = cfg.reconnect_max
         self._builder = WindowBuilder(
-            name,
+            cfg.name,
             channels,
-            window_s,
+            cfg.window,
             self.quality,
-            ranges=ranges,
-            stuck_after=stuck_after,
-            gap_after_s=gap_after_s,
+            ranges=cfg.ranges,
+            stuck_after=cfg.stuck_after,
+            gap_after_s=cfg.gap_after,
             lateness_s=lateness_s,
         )
         self._out: asyncio.Queue[Reading] = asyncio.Queue()
@@ -285,23 +279,6 @@ class LiveSource(ABC):
     @property
     def channels(self) -> tuple[str, ...]:
         return self._builder.channels
-
-    async def __aenter__(self) -> Self:
-        self.health.state = "starting"
-        self.health.error = None
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None and not isinstance(exc, asyncio.CancelledError | GeneratorExit):
-            self.health.state = "failed"
-            self.health.error = str(exc)
-        else:
-            self.health.state = "finished"
 
     @abstractmethod
     async def _session(self) -> None:

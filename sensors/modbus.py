@@ -194,15 +194,7 @@ class ModbusSource(LiveSource):
 
     def __init__(self, cfg: ModbusSensor) -> None:
         _check_registers(cfg)
-        super().__init__(
-            cfg.name,
-            [register.channel for register in cfg.registers],
-            window_s=cfg.window,
-            reconnect_max_s=cfg.reconnect_max,
-            ranges=cfg.ranges,
-            stuck_after=cfg.stuck_after,
-            gap_after_s=cfg.gap_after,
-        )
+        super().__init__(cfg, [register.channel for register in cfg.registers])
         self.cfg = cfg
         self._full_plan = plan_reads(cfg.registers)
         self._plan = list(self._full_plan)

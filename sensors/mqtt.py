@@ -222,13 +222,7 @@ class MqttSource(LiveSource):
     ) -> None:
         routes = _routes(cfg)
         super().__init__(
-            cfg.name,
-            list(dict.fromkeys(route.channel for route in routes if route.channel is not None)),
-            window_s=cfg.window,
-            reconnect_max_s=cfg.reconnect_max,
-            ranges=cfg.ranges,
-            stuck_after=cfg.stuck_after,
-            gap_after_s=cfg.gap_after,
+            cfg, list(dict.fromkeys(route.channel for route in routes if route.channel is not None))
         )
         self.cfg = cfg
         if cfg.client_id is not None:

@@ -545,15 +545,7 @@ class NmeaSource(LiveSource):
     def __init__(self, cfg: NmeaSensor, *, xdr_transducers: Sequence[str] = ()) -> None:
         self.cfg = cfg
         xdr_channels = tuple(dict.fromkeys(xdr_channel(name) for name in xdr_transducers))
-        super().__init__(
-            cfg.name,
-            NMEA_CHANNELS + xdr_channels,
-            window_s=cfg.window,
-            reconnect_max_s=cfg.reconnect_max,
-            ranges=cfg.ranges,
-            stuck_after=cfg.stuck_after,
-            gap_after_s=cfg.gap_after,
-        )
+        super().__init__(cfg, NMEA_CHANNELS + xdr_channels)
         self._xdr_channels = frozenset(xdr_channels)
         self._xdr_listed = bool(xdr_channels)
         self._talkers = frozenset(cfg.talkers)

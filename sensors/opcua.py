@@ -116,13 +116,8 @@ class OpcUaSource(LiveSource):
     def __init__(self, cfg: OpcUaSensor) -> None:
         channels = list(dict.fromkeys(node.channel for node in cfg.nodes))
         super().__init__(
-            cfg.name,
+            cfg,
             channels,
-            window_s=cfg.window,
-            reconnect_max_s=cfg.reconnect_max,
-            ranges=cfg.ranges,
-            stuck_after=cfg.stuck_after,
-            gap_after_s=cfg.gap_after,
             # Data changes carry source timestamps and come at most a publishing interval (plus
             # a slow link) after them.
             lateness_s=cfg.publishing_interval + cfg.timeout,

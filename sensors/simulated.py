@@ -7,14 +7,19 @@ import math
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from types import TracebackType
-from typing import Self
 
 import numpy as np
 import numpy.typing as npt
 
 from config.models import Fault, SimulatedChannel, SimulatedSensor
-from sensors.base import QualityReport, Reading, SampleWindow, SourceHealth, utc_now
+from sensors.base import (
+    QualityReport,
+    Reading,
+    SampleWindow,
+    SourceHealth,
+    SourceLifecycle,
+    utc_now,
+)
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
@@ -28,7 +33,7 @@ RING_HZ = 3000.0
 _ADDITIVE = ("imbalance", "bearing", "drift")
 
 
-class SimulatedSource:
+class SimulatedSource(SourceLifecycle):
     """A simulated machine. Signal time starts at 0 for each `readings()` call.
 
     Every window holds n = max(1, round(window * sample_rate)) samples per channel and spans
@@ -51,23 +56,6 @@ class SimulatedSource:
             self._windows = max(1, math.ceil(round(cfg.duration / self._span, 9)))
         self._rng = np.random.default_rng(cfg.seed)
         self._stuck_at: dict[int, float] = {}
-
-    async def __aenter__(self) -> Self:
-        self.health.state = "running"
-        self.health.error = None
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None and not isinstance(exc, asyncio.CancelledError | GeneratorExit):
-            self.health.state = "failed"
-            self.health.error = str(exc)
-        else:
-            self.health.state = "finished"
 
     async def readings(self) -> AsyncIterator[Reading]:
         self._rng = np.random.default_rng(self.cfg.seed)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
+from config.models import LiveSensorCommon
 from sensors.base import QualityReport, SampleWindow, SourceError
 from sensors.live import LiveSource, QualityLog, WindowBuilder
 
@@ -96,7 +97,8 @@ class ScriptedLink(LiveSource):
     transient = (EOFError,)
 
     def __init__(self, script: list[BaseException | None], reconnect_max_s: float = 0.05) -> None:
-        super().__init__("link", ("v",), window_s=0.1, reconnect_max_s=reconnect_max_s)
+        cfg = LiveSensorCommon(name="link", window=0.1, reconnect_max=reconnect_max_s)
+        super().__init__(cfg, ("v",))
         self.script = script
         self.sessions = 0
 
