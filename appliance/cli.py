@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from appliance.daemon import Daemon
 from appliance.export import export_records, parse_since
 from appliance.logs import setup_logging
 from appliance.models_cli import add_models_parser, run_models
@@ -187,6 +186,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, data_dir=args.data_dir)
     if args.command in ("run", "replay"):
+        # Imported here: the daemon brings every source library, which the operator's quick
+        # commands (status, export) do not need to load.
+        from appliance.daemon import Daemon
+
         setup_logging(args.log_level)
         return asyncio.run(Daemon(cfg, mode=args.command).run())
     if args.command == "sync":

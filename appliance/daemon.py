@@ -16,15 +16,16 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 from appliance.control import ControlServer
-from appliance.health import HealthMonitor, app_version
+from appliance.health import HEARTBEAT_INTERVAL_S, HealthMonitor, app_version
 from appliance.pipeline import SourcePipeline
 from appliance.recorder import Recorder
 from appliance.scheduler import Jobs
 from appliance.supervisor import ComponentHealth, Supervised
 from appliance.vision import CameraPipeline, DetectorPool, quiet_opencv
 from config import ApplianceConfig, Camera, ConfigError, LiveSensorCommon, SimulatedSensor
-from sensors import NmeaSource, Position, SensorConfig, open_source
+from sensors import SensorConfig, open_source
 from sensors.camera import CameraSource, parse_camera_url
+from sensors.nmea import NmeaSource, Position
 from sync import Journal, NewRecord, PayloadStore, Priority, StorageFull, StorageGuard
 from sync.engine import SyncEngine
 from sync.targets import make_target
@@ -32,7 +33,6 @@ from sync.targets import make_target
 log = logging.getLogger(__name__)
 
 Mode = Literal["run", "replay"]
-HEARTBEAT_INTERVAL_S = 5.0
 
 
 def check_replayable(cfg: ApplianceConfig) -> None:

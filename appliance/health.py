@@ -17,6 +17,9 @@ from sync.engine import DestinationState
 from sync.records import format_ts
 
 HEARTBEAT_KEY = "daemon"
+HEARTBEAT_INTERVAL_S = (
+    5.0  # how often the daemon writes its heartbeat; status judges staleness by it
+)
 
 
 def app_version() -> str:

@@ -10,8 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from appliance.daemon import HEARTBEAT_INTERVAL_S
-from appliance.health import HEARTBEAT_KEY
+from appliance.health import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY
 from config import ApplianceConfig
 from config.units import format_duration, format_size
 from sync import JOURNAL_FILE, JournalReader, Priority

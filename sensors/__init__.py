@@ -25,11 +25,6 @@ from sensors.base import (
 )
 from sensors.camera import CameraHealth, CameraSource
 from sensors.csv_replay import CsvSource
-from sensors.live import LiveSource
-from sensors.modbus import ModbusSource
-from sensors.mqtt import MqttSource
-from sensors.nmea import NmeaSource, Position
-from sensors.opcua import OpcUaSource
 from sensors.simulated import SimulatedSource
 
 SensorConfig = SimulatedSensor | CsvSensor | MqttSensor | ModbusSensor | OpcUaSensor | NmeaSensor
@@ -42,12 +37,22 @@ def open_source(cfg: SensorConfig, *, appliance_id: str | None = None) -> Source
         return SimulatedSource(cfg)
     if isinstance(cfg, CsvSensor):
         return CsvSource(cfg)
+    # The live sources' libraries (asyncua alone takes a third of a second) load only when a
+    # config uses them.
     if isinstance(cfg, MqttSensor):
+        from sensors.mqtt import MqttSource
+
         return MqttSource(cfg, appliance_id=appliance_id)
     if isinstance(cfg, ModbusSensor):
+        from sensors.modbus import ModbusSource
+
         return ModbusSource(cfg)
     if isinstance(cfg, OpcUaSensor):
+        from sensors.opcua import OpcUaSource
+
         return OpcUaSource(cfg)
+    from sensors.nmea import NmeaSource
+
     return NmeaSource(cfg, xdr_transducers=cfg.xdr)
 
 
@@ -56,12 +61,6 @@ __all__ = [
     "CameraSource",
     "CsvSource",
     "Frame",
-    "LiveSource",
-    "ModbusSource",
-    "MqttSource",
-    "NmeaSource",
-    "OpcUaSource",
-    "Position",
     "QualityIssue",
     "QualityReport",
     "Reading",

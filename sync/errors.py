@@ -25,9 +25,11 @@ class JournalLocked(SyncError):
 class JournalMissing(SyncError):
     """No journal exists in the data directory (the appliance has not run there)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, detail: str | None = None) -> None:
         self.path = path
-        super().__init__(f"no journal at {path}; has the appliance run with this data directory?")
+        super().__init__(
+            detail or f"no journal at {path}; has the appliance run with this data directory?"
+        )
 
 
 class StorageFull(SyncError):

@@ -61,7 +61,17 @@ class JournalReader:
 
     @classmethod
     def open(cls, data_dir: Path) -> JournalReader:
-        return cls(connect(data_dir / JOURNAL_FILE, readonly=True))
+        path = data_dir / JOURNAL_FILE
+        conn = connect(path, readonly=True)
+        # The writer creates the file before its tables: a reader in that instant (`appliance
+        # status` right at start) is told the journal is not there yet, not "no such table".
+        ready = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone()
+        if ready is None:
+            conn.close()
+            raise JournalMissing(
+                str(path), f"the journal at {path} is being created; try again in a moment"
+            )
+        return cls(conn)
 
     def close(self) -> None:
         self.conn.close()

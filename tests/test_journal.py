@@ -720,3 +720,10 @@ async def test_the_last_known_position_is_stamped_on_every_record(
     with JournalReader.open(data_dir) as reader:
         bodies = [r.body for r in reader.iter_records()]
     assert bodies == [{}, {"x": 1, "position": fix}, own]
+
+
+def test_a_journal_file_without_its_tables_yet_reads_as_missing(data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sqlite3.connect(data_dir / "journal.db").close()  # what the writer has in its first instant
+    with pytest.raises(JournalMissing, match="being created"):
+        JournalReader.open(data_dir)

@@ -10,8 +10,6 @@ import ipaddress
 import math
 import re
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -34,59 +32,9 @@ from config.models import MqttSensor
 from sensors.base import QualityReport, Reading, SampleWindow, SourceError
 from sensors.mqtt import MalformedPayload, MqttSource, parse_payload
 from tests.helpers import component_missing
+from tests.mosquitto import MOSQUITTO, Broker
 
-MOSQUITTO = Path("/usr/sbin/mosquitto")
 WAIT_S = 10.0
-
-
-class Broker:
-    """A mosquitto process on a fixed port, which the test can kill and start again."""
-
-    def __init__(self, directory: Path, settings: list[str]) -> None:
-        self.port = _free_port()
-        self.config = directory / "mosquitto.conf"
-        self.log = directory / "mosquitto.log"
-        self.config.write_text(
-            "\n".join(
-                [
-                    f"listener {self.port} 127.0.0.1",
-                    # As root mosquitto would drop to user `mosquitto`, who cannot read tmp_path;
-                    # as any other user this line does nothing.
-                    "user root",
-                    "persistence false",
-                    *settings,
-                    "",
-                ]
-            )
-        )
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(MOSQUITTO), "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"mosquitto exited: {self.log.read_text()}")
-            with suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"mosquitto did not listen on {self.port}: {self.log.read_text()}")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=WAIT_S)
-        self.process = None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture
