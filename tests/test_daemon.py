@@ -95,6 +95,10 @@ def test_status_and_export_work_while_the_daemon_runs(tmp_path: Path) -> None:
         assert report["disk"]["payload_files"] >= 3
         assert report["disk"]["budget_bytes"] > 0
 
+        # The first heartbeat is written before the sources start; wait for one that has them.
+        wait_for(
+            lambda: status_json(config)["daemon"].get("sources", {}).get("a"), 15, "a heartbeat"
+        )
         text = run_cli("status", "-c", str(config))
         assert text.returncode == 0
         assert "daemon running" in text.stdout and "telemetry" in text.stdout
