@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.sync_backlog
 	$(BIN)/python -m bench.detection
 	$(BIN)/python -m bench.sensor_throughput
+	$(BIN)/python -m bench.anomaly_quality
 
 system-deps:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \

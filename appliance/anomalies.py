@@ -103,9 +103,18 @@ class AnomalyStage:
     """One source's baseline, scoring and anomaly records."""
 
     def __init__(
-        self, source: str, settings: AnomalySettings, recorder: Recorder, store: BaselineStore
+        self,
+        source: str,
+        settings: AnomalySettings,
+        recorder: Recorder,
+        store: BaselineStore,
+        *,
+        wait_for_fit: bool = False,
     ) -> None:
+        """`wait_for_fit`: hold the windows while the baseline is fitted (replay: data comes as
+        fast as it is taken, and every window after the baseline period must be scored)."""
         self.source = source
+        self.wait_for_fit = wait_for_fit
         self.settings = settings
         self.recorder = recorder
         self.store = store
@@ -176,31 +185,38 @@ class AnomalyStage:
         vector = feature_vector(summary, self._names)
         clean = not window.quality and bool(np.all(np.isfinite(vector)))
         await self._gather_raw(window)
+        if self._fitting is not None and self._fitting.done():
+            await self._fitted(self._fitting)
         if self.detector is None:
             await self._collect(window, vector, clean)
         elif not clean:
             self.stats.skipped += 1
         else:
-            try:
-                events = self.detector.observe(vector, window.ts)
-            except InferenceError as exc:  # onnxruntime failed on this window: count, go on
-                self.stats.errors += 1
-                self._warn.warning(
-                    "score", "anomaly scoring failed", source=self.source, error=str(exc)
-                )
-                return
-            self.stats.scored += 1
-            for event in events:
-                await self._journal_event(event, window)
-            self.stats.last_score = self.detector.last_score
+            await self._score(window, vector)
         self._recent.append(window)
+
+    async def _score(self, window: SampleWindow, vector: np.ndarray[Any, Any]) -> None:
+        assert self.detector is not None
+        try:
+            events = self.detector.observe(vector, window.ts)
+        except InferenceError as exc:  # onnxruntime failed on this window: count, go on
+            self.stats.errors += 1
+            self._warn.warning(
+                "score", "anomaly scoring failed", source=self.source, error=str(exc)
+            )
+            return
+        self.stats.scored += 1
+        for event in events:
+            await self._journal_event(event, window)
+        self.stats.last_score = self.detector.last_score
 
     async def _collect(
         self, window: SampleWindow, vector: np.ndarray[Any, Any], clean: bool
     ) -> None:
         if self._fitting is not None:
-            if self._fitting.done():
-                await self._fitted(self._fitting)
+            # Live, the fit runs beside the windows still coming: those are neither fitted nor
+            # scored (counted). A replay waits for the fit instead (`wait_for_fit`).
+            self.stats.skipped += 1
             return
         if self._collector is None:
             self._collector = BaselineCollector(self.settings, self._names or [])
@@ -212,6 +228,9 @@ class AnomalyStage:
         if self._collector.ready():
             # Fitting (an isolation forest, an autoencoder) takes seconds: off the event loop.
             self._fitting = asyncio.create_task(asyncio.to_thread(self._collector.fit))
+            if self.wait_for_fit:
+                await asyncio.wait({self._fitting})
+                await self._fitted(self._fitting)
 
     async def _fitted(self, task: asyncio.Task[Baseline]) -> None:
         self._fitting = None

@@ -261,7 +261,9 @@ class Daemon:
                 if isinstance(source, NmeaSource) and source.cfg.position:
                     self.positions.sources[sensor.name] = source
                     journal.position_source = self.positions.latest
-                pipeline = SourcePipeline(sensor, source, journal, store)
+                pipeline = SourcePipeline(
+                    sensor, source, journal, store, replay=self.mode == "replay"
+                )
                 self.pipelines[sensor.name] = pipeline
                 if pipeline.anomaly is not None:
                     monitor.anomalies[sensor.name] = pipeline.anomaly.describe

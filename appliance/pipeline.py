@@ -52,6 +52,8 @@ class SourcePipeline:
         journal: Journal,
         payloads: PayloadStore,
         baselines: BaselineStore | None = None,
+        *,
+        replay: bool = False,
     ) -> None:
         self.cfg = cfg
         self.source = source
@@ -63,7 +65,9 @@ class SourcePipeline:
         self.anomaly: AnomalyStage | None = None
         if cfg.anomaly is not None:
             store = baselines or BaselineStore.in_data_dir(journal.data_dir)
-            self.anomaly = AnomalyStage(cfg.name, cfg.anomaly, self.recorder, store)
+            self.anomaly = AnomalyStage(
+                cfg.name, cfg.anomaly, self.recorder, store, wait_for_fit=replay
+            )
 
     @property
     def model(self) -> str | None:

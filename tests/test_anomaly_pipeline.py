@@ -218,3 +218,16 @@ def test_fit_baseline_on_recorded_readings_then_score_with_it(tmp_path: Path) ->
         assert result.returncode == 2 and says in result.stderr
     empty = run_cli("models", "fit-baseline", "gearbox", "-c", str(config), "--until", "2000-01-01")
     assert empty.returncode == 1 and "no clean readings" in empty.stderr
+
+
+def test_a_replay_scores_every_window_after_the_baseline_even_while_a_slow_fit_runs(
+    tmp_path: Path,
+) -> None:
+    # An isolation forest takes seconds to fit and export; a fast replay brings hundreds of
+    # windows in that time, and each must still be scored.
+    data = replay(tmp_path, "forest", gearbox(180, [], method="isolation_forest", baseline="60s"))
+    (fitted,) = records(data, "baseline")
+    stage = records(data, "health")[-1]["body"]["sources"]["gearbox"]["anomaly"]
+    assert stage["skipped"] == 0
+    assert stage["baseline_windows"] + stage["scored"] == 180
+    assert stage["scored"] == 180 - fitted["body"]["windows"]
