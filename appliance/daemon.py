@@ -22,6 +22,7 @@ from appliance.recorder import Recorder
 from appliance.scheduler import Jobs
 from appliance.supervisor import ComponentHealth, Supervised
 from appliance.vision import CameraPipeline, DetectorPool, quiet_opencv
+from appliance.web import StatusServer, read_status_token
 from config import ApplianceConfig, Camera, ConfigError, LiveSensorCommon, SimulatedSensor
 from sensors import SensorConfig, open_source
 from sensors.camera import CameraSource, parse_camera_url
@@ -117,6 +118,7 @@ class Daemon:
         self.engines: list[SyncEngine] = []
         self._signals = 0
         self._stop_reason = "requested"
+        self._status_token: str | None = None
 
     def _on_signal(self, signame: str) -> None:
         self._signals += 1
@@ -132,6 +134,9 @@ class Daemon:
     async def run(self) -> int:
         if self.mode == "replay":
             check_replayable(self.cfg)
+        if self.mode == "run" and self.cfg.status.enabled:
+            # Checked before anything opens: a page open to the network needs a token.
+            self._status_token = read_status_token(self.cfg.status)
         loop = asyncio.get_running_loop()
         installed = []
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,6 +189,10 @@ class Daemon:
             self.engines = engines
             if self.mode == "run":
                 await stack.enter_async_context(ControlServer(data_dir, engines))
+            if self.mode == "run" and cfg.status.enabled:
+                await stack.enter_async_context(
+                    StatusServer(cfg, journal, store, monitor, engines, token=self._status_token)
+                )
             jobs = Jobs()
             jobs.every("retention", cfg.storage.check_interval, guard.run_once, run_now=True)
             jobs.every("checkpoint", cfg.journal.checkpoint_interval, journal.checkpoint)

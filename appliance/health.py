@@ -39,6 +39,7 @@ class HealthMonitor:
         self.components: dict[str, ComponentHealth] = {}
         self.sources: dict[str, Any] = {}
         self.anomalies: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.status_url: str | None = None  # where the status page listens, once it does
         self.cameras: dict[str, Callable[[], dict[str, Any]]] = {}
         self.destinations: dict[str, DestinationState] = {}
         self.started = datetime.now(UTC)
@@ -66,6 +67,7 @@ class HealthMonitor:
             "boot_id": self.journal.boot_id,
             "started": format_ts(self.started),
             "uptime_s": round(time.monotonic() - self._started_mono, 1),
+            "status_url": self.status_url,
             "components": {n: c.to_dict() for n, c in sorted(self.components.items())},
             "sources": {name: self._source(name, h) for name, h in sorted(self.sources.items())},
             "cameras": {name: health() for name, health in sorted(self.cameras.items())},

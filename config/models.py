@@ -101,6 +101,21 @@ class ApplianceSection(Strict):
     )
 
 
+class StatusSection(Strict):
+    listen: str = Field(
+        default="127.0.0.1:8080",
+        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$",
+        description="HOST:PORT the local status page and its API listen on; any address other "
+        "than a loopback one needs `token_file`. Port 0 picks a free port.",
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the bearer token that `POST /api/sync` (and, on a non-loopback "
+        "address, every page and API) requires.",
+    )
+    enabled: bool = Field(default=True, description="Serve the status page at all.")
+
+
 class StorageSection(Strict):
     disk_budget: ByteSize = Field(
         default=20 * 1024**3,
@@ -949,6 +964,9 @@ class ApplianceConfig(Strict):
     )
     sync: SyncSection = Field(
         default_factory=SyncSection, description="Shipping records and payloads upstream."
+    )
+    status: StatusSection = Field(
+        default_factory=StatusSection, description="The local web status page and its API."
     )
 
     @model_validator(mode="after")

@@ -100,6 +100,8 @@ class SyncEngine:
         # Two drains never ship the same batch at once: the daemon's loop and `sync --now`
         # (which asks the daemon) take turns on this lock.
         self._lock = asyncio.Lock()
+        # Per priority, the bounds (first, last seq) of a batch sent but not acknowledged yet.
+        self._unacknowledged: dict[Priority, tuple[int, int]] = {}
         self._last_error_log = 0.0
         self._suppressed_errors = 0
 
@@ -146,8 +148,11 @@ class SyncEngine:
         and encoding the next batch (CPU here), sending this one (the link and the receiver), and
         committing the previous one's acknowledgement (an fsync of the journal). Batches are still
         sent one at a time and in order, and acknowledgements commit in order; the cursor moves
-        only with an acknowledgement. A crash between a send and its commit resends that batch,
-        which the destination recognises by its identity."""
+        only with an acknowledgement.
+
+        A batch interrupted after it may have reached the destination (an error, a cut, the stop)
+        is sent again with the same bounds, so the destination recognises it by its identity, even
+        if more records have arrived since (`_unacknowledged`)."""
         after = await self.journal.read(lambda r: r.cursor(self.name, priority))
         batch = await self._next_batch(priority, after)
         committing: asyncio.Task[None] | None = None
@@ -156,10 +161,16 @@ class SyncEngine:
                 upcoming = asyncio.ensure_future(self._next_batch(priority, batch.last_seq))
                 try:
                     started = time.monotonic()
+                    self._unacknowledged[priority] = (batch.first_seq, batch.last_seq)
                     await self.destination.send_batch(batch, self.limiter)
-                    if committing is not None:
-                        await committing  # in order, and its error surfaces here
-                    committing = asyncio.ensure_future(self._commit(batch, started, progress))
+                    # Chained at once, with no await between the send and it: a stop that comes
+                    # while the previous commit runs still records this acknowledgement.
+                    previous = committing
+                    committing = asyncio.ensure_future(
+                        self._commit(batch, started, progress, after=previous)
+                    )
+                    if previous is not None:
+                        await asyncio.shield(previous)  # in order; its error surfaces here
                 except BaseException:
                     upcoming.cancel()
                     # Only the abandoned read's own outcome is dropped; the error that got us
@@ -185,13 +196,23 @@ class SyncEngine:
                 max_bytes=self.settings.batch_bytes,
             )
         )
+        interrupted = self._unacknowledged.get(priority)
+        if interrupted is not None and records and records[0].seq == interrupted[0]:
+            records = [r for r in records if r.seq <= interrupted[1]]
         if not records:
             return None
         return await asyncio.to_thread(encode_batch, self.journal.appliance_id, priority, records)
 
     async def _commit(
-        self, batch: Batch, started: float, progress: Callable[[Progress], None] | None
+        self,
+        batch: Batch,
+        started: float,
+        progress: Callable[[Progress], None] | None,
+        *,
+        after: asyncio.Task[None] | None = None,
     ) -> None:
+        if after is not None:
+            await after
         await self.journal.acknowledge(
             self.name,
             batch.priority,
@@ -200,6 +221,8 @@ class SyncEngine:
             batch.batch_id,
             batch.payloads,
         )
+        if self._unacknowledged.get(batch.priority) == (batch.first_seq, batch.last_seq):
+            del self._unacknowledged[batch.priority]
         self.state.records_sent += batch.records
         self.state.batches_sent += 1
         self._account(len(batch.body), started)

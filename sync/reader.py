@@ -123,6 +123,32 @@ class JournalReader:
                 yield _row_to_record(row)
             last = rows[-1][0]
 
+    def recent(self, priorities: tuple[Priority, ...], limit: int) -> list[StoredRecord]:
+        """The newest `limit` records of `priorities`, newest first (one indexed walk per
+        priority, never a scan past the telemetry)."""
+        rows: list[tuple[Any, ...]] = []
+        for priority in priorities:
+            rows += self.conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM records WHERE priority = ? "
+                "ORDER BY seq DESC LIMIT ?",
+                (int(priority), limit),
+            ).fetchall()
+        rows.sort(key=lambda row: int(row[0]), reverse=True)
+        return [_row_to_record(row) for row in rows[:limit]]
+
+    def payload_info(self, sha256s: list[str]) -> dict[str, tuple[int, str, str]]:
+        """Per known payload: (size, media type or "", state)."""
+        known: dict[str, tuple[int, str, str]] = {}
+        for start in range(0, len(sha256s), 500):  # under SQLite's bound-parameter limit
+            chunk = sha256s[start : start + 500]
+            found = self.conn.execute(
+                "SELECT sha256, size, COALESCE(media_type, ''), state FROM payloads "
+                f"WHERE sha256 IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+            known.update({str(s): (int(n), str(m), str(st)) for s, n, m, st in found})
+        return known
+
     def get(self, seq: int) -> StoredRecord | None:
         row = self.conn.execute(
             f"SELECT {_RECORD_COLUMNS} FROM records WHERE seq = ?", (seq,)

@@ -40,6 +40,8 @@ def write_config(
     doc: dict[str, Any] = {
         "appliance": {"id": "test-01", "data_dir": str(data_dir), "health_interval": "2s"},
         "sensors": sensors,
+        # Port 0: daemons of tests running side by side never fight over the default 8080.
+        "status": {"listen": "127.0.0.1:0"},
     }
     for key, value in sections.items():
         doc.setdefault(key, {}).update(value) if isinstance(value, dict) else doc.__setitem__(

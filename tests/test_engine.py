@@ -326,3 +326,65 @@ async def test_a_returning_link_is_drained_at_once_not_after_the_backoff(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_an_interrupted_batch_is_resent_with_the_same_bounds_when_more_has_arrived(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    for i in range(5):
+        await journal.append(NewRecord("src", "reading", Priority.EVENT, {"i": i}))
+    memory = MemoryDestination(name="usb")
+    engine = SyncEngine(journal, payload_store, memory, dest_cfg(tmp_path), settings())
+    sent: list[tuple[str, int, int]] = []
+    original = memory.send_batch
+
+    async def lands_then_fails_once(batch: Batch, limiter: RateLimiter) -> None:
+        sent.append((batch.batch_id, batch.first_seq, batch.last_seq))
+        await original(batch, limiter)  # it reached the destination...
+        if len(sent) == 1:
+            raise DestinationError("usb", "cut before the answer", retryable=True)  # ...unsaid
+
+    memory.send_batch = lands_then_fails_once  # type: ignore[method-assign]
+    with pytest.raises(DestinationError):
+        await engine.drain()
+    for i in range(5, 20):  # more events arrive before the retry
+        await journal.append(NewRecord("src", "reading", Priority.EVENT, {"i": i}))
+    assert await engine.drain() is True
+    # The retry resent exactly the interrupted batch, then went on from its end: no record is
+    # in two different batches (a directory destination would otherwise keep both files).
+    assert sent[1] == sent[0]
+    covered = [seq for _, first, last in dict.fromkeys(sent) for seq in range(first, last + 1)]
+    assert sorted(covered) == sorted(set(covered)) == list(range(1, 21))
+
+
+async def test_a_stop_while_an_acknowledgement_commits_still_records_the_next_one(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(21):
+        await journal.append(NewRecord("src", "reading", Priority.EVENT, {"i": i}))
+    memory = MemoryDestination(name="usb")
+    engine = SyncEngine(journal, payload_store, memory, dest_cfg(tmp_path), settings())
+    acknowledge = journal.acknowledge
+    second_sent = asyncio.Event()
+    original = memory.send_batch
+
+    async def slow_acknowledge(*args: object, **kwargs: object) -> None:
+        await asyncio.sleep(0.2)  # a slow fsync: the next batch is sent meanwhile
+        await acknowledge(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def counting(batch: Batch, limiter: RateLimiter) -> None:
+        await original(batch, limiter)
+        if len(memory.batches) == 2:
+            second_sent.set()
+
+    monkeypatch.setattr(journal, "acknowledge", slow_acknowledge)
+    memory.send_batch = counting  # type: ignore[method-assign]
+    drain = asyncio.create_task(engine.drain())
+    await second_sent.wait()
+    await asyncio.sleep(0)  # the drain now waits on the first batch's commit
+    drain.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await drain
+    # Both batches reached the destination, so both acknowledgements are in the journal.
+    cursor = await journal.read(lambda r: r.cursor("usb", Priority.EVENT))
+    assert cursor == 14
