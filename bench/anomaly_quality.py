@@ -24,8 +24,9 @@ Datasets
               split (the first 1200 samples; the TRAIN file holds exactly those), scored on the rest.
   Daphnet_S06R02E0  public (aeon's wheel): 9 accelerometer channels at 64 Hz (the file's clock,
               replaced by an exact 64 Hz one so windows hold whole samples); this excerpt has no
-              labelled anomaly, so it gives only the false-alarm rate. Fitted on the first 400
-              samples (6.25 s).
+              labelled anomaly, so it gives only the false-alarm rate: a check of the alarms on
+              real sensor noise. Its own protocol: windows of one second (64 samples), fitted on
+              the first 60 s, scored on the remaining 50 s (400 samples would be 6 s of gait).
 
 Protocol (one configuration per settings profile for every dataset and run; nothing is tuned
 per run or per dataset)
@@ -39,9 +40,9 @@ per run or per dataset)
   baseline from its first window, as after a restart. Two replays rather than one so that each
   baseline is fitted on exactly the fitting part, whatever the data time the collector counts
   (a single replay now also scores every window: replay waits for a fit in progress).
-  Profiles: `defaults` (every AnomalySettings default, for every method) and `suggested`
-  (hysteresis 1.0, debounce [2, 3] and a margin per method, SUGGESTED_MARGIN below: chosen once,
-  on development runs that are not scored here).
+  Profiles: `defaults` (every AnomalySettings default, for every method) and `short_baseline`
+  (a margin per method, SHORT_BASELINE_MARGIN below: chosen once, on development runs that are
+  not scored here; what docs/configuration.md advises for baselines of minutes).
 
 Scoring (as SKAB scores: per sample, only the samples after the fitting part)
   An alarm is an `anomaly` record with body.kind `started` (escalated is ignored) until the
@@ -103,6 +104,9 @@ BoolArray = npt.NDArray[np.bool_]
 TARGET_F1 = 0.80
 TARGET_FAR = 0.15
 FIT_SAMPLES = 400
+DAPHNET_FIT_S = 60
+"""Daphnet's fitting part in seconds: 400 samples of a 64 Hz accelerometer are six seconds of
+gait, no baseline at all, so it gets its own protocol (one-second windows, a minute's fit)."""
 DEFAULT_WINDOW = 5
 DEFAULT_RUNS = 8
 RUN_SAMPLES = 1200
@@ -111,32 +115,26 @@ EPOCH_S = datetime(2024, 1, 1, tzinfo=UTC).timestamp()
 """Where every replayed series' clock starts (the public series have none of their own)."""
 REPLAY_TIMEOUT_S = 900
 
-SUGGESTED_MARGIN: dict[Method, float] = {
+SHORT_BASELINE_MARGIN: dict[Method, float] = {
     "robust_z": 3.0,
     "ewma": 6.0,
     "hotelling": 4.0,
     "isolation_forest": 1.1,
     "autoencoder": 5.0,
 }
-"""The `suggested` profile's margins. A margin means different things to different scores:
+"""The `short_baseline` profile's margins. A margin means different things to different scores:
 robust_z is in sigmas, hotelling's T² and the autoencoder's squared error grow with the square of
 a shift, the EWMA of slowly wandering channels is larger than its white-noise sigma assumes, and
 the isolation forest's score levels off near the baseline's most extreme window (see
 inference/anomaly.py). Chosen once, on 16 development runs of the testbed generated with seed
-SEED + 1 (never scored here), windows of 5 samples. Hysteresis 1.0 with debounce [2, 3] beat
-0.8 with [3, 5] and the two mixed pairings there on the mean F1 of robust_z, ewma, hotelling and
-autoencoder at each shared margin from 1.5 to 4. The margin, per method, of the margins 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10 (isolation_forest: 1.0, 1.05, 1.1,
-1.15, 1.2, 1.3): the smallest whose development FAR was at most 0.15 and whose F1 was within 0.02
-of the best such margin's (a larger margin misses the smaller faults)."""
+SEED + 1 (never scored here), windows of 5 samples, as the smallest margin per method, of 1.5, 2,
+2.5, 3, 4, 5, 6, 8, 10 (isolation_forest: 1.0, 1.05, 1.1, 1.15, 1.2, 1.3), whose development FAR
+was at most 0.15 and whose F1 was within 0.02 of the best such margin's (a larger margin misses
+the smaller faults). The same development runs chose the product's debounce [2, 3] and hysteresis
+1.0 (they beat [3, 5] with 0.8, and the two mixed pairings, at every shared margin from 1.5 to 4)."""
 PROFILES: dict[str, dict[Method, dict[str, Any]]] = {
     "defaults": {method: {} for method in METHODS},
-    "suggested": {
-        # An anomaly ends once 3 windows in a row are under the threshold itself, and starts
-        # on 2 of 3 over it: a 400-sample baseline misses the slow thermal wander, so alarms
-        # otherwise linger long after a fault while the lagging temperatures settle.
-        method: {"margin": SUGGESTED_MARGIN[method], "hysteresis": 1.0, "debounce": [2, 3]}
-        for method in METHODS
-    },
+    "short_baseline": {method: {"margin": SHORT_BASELINE_MARGIN[method]} for method in METHODS},
 }
 """AnomalySettings fields set on top of the defaults per profile and method, the same for every
 dataset and run."""
@@ -332,6 +330,9 @@ class Series:
     rate_hz: float
     fit_samples: int
     info: Mapping[str, Any] = field(default_factory=dict)
+    window: int | None = None
+    """Samples per window when the series needs its own (the 64 Hz Daphnet: one second);
+    None: the run's `--window`."""
 
     @property
     def samples(self) -> int:
@@ -578,13 +579,14 @@ def daphnet_s06r02e0(folder: Path) -> Series:
         values=values,
         labels=labels,
         rate_hz=float(rate),
-        fit_samples=FIT_SAMPLES,
+        fit_samples=DAPHNET_FIT_S * rate,
+        window=rate,
         info={
             "source": "aeon wheel, datasets/data/Daphnet_S06R02E0 (Daphnet freezing of gait, "
             "subject 6 run 2 excerpt)",
             "samples": len(values),
             "labelled_samples": int(labels.sum()),
-            "fit": f"the first {FIT_SAMPLES} samples ({FIT_SAMPLES / rate:g} s)",
+            "fit": f"the first {DAPHNET_FIT_S} s ({DAPHNET_FIT_S * rate} samples), windows of 1 s",
             "clock": f"{rate} Hz (the file's mean step, {step_s * 1e3:.3f} ms; its stamps are "
             "written to the millisecond), replaced by an exact one",
             "note": "normal-only: no labelled anomaly, so only the false-alarm rate means anything",
@@ -608,8 +610,13 @@ class Source:
         return f"{self.series.name}.{self.method}.{self.profile}"
 
 
+def samples_per_window(series: Series, window: int) -> int:
+    """The series' own window, or the run's."""
+    return series.window if series.window is not None else window
+
+
 def window_seconds(series: Series, window: int) -> float:
-    return window / series.rate_hz
+    return samples_per_window(series, window) / series.rate_hz
 
 
 def anomaly_settings(source: Source, window: int) -> dict[str, Any]:
@@ -617,7 +624,7 @@ def anomaly_settings(source: Source, window: int) -> dict[str, Any]:
     exactly at the fitting part's last window. The collector is ready once its windows' start
     times span `baseline`; k windows span (k - 1) windows, so half a window less than that makes
     the k-th window the one, whatever the float rounding of the times."""
-    fit_windows = source.series.fit_samples // window
+    fit_windows = source.series.fit_samples // samples_per_window(source.series, window)
     span_s = (fit_windows - 1.5) * window_seconds(source.series, window)
     doc: dict[str, Any] = {"method": source.method, **PROFILES[source.profile][source.method]}
     doc["baseline"] = round(span_s, 6)
@@ -788,12 +795,15 @@ def source_checks(
     scored_with_it = True
     for source in sources:
         found = journal[source.name]
-        fit_windows = source.series.fit_samples // window
+        per_window = samples_per_window(source.series, window)
+        fit_windows = source.series.fit_samples // per_window
         if len(found.baselines) != 1 or found.baselines[0].get("windows") != fit_windows:
             fitted_on_fit_part = False
             continue
         model = f"{source.name}-baseline@{found.baselines[0].get('version')}"
-        scoring_windows = math.ceil((source.series.samples - source.series.fit_samples) / window)
+        scoring_windows = math.ceil(
+            (source.series.samples - source.series.fit_samples) / per_window
+        )
         if found.readings_by_model != {model: scoring_windows}:
             scored_with_it = False
     return {
@@ -964,7 +974,7 @@ def main() -> None:
 
     series, skipped = load_series(runs=runs, public=not (args.quick or args.no_public))
     for item in series:
-        if item.fit_samples % window:
+        if item.fit_samples % samples_per_window(item, window):
             parser.error(f"--window {window} does not divide {item.name}'s {item.fit_samples}")
     sources = [Source(s, m, p) for s in series for m in methods for p in profiles]
     root = make_data_root(args.tmp_dir, "bench-anomaly-")

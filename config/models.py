@@ -225,7 +225,7 @@ class AnomalySettings(Strict):
         "isolation_forest, autoencoder: scikit-learn models fitted on the baseline and run as "
         "ONNX (skl2onnx). isolation_forest splits one feature at a time: it misses a broken "
         "correlation between channels (use hotelling or autoencoder) and its scores level off "
-        "near the baseline's most extreme windows, so a margin of about 1.2 suits it better."
+        "near the baseline's most extreme windows, so a margin of about 1.1 to 1.2 suits it."
     )
     features: list[str] = Field(
         default_factory=list,
@@ -247,13 +247,19 @@ class AnomalySettings(Strict):
         lt=1,
         description="The threshold is this quantile of the baseline's own scores, times `margin`.",
     )
-    margin: float = Field(default=1.5, ge=1, description="Threshold = quantile score x margin.")
+    margin: float = Field(
+        default=1.5,
+        ge=1,
+        description="Threshold = quantile score x margin. 1.5 suits a baseline that saw the "
+        "machine's usual variation (the default hour); a short one (minutes) needs more, per "
+        "method: see docs/configuration.md.",
+    )
     debounce: tuple[int, int] = Field(
-        default=(3, 5),
+        default=(2, 3),
         description="[k, n]: an anomaly starts when k of the last n windows are over the threshold.",
     )
     hysteresis: float = Field(
-        default=0.8,
+        default=1.0,
         gt=0,
         le=1,
         description="An anomaly ends when n windows in a row score under threshold x hysteresis.",

@@ -104,7 +104,7 @@ DETECTION_CASES = [(method, scenario) for method in METHODS for scenario in CATC
 
 HEALTHY_WINDOWS = 2000
 MAX_FALSE_ANOMALIES = 1
-"""Bound on anomalies started in HEALTHY_WINDOWS held-out healthy windows (debounce 3 of 5)."""
+"""Bound on anomalies started in HEALTHY_WINDOWS held-out healthy windows (the default debounce)."""
 MAX_OVER_SHARE = 0.01
 """Bound on the share of held-out healthy windows scoring over the threshold."""
 DETECT_WITHIN = 30
@@ -378,7 +378,9 @@ def test_ending_needs_n_windows_in_a_row_under_hysteresis(small_baseline: Baseli
 
 
 def test_an_event_escalates_to_an_alert_once(small_baseline: Baseline) -> None:
-    detector = AnomalyDetector(settings(critical=2.0), small_baseline)
+    detector = AnomalyDetector(
+        settings(critical=2.0, debounce=(3, 5), hysteresis=0.8), small_baseline
+    )
     events = feed(detector, small_baseline, [1.2, 1.2, 1.2, 1.5, 2.5, 3.0, 1.1] + [0.1] * 5)
     assert [(i, e.kind, e.priority) for i, e in events] == [
         (2, "started", "event"),
@@ -391,7 +393,9 @@ def test_an_event_escalates_to_an_alert_once(small_baseline: Baseline) -> None:
 
 
 def test_an_anomaly_critical_from_the_start_is_an_alert(small_baseline: Baseline) -> None:
-    detector = AnomalyDetector(settings(critical=2.0), small_baseline)
+    detector = AnomalyDetector(
+        settings(critical=2.0, debounce=(3, 5), hysteresis=0.8), small_baseline
+    )
     events = feed(detector, small_baseline, [2.5, 1.2, 1.2, 4.0] + [0.1] * 5)
     assert [(i, e.kind, e.priority) for i, e in events] == [
         (2, "started", "alert"),

@@ -128,7 +128,7 @@ def test_each_injected_fault_is_an_anomaly_with_its_raw_windows(turbine: Path, f
     ]
     assert started, f"the {fault} fault went unnoticed"
     anomaly = started[0]
-    # Detection delay: the debounce needs 3 of 5 windows over the threshold.
+    # Detection delay: the debounce needs 2 of 3 windows over the threshold.
     assert seconds_in(anomaly, first) - start <= 8
     assert anomaly["priority"] in ("event", "alert")
     assert anomaly["model"].startswith("gearbox-baseline@")
