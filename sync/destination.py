@@ -90,6 +90,12 @@ class Destination(Protocol):
     """One upstream. Entered once by the engine; every method may raise DestinationError."""
 
     name: str
+    dedups_records: bool
+    """True when the destination recognises records it already holds by their sequence numbers
+    (the receiver). False when it names what it stores by the batch's bounds (directory, S3): a
+    batch that may have landed unacknowledged must then be resent with exactly the same bounds,
+    even after a crash, or the records would be stored twice; the engine journals the bounds
+    before each send for it."""
 
     async def __aenter__(self) -> Self: ...
 
@@ -121,6 +127,7 @@ class MemoryDestination:
     """In-memory fake used beside the real destinations in engine tests: can fail on demand."""
 
     name: str = "memory"
+    dedups_records: bool = False
     batches: dict[str, Batch] = field(default_factory=dict)
     records: dict[int, dict[str, object]] = field(default_factory=dict)
     payloads: dict[str, bytes] = field(default_factory=dict)

@@ -35,6 +35,8 @@ class DirectoryTarget:
     payloads/APPLIANCE/AB/SHA256                      (renamed into place after its hash checks)
     """
 
+    dedups_records = False
+
     def __init__(
         self, cfg: DirectoryDestination, appliance_id: str, chunk_size: int, *, create: bool = False
     ) -> None:

@@ -63,6 +63,21 @@ class Progress:
     payloads: int
 
 
+def inflight_key(destination: str, priority: Priority) -> str:
+    """The journal `meta` key holding the bounds of the batch last sent to a destination that
+    needs them after a crash (`Destination.dedups_records` False). A stale value is harmless: it
+    is used only while it starts beyond the acknowledged cursor."""
+    return f"sync_inflight:{destination}:{priority.label}"
+
+
+def parse_bounds(text: str | None) -> tuple[int, int] | None:
+    """`FIRST-LAST` as written under inflight_key; None for nothing or anything else."""
+    first, sep, last = (text or "").partition("-")
+    if not sep or not first.isdigit() or not last.isdigit() or int(first) > int(last):
+        return None
+    return int(first), int(last)
+
+
 def in_windows(windows: list[str], now: datetime) -> bool:
     """Whether `now` (UTC) falls in any HH:MM-HH:MM window; no windows means always."""
     if not windows:
@@ -100,8 +115,10 @@ class SyncEngine:
         # Two drains never ship the same batch at once: the daemon's loop and `sync --now`
         # (which asks the daemon) take turns on this lock.
         self._lock = asyncio.Lock()
-        # Per priority, the bounds (first, last seq) of a batch sent but not acknowledged yet.
+        # Per priority, the bounds (first, last seq) of a batch sent but not acknowledged yet,
+        # and the bounds last journalled for a destination that needs them after a crash.
         self._unacknowledged: dict[Priority, tuple[int, int]] = {}
+        self._journalled_bounds: dict[Priority, tuple[int, int]] = {}
         self._last_error_log = 0.0
         self._suppressed_errors = 0
 
@@ -152,8 +169,16 @@ class SyncEngine:
 
         A batch interrupted after it may have reached the destination (an error, a cut, the stop)
         is sent again with the same bounds, so the destination recognises it by its identity, even
-        if more records have arrived since (`_unacknowledged`)."""
-        after = await self.journal.read(lambda r: r.cursor(self.name, priority))
+        if more records have arrived since (`_unacknowledged`). For a destination that does not
+        recognise records by sequence number (`dedups_records` False) the bounds are journalled
+        before the send, so that holds after a crash too."""
+        key = inflight_key(self.name, priority)
+        after, journalled = await self.journal.read(
+            lambda r: (r.cursor(self.name, priority), r.meta(key))
+        )
+        bounds = parse_bounds(journalled)
+        if priority not in self._unacknowledged and bounds is not None and bounds[0] > after:
+            self._unacknowledged[priority] = self._journalled_bounds[priority] = bounds
         batch = await self._next_batch(priority, after)
         committing: asyncio.Task[None] | None = None
         try:
@@ -161,7 +186,14 @@ class SyncEngine:
                 upcoming = asyncio.ensure_future(self._next_batch(priority, batch.last_seq))
                 try:
                     started = time.monotonic()
-                    self._unacknowledged[priority] = (batch.first_seq, batch.last_seq)
+                    bounds = (batch.first_seq, batch.last_seq)
+                    if (
+                        not self.destination.dedups_records
+                        and self._journalled_bounds.get(priority) != bounds
+                    ):
+                        await self.journal.set_meta({key: f"{bounds[0]}-{bounds[1]}"})
+                        self._journalled_bounds[priority] = bounds
+                    self._unacknowledged[priority] = bounds
                     await self.destination.send_batch(batch, self.limiter)
                     # Chained at once, with no await between the send and it: a stop that comes
                     # while the previous commit runs still records this acknowledgement.

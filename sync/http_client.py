@@ -26,6 +26,8 @@ def _transient(exc: BaseException) -> bool:
 class HttpTarget:
     """One receiver. Opened with `async with`; every method raises DestinationError."""
 
+    dedups_records = True  # the receiver keeps each (appliance, seq) once
+
     def __init__(self, cfg: HttpDestination, appliance_id: str, chunk_size: int) -> None:
         self.cfg = cfg
         self.name = cfg.name

@@ -72,6 +72,8 @@ class S3Target:
     """One bucket. Opened with `async with` (reads the key files, opens the client); every
     method raises DestinationError."""
 
+    dedups_records = False  # objects are named by the batch's bounds
+
     def __init__(self, cfg: S3Destination, appliance_id: str, chunk_size: int) -> None:
         self.cfg = cfg
         self.name = cfg.name

@@ -18,7 +18,7 @@ from config.models import DirectoryDestination, SyncSection
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
 from sync.destination import Batch, DestinationError, MemoryDestination, RateLimiter
 from sync.directory import DirectoryTarget
-from sync.engine import SyncEngine, in_windows
+from sync.engine import SyncEngine, in_windows, inflight_key
 
 
 def dest_cfg(tmp: Path, **extra: object) -> DirectoryDestination:
@@ -388,3 +388,53 @@ async def test_a_stop_while_an_acknowledgement_commits_still_records_the_next_on
     # Both batches reached the destination, so both acknowledgements are in the journal.
     cursor = await journal.read(lambda r: r.cursor("usb", Priority.EVENT))
     assert cursor == 14
+
+
+async def test_a_batch_landed_unacknowledged_before_a_crash_is_resent_with_the_same_bounds(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    """A directory destination names batch files by their bounds: after a crash between the
+    file landing and its acknowledgement, a resend with other bounds would store records twice.
+    The engine that crashed is simply dropped; a new one (nothing in memory) takes over."""
+    for i in range(5):
+        await journal.append(NewRecord("src", "reading", Priority.EVENT, {"i": i}))
+    target_dir = tmp_path / "usb"
+    target_dir.mkdir()
+    cfg = dest_cfg(target_dir)
+    crashing = DirectoryTarget(cfg, journal.appliance_id, chunk_size=4096)
+    original = crashing.send_batch
+
+    async def lands_then_dies(batch: Batch, limiter: RateLimiter) -> None:
+        await original(batch, limiter)  # the files are complete at the destination...
+        raise DestinationError("usb", "process killed", retryable=True)  # ...never acknowledged
+
+    crashing.send_batch = lands_then_dies  # type: ignore[method-assign]
+    with pytest.raises(DestinationError):
+        await SyncEngine(journal, payload_store, crashing, cfg, settings()).drain()
+    for i in range(5, 20):  # more events arrive before the restart
+        await journal.append(NewRecord("src", "reading", Priority.EVENT, {"i": i}))
+
+    target = DirectoryTarget(cfg, journal.appliance_id, chunk_size=4096)
+    assert await SyncEngine(journal, payload_store, target, cfg, settings()).drain() is True
+    names = sorted(p.name for p in target_dir.glob("records/*/*/*.manifest.json"))
+    bounds = [tuple(int(n) for n in name.split(".")[0].split("-")) for name in names]
+    assert bounds[0] == (1, 5)  # the landed batch, overwritten by its identical resend
+    covered = [seq for first, last in bounds for seq in range(first, last + 1)]
+    assert sorted(covered) == sorted(set(covered)) == list(range(1, 21))
+
+
+async def test_a_receiver_that_dedups_by_sequence_costs_no_journal_write_per_batch(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    for i in range(20):
+        await journal.append(NewRecord("src", "reading", Priority.EVENT, {"i": i}))
+    memory = MemoryDestination(name="usb", dedups_records=True)
+    engine = SyncEngine(journal, payload_store, memory, dest_cfg(tmp_path), settings())
+    assert await engine.drain() is True
+    key = inflight_key("usb", Priority.EVENT)
+    assert await journal.read(lambda r: r.meta(key)) is None
+    # And one that does not: the last batch's bounds are in the journal.
+    other = MemoryDestination(name="usb2")
+    second = SyncEngine(journal, payload_store, other, dest_cfg(tmp_path, name="usb2"), settings())
+    assert await second.drain() is True
+    assert await journal.read(lambda r: r.meta(inflight_key("usb2", Priority.EVENT))) == "15-20"
