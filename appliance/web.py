@@ -1,6 +1,8 @@
-"""The local web status page and its HTTP API (aiohttp): the page, `/healthz`, `/api/status`,
-`/api/events`, `/metrics`, `POST /api/sync` and image payloads, with the token rules and the
-security headers every response carries. Contract: docs/status-api.md."""
+"""The local web status page's server and its HTTP API (aiohttp): routes (`/`, `/healthz`,
+`/api/status`, `/api/events`, `/api/history`, the `/api/stream` event stream, `/metrics`,
+`POST /api/sync`, image payloads), the token rules and the security headers every response
+carries, and the sampling of the 24-hour history. The HTML is `appliance.page`'s.
+Contract: docs/status-api.md."""
 
 from __future__ import annotations
 
@@ -9,9 +11,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
-import html
 import ipaddress
-import json
 import logging
 import re
 import time
@@ -26,9 +26,10 @@ from prometheus_client.registry import Collector
 
 from appliance.control import drain_engines
 from appliance.health import HealthMonitor
+from appliance.history import HISTORY_FILE, Figures, History
+from appliance.page import SCRIPT, STYLE, render_live, render_page
 from appliance.status import collect_status
 from config import ApplianceConfig, ConfigError, StatusSection
-from config.units import format_duration, format_size
 from sync import Journal, JournalReader, PayloadStore, Priority, StorageFull
 from sync.engine import SyncEngine
 from sync.errors import PayloadError
@@ -50,6 +51,16 @@ COOKIE_NAME = "appliance_status"
 SERVED_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BAD_SOURCE_STATES = ("failed", "reconnecting")
+# The event stream: a fresh fragment this often, at once when a new alert or event is journalled
+# (looked for this often, and only while a stream is open), and a comment line when the
+# fragment has not changed, so the browser, proxies and this server see a live link.
+STREAM_INTERVAL_S = 2.0
+_NEWS_POLL_S = 0.25
+# Streams opened within this long of each other share one rendering of the fragment.
+_FRAGMENT_TTL_S = 1.0
+# How long a stop waits for open streams to end before the server closes under them.
+_STREAM_STOP_S = 2.0
+_STREAM_RETRY_MS = 3000
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -171,12 +182,40 @@ def recent_events(reader: JournalReader, limit: int) -> list[dict[str, Any]]:
     return events
 
 
+def newest_event_seq(reader: JournalReader) -> int:
+    """The seq of the newest alert or event record (0: none yet)."""
+    newest = reader.recent((Priority.ALERT, Priority.EVENT), 1)
+    return newest[0].seq if newest else 0
+
+
 def payload_media_type(reader: JournalReader, sha256: str) -> str | None:
     """The media type of a payload whose file is present, or None."""
     size_type_state = reader.payload_info([sha256]).get(sha256)
     if size_type_state is None or size_type_state[2] != "present":
         return None
     return size_type_state[1]
+
+
+def history_figures(report: dict[str, Any]) -> Figures:
+    """What the history samples, out of one /api/status report."""
+    destinations = report["destinations"]
+    return Figures(
+        journalled_total=int(report["daemon"]["journal"]["records"]),
+        backlog={
+            n: (int(d["backlog_records"]), int(d["backlog_bytes"])) for n, d in destinations.items()
+        },
+        # Only a destination with a live engine counts acknowledgements.
+        acked_total={
+            n: int(d["records_sent"]) for n, d in destinations.items() if "records_sent" in d
+        },
+    )
+
+
+def server_sent_event(event: str, data: str) -> bytes:
+    """One `text/event-stream` event; every line of `data` is a `data:` line (the browser joins
+    them with newlines), so no line of the fragment can end the event early."""
+    lines = "".join(f"data: {line}\n" for line in data.splitlines() or [""])
+    return f"event: {event}\n{lines}\n".encode()
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -313,6 +352,8 @@ class StatusServer:
         *,
         token: str | None,
         grace_s: float = SOURCE_GRACE_S,
+        history: History | None = None,
+        stream_interval_s: float = STREAM_INTERVAL_S,
     ) -> None:
         self.cfg = cfg
         self.journal = journal
@@ -324,6 +365,12 @@ class StatusServer:
         # Beyond loopback every route needs the token, not only POST /api/sync.
         self.protected = not is_loopback(self.host)
         self.grace_s = grace_s
+        self.history = history or History(
+            cfg.appliance.data_dir / HISTORY_FILE,
+            appliance_id=cfg.appliance.id,
+            interval_s=cfg.status.history_interval,
+        )
+        self.stream_interval_s = stream_interval_s
         self.url: str | None = None
         self._camera_names = {camera.name for camera in cfg.cameras}
         self._runner: web.AppRunner | None = None
@@ -333,6 +380,17 @@ class StatusServer:
         self._windows: dict[str, deque[tuple[float, int]]] = {}
         self._figures: tuple[float, dict[str, Any]] | None = None
         self._figures_lock = asyncio.Lock()
+        self._sampler: asyncio.Task[None] | None = None
+        self._news_watcher: asyncio.Task[None] | None = None
+        # Open event streams (their handler tasks), ended by __aexit__ before the runner stops.
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        # Set and replaced whenever streams should send at once (news, or the server stopping).
+        self._news = asyncio.Event()
+        self._news_generation = 0
+        self._fragment: tuple[float, int, str] | None = None
+        self._shown_newest_event: int | None = None  # in the last fragment rendered
+        self._fragment_lock = asyncio.Lock()
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
@@ -345,12 +403,15 @@ class StatusServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/api/status", self._api_status)
         app.router.add_get("/api/events", self._api_events)
+        app.router.add_get("/api/history", self._api_history)
+        app.router.add_get("/api/stream", self._stream)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/api/sync", self._sync)
         app.router.add_get("/payloads/{sha256}", self._payload)
         return app
 
     async def __aenter__(self) -> StatusServer:
+        await asyncio.to_thread(self.history.load)
         # Page requests are short; a browser's idle keep-alive must not hold up the shutdown.
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
@@ -371,6 +432,8 @@ class StatusServer:
         self.url = f"http://{shown}:{port}/"
         self.monitor.status_url = self.url
         self._watcher = asyncio.create_task(self._watch(), name="status:watch")
+        self._sampler = asyncio.create_task(self._sample_history(), name="status:history")
+        self._news_watcher = asyncio.create_task(self._watch_news(), name="status:news")
         log.info(
             "status page listening",
             extra={"fields": {"url": self.url, "token_required_everywhere": self.protected}},
@@ -380,7 +443,17 @@ class StatusServer:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        tasks = [t for t in (self._watcher, *self._syncs.values()) if t is not None]
+        # Open streams end first: their handlers return, so the runner's shutdown below does
+        # not wait out its timeout for responses that would never finish.
+        self._stopping.set()
+        self._announce()
+        if self._streams:
+            await asyncio.wait(set(self._streams), timeout=_STREAM_STOP_S)
+        tasks = [
+            t
+            for t in (self._watcher, self._sampler, self._news_watcher, *self._syncs.values())
+            if t is not None
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -388,6 +461,7 @@ class StatusServer:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
+        await self._save_history()
         if not self.journal.closed:
             with contextlib.suppress(StorageFull):
                 await self.journal.set_meta({"status_url": ""})
@@ -432,6 +506,98 @@ class StatusServer:
             return None
         (t0, w0), (t1, w1) = counts[0], counts[-1]
         return round((w1 - w0) / (t1 - t0), 2) if t1 > t0 else None
+
+    # ----------------------------------------------------------------------------- history
+
+    async def _sample_history(self) -> None:
+        """A sample at once (what waits at start), then one each `history.interval_s` on a
+        fixed grid; a failed read is logged once per run of failures and sampling goes on."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        failing = False
+        while True:
+            try:
+                self.history.record(history_figures(await self.status_report()))
+                failing = False
+            except Exception as exc:  # the page's history must outlive a bad read
+                if not failing:
+                    log.warning(
+                        "status history sample failed", extra={"fields": {"error": repr(exc)}}
+                    )
+                failing = True
+            if self.history.due_for_save(time.time()):
+                await self._save_history()
+            now = loop.time()
+            while next_at <= now:  # slots missed while the loop was busy are skipped, not piled up
+                next_at += self.history.interval_s
+            await asyncio.sleep(next_at - now)
+
+    async def _save_history(self) -> None:
+        content = self.history.snapshot()
+        try:
+            await asyncio.to_thread(self.history.save, content)
+        except OSError as exc:  # a full disk costs the charts' last minutes, never the daemon
+            log.warning(
+                "status history not saved",
+                extra={"fields": {"path": str(self.history.path), "error": str(exc)}},
+            )
+
+    # ------------------------------------------------------------------------------ stream
+
+    def _announce(self) -> None:
+        """Wake every open stream now (news on the page, or the server stopping)."""
+        self._news_generation += 1
+        self._news.set()
+        self._news = asyncio.Event()
+
+    async def _watch_news(self) -> None:
+        """While a stream is open, look for an alert or event record newer than the fragment
+        shows each _NEWS_POLL_S (one indexed query, and only after the writer committed
+        something) and announce it."""
+        committed = -1
+        failing = False
+        while True:
+            await asyncio.sleep(_NEWS_POLL_S)
+            if not self._streams or self.journal.stats.records == committed:
+                continue
+            committed = self.journal.stats.records
+            try:
+                latest = await self.journal.read(newest_event_seq)
+                failing = False
+            except Exception as exc:  # streams still tick every interval without this
+                if not failing:
+                    log.warning(
+                        "status page could not look for new events",
+                        extra={"fields": {"error": repr(exc)}},
+                    )
+                failing = True
+                committed = -1  # look again at the next poll
+                continue
+            if self._shown_newest_event is not None and latest != self._shown_newest_event:
+                self._announce()
+
+    async def _live_fragment(self) -> str:
+        """The live fragment, rendered once for every stream and poll within _FRAGMENT_TTL_S
+        of each other, and again at once after news."""
+        async with self._fragment_lock:
+            cached = self._fragment
+            if (
+                cached is not None
+                and cached[1] == self._news_generation
+                and time.monotonic() - cached[0] < _FRAGMENT_TTL_S
+            ):
+                return cached[2]
+            generation = self._news_generation
+            report = await self.status_report()
+            events = await self.events(_PAGE_EVENTS)
+            fragment = render_live(report, events, self.history, now=time.time())
+            self._fragment = (time.monotonic(), generation, fragment)
+            self._shown_newest_event = events[0]["seq"] if events else 0
+            return fragment
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
 
     # ----------------------------------------------------------------------------- reports
 
@@ -508,9 +674,10 @@ class StatusServer:
             response: web.StreamResponse = web.Response(status=303, headers={"Location": "/"})
         else:
             response = await handler(request)
-        response.set_cookie(
-            COOKIE_NAME, _cookie_value(self.token), httponly=True, samesite="Strict", path="/"
-        )
+        if not response.prepared:  # a finished event stream has sent its headers long ago
+            response.set_cookie(
+                COOKIE_NAME, _cookie_value(self.token), httponly=True, samesite="Strict", path="/"
+            )
         return response
 
     # ---------------------------------------------------------------------------- routes
@@ -534,6 +701,41 @@ class StatusServer:
                 )
             limit = int(text)
         return web.json_response({"events": await self.events(limit)})
+
+    async def _api_history(self, request: web.Request) -> web.Response:
+        return web.json_response(self.history.to_json())
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: `live` with the fragment whenever it changed, checked every
+        stream_interval_s and at once on news; a comment line when it had not changed."""
+        task = asyncio.current_task()
+        assert task is not None
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+        )
+        self._streams.add(task)
+        try:
+            await response.prepare(request)
+            await response.write(f"retry: {_STREAM_RETRY_MS}\n\n".encode())
+            sent: str | None = None
+            while not self._stopping.is_set():
+                if request.transport is None or request.transport.is_closing():
+                    break  # the browser went away between two writes
+                news = self._news  # taken before rendering: news during it is not missed
+                fragment = await self._live_fragment()
+                if fragment != sent:
+                    await response.write(server_sent_event("live", fragment))
+                    sent = fragment
+                else:
+                    await response.write(b": unchanged\n\n")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.stream_interval_s):
+                        await news.wait()
+        except ConnectionResetError:
+            pass  # the browser went away (tab closed, page reloaded) during a write
+        finally:
+            self._streams.discard(task)
+        return response
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = render_metrics(await self.status_report())
@@ -611,18 +813,17 @@ class StatusServer:
     async def _page(self, request: web.Request) -> web.Response:
         report = await self.status_report()
         events = await self.events(_PAGE_EVENTS)
-        return web.Response(text=render_page(report, events), content_type="text/html")
+        page = render_page(report, events, self.history, now=time.time())
+        return web.Response(text=page, content_type="text/html")
 
     async def _partial(self, request: web.Request) -> web.Response:
-        report = await self.status_report()
-        events = await self.events(_PAGE_EVENTS)
-        return web.Response(text=render_live(report, events), content_type="text/html")
+        return web.Response(text=await self._live_fragment(), content_type="text/html")
 
     async def _script(self, request: web.Request) -> web.Response:
-        return web.Response(text=_SCRIPT, content_type="text/javascript")
+        return web.Response(text=SCRIPT, content_type="text/javascript")
 
     async def _style(self, request: web.Request) -> web.Response:
-        return web.Response(text=_STYLE, content_type="text/css")
+        return web.Response(text=STYLE, content_type="text/css")
 
 
 _LIVE_DESTINATION_KEYS = (
@@ -635,293 +836,3 @@ _LIVE_DESTINATION_KEYS = (
     "records_sent",
     "bytes_sent",
 )
-
-
-# ------------------------------------------------------------------------------------ the page
-
-
-def _e(value: Any) -> str:
-    return html.escape("-" if value is None else str(value))
-
-
-def _age(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{format_duration(seconds)} ago"
-
-
-def _table(head: list[str], rows: list[list[str]], empty: str) -> str:
-    if not rows:
-        return f'<p class="muted">{_e(empty)}</p>'
-    cells = "".join(f"<th>{_e(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<div class="scroll"><table><tr>{cells}</tr>{body}</table></div>'
-
-
-def _state(state: Any) -> str:
-    good = state in ("ok", "running", "finished", "scoring", "yes")
-    return f'<span class="{"good" if good else "bad"}">{_e(state)}</span>'
-
-
-def render_live(report: dict[str, Any], events: list[dict[str, Any]]) -> str:
-    """The part of the page the script refreshes: every figure, escaped."""
-    daemon = report["daemon"]
-    parts = [
-        f"<p>{_state(report['state'])} "
-        + (_e(", ".join(report["reasons"])) if report["reasons"] else "")
-        + f" &middot; up {_e(format_duration(report['uptime_s']))} &middot; pid {_e(daemon['pid'])}</p>"
-    ]
-    sources = [
-        [
-            _e(name),
-            _state(s["state"]),
-            _e(s["windows"]),
-            _e(s.get("windows_per_s")),
-            _e(_age(s["last_reading_age_s"])),
-            _e(s["reconnects"]),
-            _e(s["bad_values"]),
-            _e((s.get("anomaly") or {}).get("state")),
-            _e(s["error"] or ""),
-        ]
-        for name, s in daemon["sources"].items()
-        if name not in daemon["cameras"]
-    ]
-    parts.append("<h2>Sources</h2>")
-    parts.append(
-        _table(
-            [
-                "source",
-                "state",
-                "windows",
-                "per s",
-                "last reading",
-                "reconnects",
-                "bad values",
-                "anomaly",
-                "error",
-            ],
-            sources,
-            "no sources",
-        )
-    )
-    cameras = []
-    for name, cam in daemon["cameras"].items():
-        latency = cam.get("latency_ms") or {}
-        pipeline = cam.get("pipeline") or {}
-        cameras.append(
-            [
-                _e(name),
-                _state(cam.get("state")),
-                _e(f"{cam.get('fps', 0.0):.1f}"),
-                _e(_age(cam.get("last_frame_age_s"))),
-                _e(cam.get("reconnects")),
-                _e(cam.get("frames_dropped")),
-                _e(cam.get("model")),
-                _e(f"{latency.get('p50') or 0:.0f} / {latency.get('p95') or 0:.0f} ms"),
-                _e(pipeline.get("skipped_motion")),
-            ]
-        )
-    parts.append("<h2>Cameras</h2>")
-    parts.append(
-        _table(
-            [
-                "camera",
-                "state",
-                "fps",
-                "last frame",
-                "reconnects",
-                "drops",
-                "model",
-                "p50 / p95",
-                "motion skipped",
-            ],
-            cameras,
-            "no cameras",
-        )
-    )
-    disk = report["disk"]
-    parts.append("<h2>Journal</h2>")
-    parts.append(
-        f"<p>{_e(report['records']['total'])} records; disk {_e(format_size(disk['used_bytes']))} "
-        f"of {_e(format_size(disk['budget_bytes']))} budget; file system free "
-        f"{_e(format_size(disk['fs_free_bytes']))}; oldest unsynced "
-        f"{_e(_age(report['oldest_unsynced_age_s']))}</p>"
-    )
-    parts.append(
-        _table(
-            ["priority", "records", "unsynced"],
-            [
-                [_e(p), _e(n), _e(report["unsynced"][p]["records"])]
-                for p, n in report["records"]["by_priority"].items()
-            ],
-            "no records",
-        )
-    )
-    parts.append(
-        _table(
-            ["evicted", "reason", "records"],
-            [[_e(x["priority"]), _e(x["reason"]), _e(x["records"])] for x in report["evictions"]],
-            "no evictions",
-        )
-    )
-    parts.append(
-        _table(
-            ["dropped", "reason", "records"],
-            [[_e(x["priority"]), _e(x["reason"]), _e(x["records"])] for x in report["drops"]],
-            "no drops",
-        )
-    )
-    parts.append(
-        _table(
-            ["data quality", "reason", "count"],
-            [[_e(x["source"]), _e(x["reason"]), _e(x["count"])] for x in report["data_quality"]],
-            "no bad data counted",
-        )
-    )
-    parts.append("<h2>Destinations</h2>")
-    destinations = []
-    for name, d in report["destinations"].items():
-        backlog = ", ".join(
-            f"{p} {b['records']} ({format_size(b['bytes'])})" for p, b in d["backlog"].items()
-        )
-        budget = d["daily_payload_budget"]
-        today = format_size(d.get("payload_bytes_today") or 0)
-        destinations.append(
-            [
-                _e(name),
-                _state({True: "yes", False: "no", None: "unknown"}[d["reachable"]]),
-                _e(backlog),
-                _e(d["payloads_waiting"]),
-                _e(d["last_success"]),
-                _e(today if not budget else f"{today} of {format_size(budget)}"),
-                _e(None if d["eta_s"] is None else format_duration(d["eta_s"])),
-                _e(d["last_error"] or ""),
-            ]
-        )
-    parts.append(
-        _table(
-            [
-                "destination",
-                "reachable",
-                "backlog",
-                "payloads",
-                "last success",
-                "today",
-                "ETA",
-                "last error",
-            ],
-            destinations,
-            "no destinations configured",
-        )
-    )
-    parts.append("<h2>Recent events and alerts</h2>")
-    rows = []
-    for event in events:
-        summary = json.dumps(event["body"], separators=(",", ":"))
-        images = "".join(
-            f'<img src="{_e(p["url"])}" alt="snapshot" loading="lazy">'
-            for p in event["payloads"]
-            if p["url"]
-        )
-        rows.append(
-            [
-                _e(event["ts"]),
-                _e(event["priority"]),
-                _e(event["source"]),
-                _e(event["kind"]),
-                f"<code>{_e(summary[:200])}</code>{images}",
-            ]
-        )
-    parts.append(_table(["time", "priority", "source", "kind", "what"], rows, "no events yet"))
-    return "\n".join(parts)
-
-
-def render_page(report: dict[str, Any], events: list[dict[str, Any]]) -> str:
-    """The whole page: no build step, one stylesheet and one script from this server."""
-    options = "".join(
-        f'<option value="{_e(name)}">{_e(name)}</option>' for name in report["destinations"]
-    )
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(report["appliance_id"])} status</title>
-<link rel="stylesheet" href="/app.css">
-<script src="/app.js" defer></script>
-</head>
-<body>
-<header><h1>{_e(report["appliance_id"])}</h1><p class="muted">version {_e(report["version"])}</p></header>
-<main id="live">
-{render_live(report, events)}
-</main>
-<section>
-<h2>Sync now</h2>
-<form id="sync-form">
-<label>token <input name="token" type="password" autocomplete="current-password" required></label>
-<label>destination <select name="destination"><option value="">all</option>{options}</select></label>
-<button type="submit">Sync now</button>
-</form>
-<p id="sync-result" class="muted"></p>
-<noscript><p>The page refreshes and "Sync now" need JavaScript; /api/status works without.</p></noscript>
-</section>
-</body>
-</html>
-"""
-
-
-_SCRIPT = """"use strict";
-(function () {
-  const live = document.getElementById("live");
-  async function refresh() {
-    try {
-      const response = await fetch("/partial", { cache: "no-store", credentials: "same-origin" });
-      if (response.ok) {
-        live.innerHTML = await response.text();
-        live.classList.remove("stale");
-      } else {
-        live.classList.add("stale");
-      }
-    } catch (error) {
-      live.classList.add("stale");
-    }
-  }
-  setInterval(refresh, 3000);
-  const form = document.getElementById("sync-form");
-  const result = document.getElementById("sync-result");
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    const destination = form.elements.destination.value;
-    const url = "/api/sync" + (destination ? "?destination=" + encodeURIComponent(destination) : "");
-    result.textContent = "asking...";
-    try {
-      const response = await fetch(url, {
-        method: "POST",
-        credentials: "same-origin",
-        headers: { Authorization: "Bearer " + form.elements.token.value },
-      });
-      const text = await response.text();
-      result.textContent = response.status === 202 ? "sync started" : "refused (" + response.status + "): " + text;
-    } catch (error) {
-      result.textContent = "failed: " + error;
-    }
-  });
-})();
-"""
-
-_STYLE = """body { font-family: system-ui, sans-serif; margin: 0 auto; padding: 0.5rem 1rem;
-  max-width: 70rem; line-height: 1.4; }
-h1 { font-size: 1.4rem; margin-bottom: 0; }
-h2 { font-size: 1.1rem; margin: 1.2rem 0 0.4rem; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; width: 100%; font-size: 0.9rem; margin-bottom: 0.5rem; }
-th, td { text-align: left; padding: 0.2rem 0.5rem; border-bottom: 1px solid #ddd;
-  vertical-align: top; }
-code { font-size: 0.8rem; word-break: break-all; }
-img { display: block; max-width: 10rem; margin-top: 0.3rem; }
-.good { color: #176f2c; font-weight: 600; }
-.bad { color: #b3261e; font-weight: 600; }
-.muted { color: #666; }
-.stale { opacity: 0.5; }
-form { display: flex; flex-wrap: wrap; gap: 0.5rem; align-items: center; }
-input, select, button { font-size: 1rem; padding: 0.3rem; }
-@media (max-width: 40rem) { th, td { padding: 0.2rem; font-size: 0.8rem; } }
-"""

@@ -449,6 +449,7 @@ class MeteredTarget:
     inner: HttpTarget
     meter: Meter
     name: str = "shore"
+    dedups_records: bool = True  # as the HttpTarget inside: the receiver keeps each seq once
     batches: list[SentBatch] = field(default_factory=list)
     payload_upstream: int = 0
     payload_bytes: int = 0

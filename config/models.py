@@ -114,6 +114,13 @@ class StatusSection(Strict):
         "address, every page and API) requires.",
     )
     enabled: bool = Field(default=True, description="Serve the status page at all.")
+    history_interval: Duration = Field(
+        default=60.0,
+        ge=0.1,
+        le=3600,
+        description="How often the page samples backlog and throughput for its 24-hour charts "
+        "(kept in DATA_DIR/status-history.json; at most 1440 samples).",
+    )
 
 
 class StorageSection(Strict):

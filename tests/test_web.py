@@ -1,15 +1,21 @@
 """The status page and its API: against the real daemon in a subprocess, and in-process over a
-real journal for image payloads, the token rules beyond loopback and the outage grace period."""
+real journal for image payloads, the token rules beyond loopback, the outage grace period, the
+24-hour history (its series, its file across a restart, a corrupt file) and the event stream."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
+import itertools
 import json
+import logging
 import sqlite3
+import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +24,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.health import HealthMonitor
-from appliance.web import SECURITY_HEADERS, StatusServer, read_status_token
+from appliance.history import HISTORY_FILE, WINDOW_S, Figures, History
+from appliance.web import (
+    SECURITY_HEADERS,
+    STREAM_INTERVAL_S,
+    StatusServer,
+    read_status_token,
+    server_sent_event,
+)
 from config import ApplianceConfig
 from sensors.base import SourceHealth
 from sync import Journal, NewRecord, PayloadStore, Priority, StorageGuard
+from sync.engine import SyncEngine
+from sync.records import parse_ts
+from sync.targets import make_target
 from tests.helpers import (
     fast_sensor,
     log_events,
@@ -335,35 +351,86 @@ class Appliance:
         self.base = server.url.replace("0.0.0.0", "127.0.0.1").rstrip("/")
 
 
-@pytest.fixture
-async def appliance(tmp_path: Path) -> AsyncIterator[Appliance]:
+@asynccontextmanager
+async def serve(
+    tmp_path: Path,
+    *,
+    destination: bool = False,
+    history_interval_s: float = 60.0,
+    stream_interval_s: float = STREAM_INTERVAL_S,
+) -> AsyncIterator[Appliance]:
+    """A status server beyond loopback (so every route needs the token) over a real journal in
+    tmp_path, with a real directory destination and its sync engine when `destination`. Entered
+    again on the same tmp_path, it is the same appliance restarted."""
     token_file = tmp_path / "status.token"
     token_file.write_text(TOKEN)
+    data = tmp_path / "data"
+    sync: dict[str, Any] = {"interval": "1h", "destinations": []}
+    if destination:
+        sync["destinations"] = [{"name": "usb", "type": "directory", "path": "outbox"}]
     cfg = ApplianceConfig.model_validate(
         {
-            "appliance": {"id": "web-01", "data_dir": str(tmp_path / "data")},
+            "appliance": {"id": "web-01", "data_dir": str(data)},
             "status": {"listen": "0.0.0.0:0", "token_file": str(token_file)},
+            "sync": sync,
         }
     )
-    store = PayloadStore(cfg.appliance.data_dir / "payloads")
-    journal = await Journal.open(cfg.appliance.data_dir, appliance_id="web-01", payloads=store)
+    store = PayloadStore(data / "payloads")
+    journal = await Journal.open(data, appliance_id="web-01", payloads=store)
     try:
-        async with StorageGuard(journal, store, cfg.storage) as guard:
+        async with AsyncExitStack() as stack:
+            guard = await stack.enter_async_context(StorageGuard(journal, store, cfg.storage))
             monitor = HealthMonitor(journal, guard, mode="run")
-            token = read_status_token(cfg.status)
-            async with StatusServer(
-                cfg, journal, store, monitor, [], token=token, grace_s=0.3
-            ) as server:
-                yield Appliance(server, journal, monitor)
+            engines = []
+            for dest in cfg.sync.destinations:  # wired as the daemon wires them
+                target = await stack.enter_async_context(
+                    make_target(dest, cfg.appliance.id, data, cfg.sync.chunk_size)
+                )
+                engine = SyncEngine(journal, store, target, dest, cfg.sync)
+                monitor.destinations[dest.name] = engine.state
+                engines.append(engine)
+            history = History(
+                data / HISTORY_FILE, appliance_id="web-01", interval_s=history_interval_s
+            )
+            server = await stack.enter_async_context(
+                StatusServer(
+                    cfg,
+                    journal,
+                    store,
+                    monitor,
+                    engines,
+                    token=read_status_token(cfg.status),
+                    grace_s=0.3,
+                    history=history,
+                    stream_interval_s=stream_interval_s,
+                )
+            )
+            yield Appliance(server, journal, monitor)
     finally:
         await journal.close()
+
+
+@pytest.fixture
+async def appliance(tmp_path: Path) -> AsyncIterator[Appliance]:
+    async with serve(tmp_path) as running:
+        yield running
 
 
 async def test_beyond_loopback_every_route_needs_the_token(appliance: Appliance) -> None:
     base = appliance.base
     jar = aiohttp.CookieJar(unsafe=True)  # the page is reached by IP address
     async with aiohttp.ClientSession(cookie_jar=jar) as session:
-        for path in ("/", "/healthz", "/api/status", "/api/events", "/metrics", "/app.js"):
+        for path in (
+            "/",
+            "/partial",
+            "/healthz",
+            "/api/status",
+            "/api/events",
+            "/api/history",
+            "/api/stream",
+            "/metrics",
+            "/app.js",
+        ):
             async with session.get(f"{base}{path}") as response:
                 assert response.status == 401, path
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -472,3 +539,318 @@ async def test_a_source_down_past_the_grace_period_makes_healthz_503(
         health.state = "running"
         async with session.get(url) as response:
             assert response.status == 200
+
+
+# ------------------------------------------------------------------------ history and stream
+
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def eventually(check: Callable[[], Any], within: float, what: str) -> Any:
+    """Call `check` (awaiting what it returns, if awaitable) until it answers something
+    truthy; fail naming `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
+async def history_of(
+    session: aiohttp.ClientSession, base: str, *, samples: int = 1
+) -> dict[str, Any]:
+    """GET /api/history once it holds `samples` samples (the first is taken just after the
+    server starts listening)."""
+
+    async def enough() -> dict[str, Any] | None:
+        async with session.get(f"{base}/api/history") as response:
+            assert response.status == 200
+            assert_secure(dict(response.headers))
+            doc: dict[str, Any] = await response.json()
+            return doc if len(doc["samples"]) >= samples else None
+
+    found: dict[str, Any] = await eventually(enough, 10, f"{samples} history samples")
+    return found
+
+
+def carried(samples: list[dict[str, Any]], rate: Callable[[dict[str, Any]], float | None]) -> float:
+    """Records a per-minute series adds up to: each rate times the time since the sample before."""
+    total = 0.0
+    for before, sample in itertools.pairwise(samples):
+        value = rate(sample)
+        if value is not None:
+            total += value * (sample["t"] - before["t"]) / 60.0
+    return total
+
+
+async def test_history_samples_backlog_and_throughput_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    records = 40
+    async with (
+        serve(tmp_path, destination=True, history_interval_s=0.2) as running,
+        aiohttp.ClientSession(headers=BEARER) as session,
+    ):
+
+        async def history() -> dict[str, Any]:
+            return await history_of(session, running.base)
+
+        first = await history()
+        assert {k: first[k] for k in ("format", "version", "appliance_id", "destinations")} == {
+            "format": "appliance-status-history",
+            "version": 1,
+            "appliance_id": "web-01",
+            "destinations": ["usb"],
+        }
+        assert first["interval_s"] == 0.2 and first["window_s"] == WINDOW_S
+        start = first["samples"][0]  # taken as the server started: what waited then
+        assert start["journalled_per_min"] is None  # no earlier total to make a rate from
+        assert start["destinations"] == {
+            "usb": {"backlog_records": 0, "backlog_bytes": 0, "acked_per_min": None}
+        }
+        assert abs(parse_ts(start["ts"]).timestamp() - start["t"]) < 0.001
+
+        await running.journal.append_many(
+            [
+                NewRecord(source="a", kind="reading", priority=Priority.TELEMETRY, body={"i": i})
+                for i in range(records)
+            ]
+        )
+
+        async def backlog_is(wanted: int) -> dict[str, Any] | None:
+            doc = await history()
+            usb = doc["samples"][-1]["destinations"]["usb"]
+            return doc if usb["backlog_records"] == wanted else None
+
+        waiting = await eventually(lambda: backlog_is(records), 10, "the backlog in a sample")
+        assert waiting["samples"][-1]["destinations"]["usb"]["backlog_bytes"] > 0
+        async with session.post(f"{running.base}/api/sync") as response:
+            assert response.status == 202
+        doc = await eventually(lambda: backlog_is(0), 15, "the drained backlog in a sample")
+        samples = doc["samples"]
+        times = [s["t"] for s in samples]
+        assert all(a < b for a, b in itertools.pairwise(times))
+        # One a slot on a fixed grid: a slow read delays a sample, never the ones after it.
+        assert 0.15 < (times[-1] - times[0]) / (len(times) - 1) < 0.3
+        # The rates are per minute over each interval: added up they give back the records.
+        assert carried(samples, lambda s: s["journalled_per_min"]) == pytest.approx(records, abs=1)
+        acked = carried(samples, lambda s: s["destinations"]["usb"]["acked_per_min"])
+        assert acked == pytest.approx(records, abs=1)
+        async with session.get(f"{running.base}/") as response:
+            page = await response.text()
+        assert 'data-name="backlog"' in page and 'data-name="throughput"' in page
+        assert page.count("<svg viewBox=") == 2 and 'role="img"' in page
+
+    path = tmp_path / "data" / HISTORY_FILE
+    saved = json.loads(path.read_text())
+    assert saved["samples"][: len(samples)] == samples  # the stop wrote what was served
+    assert not list(path.parent.glob(f".{HISTORY_FILE}.*"))  # no temporary file left
+
+    async with (
+        serve(tmp_path, destination=True, history_interval_s=0.2) as again,
+        aiohttp.ClientSession(headers=BEARER) as session,
+    ):
+        old = len(saved["samples"])
+        restarted = (await history_of(session, again.base, samples=old + 1))["samples"]
+        assert restarted[:old] == saved["samples"]
+        new = restarted[old]
+        assert new["t"] > saved["samples"][-1]["t"] and new["journalled_per_min"] is None
+        assert new["destinations"]["usb"]["backlog_records"] == 0
+        async with session.get(f"{again.base}/partial") as response:
+            fragment = await response.text()
+        assert 'class="line s0" fill="none" d="M' in fragment
+
+
+async def test_a_corrupt_history_file_is_set_aside_and_the_page_starts_afresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    garbage = b'{"format": "appliance-status-history", "samp\x00'
+    (data / HISTORY_FILE).write_bytes(garbage)
+    started = time.time()
+    with caplog.at_level(logging.WARNING, logger="appliance.history"):
+        async with (
+            serve(tmp_path, history_interval_s=0.2) as running,
+            aiohttp.ClientSession(headers=BEARER) as session,
+        ):
+            samples = (await history_of(session, running.base))["samples"]
+            assert all(s["t"] >= started for s in samples)
+            async with session.get(f"{running.base}/") as response:
+                assert response.status == 200
+    warnings = [r for r in caplog.records if r.getMessage().startswith("status history file")]
+    assert len(warnings) == 1 and "not JSON" in warnings[0].fields["reason"]  # type: ignore[attr-defined]
+    assert (data / f"{HISTORY_FILE}.bad").read_bytes() == garbage  # kept for a look
+    assert json.loads((data / HISTORY_FILE).read_text())["format"] == "appliance-status-history"
+
+
+def history_doc(**changes: Any) -> dict[str, Any]:
+    sample = {
+        "t": time.time() - 60,
+        "journalled_per_min": 3.0,
+        "destinations": {"usb": {"backlog_records": 5, "backlog_bytes": 500, "acked_per_min": 1.5}},
+    }
+    doc: dict[str, Any] = {
+        "format": "appliance-status-history",
+        "version": 1,
+        "appliance_id": "web-01",
+        "samples": [sample],
+    }
+    doc.update(changes)
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        ({"samples": []}, "not a status history"),
+        (history_doc(appliance_id="other-07"), "written by appliance 'other-07'"),
+        (history_doc(version=9), "version 9"),
+        (history_doc(samples={"t": 1}), "`samples` is not a list"),
+        (history_doc(samples=[{"t": "yesterday", "destinations": {}}]), "sample 0: t"),
+        (
+            history_doc(
+                samples=[
+                    {"t": 1.0, "destinations": {"usb": {"backlog_records": -3, "backlog_bytes": 0}}}
+                ]
+            ),
+            "backlog_records is -3",
+        ),
+    ],
+)
+def test_a_foreign_or_malformed_history_file_is_named_and_started_afresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, doc: dict[str, Any], reason: str
+) -> None:
+    path = tmp_path / HISTORY_FILE
+    path.write_text(json.dumps(doc))
+    history = History(path, appliance_id="web-01")
+    with caplog.at_level(logging.WARNING, logger="appliance.history"):
+        history.load()
+    assert history.samples() == []
+    (record,) = caplog.records
+    assert reason in record.fields["reason"]  # type: ignore[attr-defined]
+    assert not path.exists() and path.with_name(f"{HISTORY_FILE}.bad").exists()
+
+
+def test_samples_older_than_a_day_or_from_the_future_are_dropped_on_load(tmp_path: Path) -> None:
+    now = 1_800_000_000.0
+    path = tmp_path / HISTORY_FILE
+    figures = Figures(journalled_total=0, backlog={"usb": (1, 10)}, acked_total={"usb": 0})
+    writer = History(path, appliance_id="web-01", clock=lambda: now)
+    for age in (25 * 3600, 23 * 3600, 3600, 60):
+        writer.record(figures, now=now - age)
+    writer.save()
+    assert len(json.loads(path.read_text())["samples"]) == 3  # the ring keeps 24 h too
+    future = json.loads(path.read_text())
+    future["samples"].append({**future["samples"][-1], "t": now + 3600})
+    path.write_text(json.dumps(future))
+    reader = History(path, appliance_id="web-01", clock=lambda: now)
+    reader.load()
+    assert [now - s.t for s in reader.samples()] == [23 * 3600, 3600, 60]
+
+
+class EventStream:
+    """Reads a `text/event-stream` response block by block (an event, a comment, a retry)."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+
+    async def next(self, within: float = 10.0) -> dict[str, str]:
+        fields: dict[str, str] = {}
+        async with asyncio.timeout(within):
+            while True:
+                raw = await self.response.content.readline()
+                if not raw:
+                    raise EOFError("the stream ended")
+                line = raw.decode().removesuffix("\n")
+                if not line:
+                    if fields:
+                        return fields
+                    continue
+                name, _, value = line.partition(":")
+                name = name or "comment"
+                value = value.removeprefix(" ")
+                fields[name] = f"{fields[name]}\n{value}" if name in fields else value
+
+
+def test_an_event_carries_every_line_of_the_fragment_as_data() -> None:
+    assert server_sent_event("live", "<p>a</p>\n\n<p>b</p>\r\n") == (
+        b"event: live\ndata: <p>a</p>\ndata: \ndata: <p>b</p>\n\n"
+    )
+
+
+async def test_the_stream_sends_the_fragment_every_interval_with_comments_between(
+    tmp_path: Path,
+) -> None:
+    async with (
+        serve(tmp_path, history_interval_s=0.2, stream_interval_s=0.3) as running,
+        aiohttp.ClientSession(headers=BEARER) as session,
+        session.get(f"{running.base}/api/stream") as response,
+    ):
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert_secure(dict(response.headers))
+        stream = EventStream(response)
+        assert await stream.next() == {"retry": "3000"}
+        lives: list[str] = []
+        comments = 0
+        while len(lives) < 3:
+            block = await stream.next(within=5)
+            if "comment" in block:
+                comments += 1
+            else:
+                assert block["event"] == "live"
+                lives.append(block["data"])
+        # Renders are shared for a second; the ticks between them say "unchanged".
+        assert comments >= 1 and len(set(lives)) == 3
+        assert "<h2>Sources</h2>" in lives[-1] and "<svg" in lives[-1]
+
+
+async def test_the_stream_sends_an_alert_at_once_and_ends_when_the_server_stops(
+    tmp_path: Path,
+) -> None:
+    # A long interval: any event after the first can only come from news, not from the tick.
+    server = serve(tmp_path, stream_interval_s=30.0)
+    running = await server.__aenter__()
+    stopped = False
+    try:
+        async with aiohttp.ClientSession(headers=BEARER) as session:
+            response = await session.get(f"{running.base}/api/stream")
+            stream = EventStream(response)
+            assert await stream.next() == {"retry": "3000"}
+            first = await stream.next()
+            assert first["event"] == "live" and "no events yet" in first["data"]
+
+            leaving = await session.get(f"{running.base}/api/stream")
+            assert (await EventStream(leaving).next())["retry"] == "3000"
+            await eventually(lambda: running.server.open_streams == 2, 5, "two streams")
+            leaving.close()  # a browser tab closed
+
+            journalled = time.monotonic()
+            await running.journal.append(
+                NewRecord(
+                    source="door", kind="door_forced", priority=Priority.ALERT, body={"zone": "b"}
+                )
+            )
+            news = await stream.next(within=5)
+            latency = time.monotonic() - journalled
+            assert news["event"] == "live" and "door_forced" in news["data"]
+            assert latency < 3.0, latency
+            # The news woke the stream whose browser left: it ended without a word.
+            await eventually(lambda: running.server.open_streams == 1, 5, "one stream")
+
+            stopping = time.monotonic()
+            stopped = True
+            await server.__aexit__(None, None, None)
+            # Well under the runner's 2 s shutdown timeout: the stream ended, it was not cut.
+            assert time.monotonic() - stopping < 1.5
+            rest = await response.content.read()  # a clean end of the chunked body, no error
+            assert response.content.at_eof() and b"event: live" not in rest
+            response.release()
+    finally:
+        if not stopped:
+            await server.__aexit__(None, None, None)
