@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.detection
 	$(BIN)/python -m bench.sensor_throughput
 	$(BIN)/python -m bench.anomaly_quality
+	$(BIN)/python -m bench.autonomy
 
 system-deps:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \

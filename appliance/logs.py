@@ -61,8 +61,6 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # APScheduler narrates every job run at INFO; keep only its warnings.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 class RateLimitedLog:

@@ -1,56 +1,74 @@
-"""Periodic jobs on APScheduler (retention, WAL checkpoint, health records, heartbeat, the sync interval), as an async
-context manager; a failing job is logged and tried again at its next run, never fatal."""
+"""Periodic jobs on the monotonic clock (retention, WAL checkpoint, health records, heartbeat, the
+sync interval), as an async context manager; a failing job is logged and tried again at its next
+run, never fatal.
+
+Why not APScheduler (which this module used before): it schedules by wall time, and an appliance's
+wall clock steps. A board without a battery-backed clock boots in 1970 and jumps decades forward
+when NTP or GPS time arrives; APScheduler then walks every missed run on the event loop (a one-year
+jump of a 5 s job alone blocked the loop for 16-26 s and took 340 MiB, bench.autonomy's author
+measured), and a step back freezes every job for the size of the step. Intervals measured on the
+monotonic clock are immune to both, and a loop per job is all these jobs need."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
-
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 log = logging.getLogger(__name__)
 
 
 class Jobs:
-    """Named interval jobs; every job is a coroutine function with no arguments."""
+    """Named interval jobs; every job is a coroutine function with no arguments. A job never
+    overlaps itself: a run that outlasts its interval is followed at once by the next one, and
+    missed runs are not made up (one run, not a burst)."""
 
     def __init__(self) -> None:
-        self._scheduler: Any = AsyncIOScheduler(timezone=UTC)
+        self._jobs: dict[str, tuple[float, Callable[[], Awaitable[Any]], bool]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
         self.runs: dict[str, int] = {}
         self.failures: dict[str, int] = {}
 
     def every(
         self, name: str, seconds: float, job: Callable[[], Awaitable[Any]], *, run_now: bool = False
     ) -> None:
-        async def guarded() -> None:
-            try:
-                await job()
-            except Exception as exc:  # a job error must not kill the scheduler or the daemon
-                self.failures[name] = self.failures.get(name, 0) + 1
-                log.exception(
-                    "scheduled job failed", extra={"fields": {"job": name, "error": str(exc)}}
-                )
-            else:
-                self.runs[name] = self.runs.get(name, 0) + 1
+        if seconds <= 0:
+            raise ValueError(f"job {name}: the interval must be positive, not {seconds}")
+        if name in self._jobs:
+            raise ValueError(f"job {name} is already scheduled")
+        self._jobs[name] = (seconds, job, run_now)
+        if self._running:  # added after the start: runs from now on
+            self._tasks.append(self._start(name))
 
-        first = datetime.now(UTC) + (timedelta(0) if run_now else timedelta(seconds=seconds))
-        self._scheduler.add_job(
-            guarded,
-            "interval",
-            seconds=seconds,
-            id=name,
-            name=name,
-            next_run_time=first,
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=max(1, int(seconds)),
-        )
+    def _start(self, name: str) -> asyncio.Task[None]:
+        return asyncio.create_task(self._loop(name), name=f"job:{name}")
+
+    async def _loop(self, name: str) -> None:
+        seconds, job, run_now = self._jobs[name]
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + (0.0 if run_now else seconds)
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            await self._guarded(name, job)
+            next_at = max(next_at + seconds, loop.time())
+
+    async def _guarded(self, name: str, job: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            await job()
+        except Exception as exc:  # a job error must not kill the scheduler or the daemon
+            self.failures[name] = self.failures.get(name, 0) + 1
+            log.exception(
+                "scheduled job failed", extra={"fields": {"job": name, "error": str(exc)}}
+            )
+        else:
+            self.runs[name] = self.runs.get(name, 0) + 1
 
     async def __aenter__(self) -> Jobs:
-        self._scheduler.start()
+        self._running = True
+        self._tasks = [self._start(name) for name in self._jobs]
         return self
 
     async def __aexit__(
@@ -59,4 +77,9 @@ class Jobs:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._scheduler.shutdown(wait=False)
+        self._running = False
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        # A job cut mid-run is retried at the next start; its error is not the stop's.
+        await asyncio.gather(*tasks, return_exceptions=True)
