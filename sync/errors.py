@@ -32,6 +32,11 @@ class JournalMissing(SyncError):
         )
 
 
+class JournalTooNew(SyncError):
+    """The journal was written by a newer version of the appliance (a downgrade): this version
+    does not know some of its schema migrations and will not touch it."""
+
+
 class StorageFull(SyncError):
     """The disk (or the disk budget) has no room for a record of this priority right now.
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import sqlite_utils
 
+from sync.errors import JournalTooNew
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -119,8 +121,10 @@ def migrate(conn: sqlite3.Connection) -> list[str]:
     known = {m.name for m in MIGRATIONS}
     unknown = done - known
     if unknown:
-        raise RuntimeError(
-            f"journal.db was written by a newer version (migrations {sorted(unknown)} unknown)"
+        raise JournalTooNew(
+            f"journal.db was written by a newer version of the appliance (migrations "
+            f"{sorted(unknown)} unknown here); run that version, or restore a backup made by "
+            "this one"
         )
     newly: list[str] = []
     db = sqlite_utils.Database(conn)

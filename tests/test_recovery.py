@@ -14,6 +14,7 @@ from sync import Journal, JournalReader, NewRecord, PayloadStore, Priority, Stor
 from sync.journal import read_seq_reservation
 from sync.recovery import QUARANTINE_DIR
 from tests.conftest import APPLIANCE_ID
+from tests.helpers import run_cli, write_config
 
 RECORDS = 3000
 
@@ -279,3 +280,21 @@ async def test_salvage_then_reconcile_payloads(data_dir: Path) -> None:
     assert report.salvaged is not None and report.payloads is not None
     assert report.payloads.orphan_files_removed == 1
     assert not store.path_for(ref.sha256).exists()
+
+
+async def test_a_journal_from_a_newer_version_is_refused_in_one_line_and_left_alone(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """A downgrade: the daemon refuses a journal whose schema it does not know, says so in one
+    line with exit code 1 (no traceback), and changes nothing in it."""
+    await write_records(data_dir, 20)
+    with closing(sqlite3.connect(data_dir / "journal.db")) as conn, conn:
+        conn.execute("INSERT INTO _migrations VALUES ('9999_from_the_future', '2030-01-01')")
+    before = sha_of(data_dir / "journal.db")
+    config = write_config(tmp_path / "c.yaml", data_dir, [])
+    done = run_cli("run", "-c", str(config))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert "newer version of the appliance" in line and "9999_from_the_future" in line
+    assert sha_of(data_dir / "journal.db") == before
