@@ -1,24 +1,43 @@
-"""`appliance models ...`: prepare the built-in detector, convert darknet models to ONNX, and fit
-an anomaly baseline on readings already in the journal."""
+"""`appliance models ...`: prepare the built-in detector, convert darknet models to ONNX, fit
+an anomaly baseline on readings already in the journal, and signed model packages: the
+publisher's keygen and pack, the appliance's list, import, verify, activate and rollback."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from appliance.anomalies import feature_names_of
 from appliance.baselines import BaselineStore
 from appliance.export import parse_since
+from appliance.model_store import ModelStore, StoreError, UnknownPackage
 from config import AnomalySettings, load_config
 from inference.anomaly import fit_baseline
 from inference.builtin import BUILTIN_MODELS, prepare_builtin_models
 from inference.darknet import convert_darknet, save_model
 from inference.features import feature_vector
+from inference.packages import (
+    CanaryLimits,
+    PackageError,
+    Thresholds,
+    build_package,
+    generate_private_key,
+    key_id,
+    load_private_key,
+    parse_labels,
+    public_key_text,
+    read_package,
+    validation_message,
+    write_private_key,
+)
 from inference.session import ModelError
 from sync.errors import JournalMissing
 from sync.reader import JournalReader
@@ -28,7 +47,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def add_models_parser(commands: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """Add `models` to the CLI's subcommands (`commands`, an argparse subparsers action)."""
-    models = commands.add_parser("models", help="prepare and convert detection models")
+    models = commands.add_parser(
+        "models", help="detection models, anomaly baselines and signed model packages"
+    )
     sub = models.add_subparsers(
         dest="models_command", required=True, metavar="ACTION", parser_class=parser_class
     )
@@ -65,9 +86,76 @@ def add_models_parser(commands: Any, parser_class: type[argparse.ArgumentParser]
     fit.add_argument(
         "--until", help="readings before this time (ISO-8601) or age (e.g. 30m); default all"
     )
+    _add_package_parsers(sub)
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, help="config file (default: demo profile)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="data directory (overrides the config and APPLIANCE_DATA_DIR)"
+    )
+
+
+def _add_package_parsers(sub: Any) -> None:
+    listing = sub.add_parser("list", help="installed model packages and their state")
+    _store_options(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of text")
+    imported = sub.add_parser(
+        "import", help="verify a model package and install it (staged, not active)"
+    )
+    imported.add_argument("package", type=Path, metavar="PKG", help="package file (.tar)")
+    _store_options(imported)
+    verify = sub.add_parser(
+        "verify", help="verify a model package against this appliance's keys; install nothing"
+    )
+    verify.add_argument("package", type=Path, metavar="PKG", help="package file (.tar)")
+    _store_options(verify)
+    activate = sub.add_parser("activate", help="make an installed version the active one")
+    activate.add_argument("name", metavar="NAME", help="package name")
+    activate.add_argument("version", metavar="VERSION", help="installed version")
+    _store_options(activate)
+    rollback = sub.add_parser("rollback", help="make the previous version active again")
+    rollback.add_argument("name", metavar="NAME", help="package name")
+    _store_options(rollback)
+    keygen = sub.add_parser("keygen", help="publisher: create an Ed25519 signing key")
+    keygen.add_argument(
+        "--out", type=Path, required=True, metavar="KEYFILE", help="private key file to create"
+    )
+    pack = sub.add_parser("pack", help="publisher: build and sign a model package")
+    pack.add_argument("--key", type=Path, required=True, metavar="KEYFILE", help="private key")
+    pack.add_argument("--name", required=True, help="package name (package:NAME in configs)")
+    pack.add_argument("--version", required=True, help="version, unique per name")
+    pack.add_argument("--task", required=True, choices=["detector", "anomaly"], help="model kind")
+    pack.add_argument("--model", type=Path, required=True, metavar="FILE", help=".onnx (or .npz)")
+    pack.add_argument("--labels", type=Path, metavar="FILE", help="class names, one a line")
+    pack.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="ID|group:G",
+        help="appliance id or group it is for (repeatable; none: any appliance)",
+    )
+    pack.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a metric it was accepted with (repeatable)",
+    )
+    pack.add_argument("--score-threshold", type=float, help="detector: score threshold")
+    pack.add_argument("--nms-iou", type=float, help="detector: NMS overlap")
+    pack.add_argument("--threshold", type=float, help="anomaly model: score threshold")
+    pack.add_argument("--min-agreement", type=float, help="canary: least agreement (0..1)")
+    pack.add_argument("--max-latency-ratio", type=float, help="canary: most latency ratio")
+    pack.add_argument("--max-error-rate", type=float, help="canary: most error rate (0..1)")
+    pack.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="PKG", help="package file to write"
+    )
 
 
 def run_models(args: argparse.Namespace) -> int:
+    if args.models_command in _PACKAGE_COMMANDS:
+        return _PACKAGE_COMMANDS[args.models_command](args)
     if args.models_command == "fit-baseline":
         return _fit_baseline(args)
     if args.models_command == "prepare":
@@ -185,3 +273,198 @@ def _recorded_vectors(
 
 def _parse_ts(ts: str) -> datetime:
     return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
+# -- model packages -------------------------------------------------------------------------------
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _open_store(args: argparse.Namespace) -> ModelStore:
+    return ModelStore.from_config(load_config(args.config, data_dir=args.data_dir))
+
+
+def _list(args: argparse.Namespace) -> int:
+    entries = _open_store(args).entries()
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+        return EXIT_OK
+    if not entries:
+        print("no model packages installed", file=sys.stderr)
+        return EXIT_OK
+    rows = [("NAME", "VERSION", "TASK", "STATE", "IMPORTED", "SHA256")]
+    rows += [(e.name, e.version, e.task, e.state, e.imported_at, e.sha256[:16]) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return EXIT_OK
+
+
+def _import(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    if not args.package.is_file():
+        return _fail(f"PKG {args.package} is not a readable file", EXIT_USAGE)
+    try:
+        package, events = store.import_package(args.package)
+    except PackageError as exc:
+        return _fail(f"refused: {exc}", EXIT_FAILED)
+    except StoreError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    if not events:
+        print(f"{package.ref}: already installed, unchanged")
+        return EXIT_OK
+    for event in events:
+        if event.action == "prune":
+            print(f"pruned {event.name} {event.version}")
+    print(f"imported {package.ref} (staged; model sha256 {package.model_sha256})")
+    print(
+        f"activate it: appliance models activate {package.manifest.name} "
+        f"{package.manifest.version}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    if not args.package.is_file():
+        return _fail(f"PKG {args.package} is not a readable file", EXIT_USAGE)
+    with tempfile.TemporaryDirectory(prefix="appliance-verify-") as scratch:
+        try:
+            package = read_package(
+                args.package,
+                store.trusted,
+                into=Path(scratch) / "package",
+                appliance_id=store.appliance_id,
+                group=store.group,
+            )
+        except PackageError as exc:
+            return _fail(f"refused: {exc}", EXIT_FAILED)
+        summary = package.summary()
+    print(f"{args.package}: ok")
+    for key, value in summary.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        print(f"  {key}: {text}")
+    return EXIT_OK
+
+
+def _activate(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        event = store.activate(args.name, args.version)
+    except UnknownPackage as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (PackageError, StoreError) as exc:
+        return _fail(f"not activated: {exc}", EXIT_FAILED)
+    if event is None:
+        print(f"{args.name} {args.version} is already active")
+    else:
+        print(f"{args.name}: {args.version} active (previous: {event.previous or 'none'})")
+    print("a running appliance loads it at the model's next start", file=sys.stderr)
+    return EXIT_OK
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    store = _open_store(args)
+    try:
+        event = store.rollback(args.name)
+    except UnknownPackage as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (PackageError, StoreError) as exc:
+        return _fail(f"not rolled back: {exc}", EXIT_FAILED)
+    print(f"{args.name}: {event.version} active again (previous: {event.previous})")
+    return EXIT_OK
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    if args.out.exists():
+        return _fail(f"{args.out} exists; refusing to overwrite a private key", EXIT_USAGE)
+    private_key = generate_private_key()
+    write_private_key(args.out, private_key)
+    public = private_key.public_key()
+    fingerprint = key_id(public)
+    print(f"private key: {args.out} (keep it off the appliances)")
+    print(f"key id: {fingerprint}")
+    print(f"public key: {public_key_text(public)}")
+    print("trust it on an appliance with:", file=sys.stderr)
+    print(
+        f"  model_packages:\n    trusted_keys:\n      {fingerprint}: {public_key_text(public)}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _parse_metrics(items: list[str]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key:
+                raise ValueError
+            metrics[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--metric {item!r} is not KEY=NUMBER") from None
+    return metrics
+
+
+def _pack(args: argparse.Namespace) -> int:
+    try:
+        private_key = load_private_key(args.key)
+        metrics = _parse_metrics(args.metric)
+        thresholds = Thresholds(
+            score_threshold=args.score_threshold, nms_iou=args.nms_iou, threshold=args.threshold
+        )
+        limits = (args.min_agreement, args.max_latency_ratio, args.max_error_rate)
+        canary = None
+        if any(limit is not None for limit in limits):
+            canary = CanaryLimits(
+                min_agreement=args.min_agreement,
+                max_latency_ratio=args.max_latency_ratio,
+                max_error_rate=args.max_error_rate,
+            )
+        labels = None
+        if args.labels is not None:
+            if not args.labels.is_file():
+                raise ValueError(f"--labels {args.labels} is not a readable file")
+            labels = list(parse_labels(args.labels, args.labels.read_bytes()))
+        manifest = build_package(
+            args.output,
+            private_key,
+            name=args.name,
+            version=args.version,
+            task=args.task,
+            model=args.model,
+            labels=labels,
+            thresholds=thresholds,
+            metrics=metrics,
+            canary=canary,
+            targets=args.target,
+        )
+    except ValidationError as exc:  # a bad threshold or canary limit: name the option
+        fields = [str(e["loc"][0]) for e in exc.errors() if e["loc"]]
+        options = ", ".join(f"--{f.replace('_', '-')}" for f in fields)
+        return _fail(f"{options}: {validation_message(exc)}", EXIT_USAGE)
+    except (ValueError, PackageError) as exc:  # PackageKeyError is a ValueError
+        return _fail(str(exc), EXIT_USAGE)
+    digest = manifest.files[manifest.model].sha256
+    print(
+        f"{args.output}: {manifest.name} {manifest.version} ({manifest.task}), model sha256 "
+        f"{digest}, signed by key {manifest.key_id}"
+    )
+    return EXIT_OK
+
+
+_PACKAGE_COMMANDS = {
+    "list": _list,
+    "import": _import,
+    "verify": _verify,
+    "activate": _activate,
+    "rollback": _rollback,
+    "keygen": _keygen,
+    "pack": _pack,
+}

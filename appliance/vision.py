@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from appliance.logs import RateLimitedLog
+from appliance.model_store import ModelStore
 from appliance.recorder import Recorder
 from config import ApplianceConfig, Camera, DetectorModel
 from inference.detect import OnnxDetector, open_detector
@@ -124,6 +125,8 @@ class DetectorPool:
 
     def __init__(self, cfg: ApplianceConfig) -> None:
         self.cfg = cfg
+        # `package:NAME` detectors resolve to the active version of an installed package.
+        self.packages = ModelStore.from_config(cfg)
         self._open: dict[str, OnnxDetector] = {}
         self._lock = asyncio.Lock()
 
@@ -132,7 +135,9 @@ class DetectorPool:
             detector = self._open.get(name)
             if detector is None:
                 model_cfg = self.cfg.models.get(name) or DetectorModel()
-                detector = await asyncio.to_thread(open_detector, model_cfg, name)
+                detector = await asyncio.to_thread(
+                    open_detector, model_cfg, name, packages=self.packages
+                )
                 self._open[name] = detector
                 log.info(
                     "model loaded",

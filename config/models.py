@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -623,8 +625,10 @@ class DetectorModel(Strict):
         default=BUILTIN_DETECTOR,
         min_length=1,
         description="`builtin:yolov3-tiny` (the default detector, converted from darknet at "
-        "setup) or the path of an ONNX file (YOLO darknet-style heads, YOLOv5, YOLOv8/v11 or "
-        "SSD-style outputs).",
+        "setup), `package:NAME` (the active version of a signed model package installed with "
+        "`appliance models import` / `activate`, verified again at every load; its manifest gives "
+        "the labels, thresholds and version that are not set here) or the path of an ONNX file "
+        "(YOLO darknet-style heads, YOLOv5, YOLOv8/v11 or SSD-style outputs).",
     )
     version: str | None = Field(
         default=None,
@@ -653,6 +657,46 @@ class DetectorModel(Strict):
     )
     nms_iou: float = Field(
         default=0.45, gt=0, le=1, description="Overlap (IoU) above which NMS keeps one box."
+    )
+
+
+def _looks_like_public_key(text: str) -> str:
+    """The key text's shape only (PEM, or base64 of 32 bytes); the key itself is parsed where
+    packages are verified."""
+    stripped = text.strip()
+    if stripped.startswith("-----BEGIN PUBLIC KEY-----"):
+        return text
+    try:
+        raw = base64.b64decode(stripped, validate=True)
+    except binascii.Error:
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(
+            "a trusted key is a PEM public key (-----BEGIN PUBLIC KEY-----) or the base64 of an "
+            "Ed25519 public key's 32 bytes, as `appliance models keygen` prints it"
+        )
+    return text
+
+
+class ModelPackagesSection(Strict):
+    trusted_keys: dict[Name, Annotated[str, AfterValidator(_looks_like_public_key)]] = Field(
+        default_factory=dict,
+        description="Ed25519 public keys whose signatures model packages may carry, by a label "
+        "(or the key id `appliance models keygen` prints): PEM or base64 of the 32-byte key, "
+        "or `${file:PATH}`. A package signed by any other key is refused; removing a key here "
+        "also stops installed packages it signed from loading. Empty: no package is accepted.",
+    )
+    group: Name | None = Field(
+        default=None,
+        description="This appliance's group: a package addressed to `group:NAME` is accepted "
+        "only where NAME matches (packages addressed to nobody in particular go anywhere).",
+    )
+    keep: int = Field(
+        default=3,
+        ge=2,
+        le=100,
+        description="Versions kept per package name under DATA_DIR/models/packages; older ones "
+        "are pruned, but never the active one, the previous one or the newest import.",
     )
 
 
@@ -971,6 +1015,11 @@ class ApplianceConfig(Strict):
         default_factory=dict,
         description="Detectors by name; cameras refer to them. A camera naming `detector` "
         "when none is configured gets the built-in default.",
+    )
+    model_packages: ModelPackagesSection = Field(
+        default_factory=ModelPackagesSection,
+        description="Signed model packages (`package:NAME` models): trusted keys, this "
+        "appliance's group, versions kept.",
     )
     cameras: list[Camera] = Field(
         default_factory=list, description="Camera sources and what to do with their frames."

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, NamedTuple, Protocol, Self
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, Self
 
 import cv2
 import numpy as np
@@ -30,6 +30,9 @@ from inference.session import (
     TensorInfo,
     fixed,
 )
+
+if TYPE_CHECKING:
+    from inference.packages import PackageResolver
 
 log = logging.getLogger(__name__)
 
@@ -837,6 +840,7 @@ class OnnxDetector:
     Loading blocks (reads, hashes and warms the model): from the event loop, construct it with
     `asyncio.to_thread`. `class_offset` applies to the ssd layout only (subtracted from the
     model's class numbers); None: metadata `appliance.class_offset`, else 1 (TF label maps).
+    `labels` (from a model package) apply when the config names no labels_file.
     """
 
     def __init__(
@@ -848,9 +852,11 @@ class OnnxDetector:
         *,
         class_offset: int | None = None,
         warm_up: bool = True,
+        labels: Sequence[str] | None = None,
     ) -> None:
         self.name = name
         self.cfg = cfg
+        self._given_labels = None if labels is None else tuple(labels)
         self.session = ModelSession(
             model_path, name=name, providers=cfg.providers, threads=cfg.threads, warm_up=False
         )
@@ -865,7 +871,10 @@ class OnnxDetector:
     def _setup(self, classes: Sequence[str] | None, class_offset: int | None) -> None:
         session, cfg = self.session, self.cfg
         path = session.path
-        given = read_labels_file(cfg.labels_file) if cfg.labels_file else _metadata_labels(session)
+        if cfg.labels_file:
+            given: tuple[str, ...] | None = read_labels_file(cfg.labels_file)
+        else:
+            given = self._given_labels or _metadata_labels(session)
         hint = None if given is None else len(given)
         self.layout: Layout = detect_layout(session, hint) if cfg.layout == "auto" else cfg.layout
         if class_offset is None:
@@ -876,7 +885,9 @@ class OnnxDetector:
         self.adapter: Adapter = build_adapter(self.layout, session, hint, class_offset)
         num_classes = self.adapter.num_classes
         if given is not None and num_classes is not None and len(given) != num_classes:
-            source = cfg.labels_file or "the model's metadata"
+            source = cfg.labels_file or (
+                "the package's labels" if self._given_labels else "the model's metadata"
+            )
             raise ModelError(
                 path, f"{source} names {len(given)} classes but the model outputs {num_classes}"
             )
@@ -1008,10 +1019,29 @@ class OnnxDetector:
 
 
 def open_detector(
-    cfg: DetectorModel, name: str, classes: Sequence[str] | None = None
+    cfg: DetectorModel,
+    name: str,
+    classes: Sequence[str] | None = None,
+    *,
+    packages: PackageResolver | None = None,
 ) -> OnnxDetector:
     """The detector `cfg` describes; `builtin:` paths resolve to the shipped model (which may be
-    converted on first use, so call this via `asyncio.to_thread` from the loop)."""
+    converted on first use, so call this via `asyncio.to_thread` from the loop), `package:NAME`
+    to the verified active version of an installed package in `packages` (whose manifest gives
+    the labels, thresholds and version the config leaves unset)."""
+    if cfg.path.startswith("package:"):
+        # Imported here: package verification (cryptography) is only needed when a config asks.
+        from inference.packages import PREFIX, detector_settings
+
+        if packages is None:
+            raise ModelError(
+                cfg.path,
+                "a package model needs the appliance's model store (DATA_DIR/models/packages), "
+                "which this caller did not give",
+            )
+        package = packages.resolve(cfg.path.removeprefix(PREFIX))
+        settings, labels = detector_settings(cfg, package)
+        return OnnxDetector(settings, package.model_path, name, classes, labels=labels)
     if cfg.path.startswith("builtin:"):
         # Imported here: the built-in model's machinery (conversion from darknet) is only needed
         # when a config asks for it.
