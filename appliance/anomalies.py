@@ -1,6 +1,6 @@
-"""The anomaly stage of a sensor pipeline: fit a baseline from the first healthy running (or load
-the saved one), score every window's feature vector, and journal anomalies with the raw samples
-around them, stamped with the baseline's name@version."""
+"""A sensor source's anomaly stage: fit a baseline from the first healthy running or load the saved
+one, score every window's feature vector, journal anomalies with the raw samples around them,
+stamped with the baseline's name@version."""
 
 from __future__ import annotations
 
@@ -179,7 +179,8 @@ class AnomalyStage:
         self.detector = AnomalyDetector(self.settings, baseline)
         self.stats.threshold = baseline.threshold
 
-    async def on_window(self, window: SampleWindow, summary: Summary) -> None:
+    async def on_window(self, window: SampleWindow, summary: Summary) -> float | None:
+        """Fit or score the window; its anomaly score when a baseline scored it, else None."""
         if self._names is None:
             self._names = feature_names_of(summary, self.settings.features)
         vector = feature_vector(summary, self._names)
@@ -187,15 +188,17 @@ class AnomalyStage:
         await self._gather_raw(window)
         if self._fitting is not None and self._fitting.done():
             await self._fitted(self._fitting)
+        score = None
         if self.detector is None:
             await self._collect(window, vector, clean)
         elif not clean:
             self.stats.skipped += 1
         else:
-            await self._score(window, vector)
+            score = await self._score(window, vector)
         self._recent.append(window)
+        return score
 
-    async def _score(self, window: SampleWindow, vector: np.ndarray[Any, Any]) -> None:
+    async def _score(self, window: SampleWindow, vector: np.ndarray[Any, Any]) -> float | None:
         assert self.detector is not None
         try:
             events = self.detector.observe(vector, window.ts)
@@ -204,11 +207,12 @@ class AnomalyStage:
             self._warn.warning(
                 "score", "anomaly scoring failed", source=self.source, error=str(exc)
             )
-            return
+            return None
         self.stats.scored += 1
         for event in events:
             await self._journal_event(event, window)
         self.stats.last_score = self.detector.last_score
+        return self.detector.last_score
 
     async def _collect(
         self, window: SampleWindow, vector: np.ndarray[Any, Any], clean: bool

@@ -276,6 +276,7 @@ class Daemon:
                 self.pipelines[sensor.name] = pipeline
                 if pipeline.anomaly is not None:
                     monitor.anomalies[sensor.name] = pipeline.anomaly.describe
+                monitor.drift[sensor.name] = pipeline.drift_status
                 await pipeline.run()
 
             return attempt

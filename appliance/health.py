@@ -39,9 +39,13 @@ class HealthMonitor:
         self.components: dict[str, ComponentHealth] = {}
         self.sources: dict[str, Any] = {}
         self.anomalies: dict[str, Callable[[], dict[str, Any]]] = {}
+        # Sensors' drift states (a camera's is part of its entry in `cameras`).
+        self.drift: dict[str, Callable[[], dict[str, Any]]] = {}
         self.status_url: str | None = None  # where the status page listens, once it does
         self.cameras: dict[str, Callable[[], dict[str, Any]]] = {}
         self.destinations: dict[str, DestinationState] = {}
+        # Model package pulls (appliance/model_updates.py), when a destination has `models: true`.
+        self.models: Callable[[], dict[str, Any]] | None = None
         self.started = datetime.now(UTC)
         self._started_mono = time.monotonic()
 
@@ -72,6 +76,7 @@ class HealthMonitor:
             "sources": {name: self._source(name, h) for name, h in sorted(self.sources.items())},
             "cameras": {name: health() for name, health in sorted(self.cameras.items())},
             "destinations": {n: d.to_dict() for n, d in sorted(self.destinations.items())},
+            "models": None if self.models is None else self.models(),
             "journal": {
                 "commits": stats.commits,
                 "records": stats.records,
@@ -107,6 +112,9 @@ class HealthMonitor:
         anomaly = self.anomalies.get(name)
         if anomaly is not None:
             entry["anomaly"] = anomaly()
+        drift = self.drift.get(name)
+        if drift is not None:
+            entry["drift"] = drift()
         return entry
 
     async def heartbeat(self, *, state: str | None = None) -> None:

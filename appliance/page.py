@@ -36,6 +36,24 @@ def _state(state: Any) -> str:
     return f'<span class="{"good" if good else "bad"}">{_e(state)}</span>'
 
 
+def _drift(drift: dict[str, Any] | None) -> str:
+    """A source's drift badge: `drift` with the drifting quantities and their PSI, `ok`, or a
+    muted state while there is nothing to compare yet (`reference`, `waiting`, `off`)."""
+    if not drift:
+        return _e(None)
+    state = drift.get("state")
+    if state == "drift":
+        drifting = ", ".join(
+            f"{name} {q['psi']}"
+            for name, q in (drift.get("quantities") or {}).items()
+            if q.get("state") == "drift"
+        )
+        return f'<span class="bad" title="since {_e(drift.get("since"))}">drift</span> ' + _e(
+            drifting
+        )
+    return _state(state) if state == "ok" else f'<span class="muted">{_e(state)}</span>'
+
+
 # ---------------------------------------------------------------------------------- charts
 
 # The drawing's own units; the SVG scales to its column (viewBox), text included: 12 units of
@@ -226,6 +244,7 @@ def render_live(
             _e(s["reconnects"]),
             _e(s["bad_values"]),
             _e((s.get("anomaly") or {}).get("state")),
+            _drift(s.get("drift")),
             _e(s["error"] or ""),
         ]
         for name, s in daemon["sources"].items()
@@ -243,6 +262,7 @@ def render_live(
                 "reconnects",
                 "bad values",
                 "anomaly",
+                "drift",
                 "error",
             ],
             sources,
@@ -265,6 +285,7 @@ def render_live(
                 _e(cam.get("model")),
                 _e(f"{latency.get('p50') or 0:.0f} / {latency.get('p95') or 0:.0f} ms"),
                 _e(pipeline.get("skipped_motion")),
+                _drift(cam.get("drift")),
             ]
         )
     parts.append("<h2>Cameras</h2>")
@@ -280,6 +301,7 @@ def render_live(
                 "model",
                 "p50 / p95",
                 "motion skipped",
+                "drift",
             ],
             cameras,
             "no cameras",

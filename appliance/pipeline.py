@@ -1,5 +1,5 @@
-"""The pipeline of one sensor source: readings -> features, limits, anomalies and samples ->
-journal records.
+"""The pipeline of one sensor source: readings -> features, limits, anomalies, drift checks and
+samples -> journal records.
 
 Cameras have their own in appliance/vision.py; both journal through appliance/recorder.py."""
 
@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from appliance.anomalies import AnomalyStage
 from appliance.baselines import BaselineStore
+from appliance.drift import INPUTS_MODEL, DriftStage
 from appliance.recorder import Recorder
 from config import Limit
 from inference.features import Summary, summarise
+from inference.sampling import RawWindowSampler
 from sensors import QualityReport, SampleWindow, SensorConfig, Source
 from sync import Journal, NewRecord, PayloadStore, Priority
 from sync.records import format_ts
@@ -68,12 +72,20 @@ class SourcePipeline:
             self.anomaly = AnomalyStage(
                 cfg.name, cfg.anomaly, self.recorder, store, wait_for_fit=replay
             )
+        self.raw_sampler = RawWindowSampler(cfg.sample_raw_every)
+        self.drift = DriftStage(
+            cfg.name, cfg.drift, self.recorder, journal.data_dir, boostable=self.raw_sampler
+        )
 
     @property
     def model(self) -> str | None:
         """The baseline scoring this source, stamped on all its records so that ashore can tell
         which model saw them; None without anomaly detection or before a baseline is fitted."""
         return None if self.anomaly is None else self.anomaly.model
+
+    def drift_status(self) -> dict[str, Any]:
+        """The source's drift state for its health entry, with its raw window sampling."""
+        return {**self.drift.status(), "raw_sampling": self.raw_sampler.status()}
 
     async def run(self) -> None:
         if self.anomaly is not None:
@@ -112,11 +124,34 @@ class SourcePipeline:
             )
         )
         await self._check_limits(window, summary)
+        score = None
         if self.anomaly is not None:
-            await self.anomaly.on_window(window, summary)
-        every = self.cfg.sample_raw_every
-        if every and self.stats.windows % every == 0:
+            score = await self.anomaly.on_window(window, summary)
+        await self._check_drift(window, summary, score)
+        if self.raw_sampler.take(window.ts):
             await self._keep_sample(window, summary)
+
+    async def _check_drift(
+        self, window: SampleWindow, summary: Summary, score: float | None
+    ) -> None:
+        """Each channel's mean (or its first feature) and the anomaly score, against the
+        reference of the baseline scoring the source (of its inputs when it has no anomaly
+        detection; nothing while its baseline is still being fitted)."""
+        model = INPUTS_MODEL if self.anomaly is None else self.anomaly.model
+        if model is None or not self.cfg.drift.enabled:
+            return
+        await self.drift.activate(model)
+        for channel, features in summary.items():
+            name = "mean" if "mean" in features else next((f for f in features if f != "n"), None)
+            if name is None:
+                continue
+            value = features[name]
+            self.drift.observe(
+                f"{channel}.{name}", math.nan if value is None else float(value), window.ts
+            )
+        if score is not None:
+            self.drift.observe("anomaly_score", score, window.ts)
+        await self.drift.check(ts=window.ts, mono_ns=window.mono_ns)
 
     async def _check_limits(self, window: SampleWindow, summary: Summary) -> None:
         for index, limit in enumerate(self.cfg.limits):

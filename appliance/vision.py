@@ -3,7 +3,9 @@ alert records with snapshots and clips, and samples for retraining, in the journ
 
 One record per tracked object (kind `object`, at its end: start, end, best score, best snapshot),
 one per zone entry (kind `zone_entry`, at once, priority from the zone, with a snapshot and later
-a `clip` record with pre- and post-roll), and `sample` records chosen by the sampling policy.
+a `clip` record with pre- and post-roll), `sample` records chosen by the sampling policy, and
+`drift` records when the frames' brightness or sharpness or the detector's outputs drift from
+the model's reference.
 Every image that leaves the device goes through the camera's blur classes first."""
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,6 +25,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from appliance.drift import DriftStage
 from appliance.logs import RateLimitedLog
 from appliance.model_store import ModelStore
 from appliance.recorder import Recorder
@@ -49,6 +53,22 @@ log = logging.getLogger(__name__)
 Image = npt.NDArray[np.uint8]
 _NS = 1_000_000_000
 _BEST_SNAPSHOT_INTERVAL_NS = _NS  # re-encode a track's best snapshot at most this often
+_STATS_WIDTH = 160  # frames are measured for drift at this width (like the motion gate's)
+
+
+def image_statistics(image: Image) -> tuple[float, float]:
+    """(brightness, sharpness) of a BGR frame: the mean grey level, and the variance of the
+    Laplacian, both on a small grey copy (a blurred, fogged or dirty lens loses sharpness)."""
+    height, width = image.shape[:2]
+    small_w = min(_STATS_WIDTH, width)
+    small_h = max(1, round(height * small_w / width))
+    # One bilinear resize samples the frame rather than averaging it: a few times cheaper than
+    # INTER_AREA (which motion.py needs against noise), and it keeps the fine detail that the
+    # sharpness measure is after. Both figures are only ever compared with the same camera's.
+    small = cv2.resize(image, (small_w, small_h), interpolation=cv2.INTER_LINEAR)
+    grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+    _, deviation = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
+    return float(cv2.mean(grey)[0]), float(deviation[0, 0]) ** 2
 
 
 @dataclass
@@ -176,6 +196,11 @@ class CameraPipeline:
         self.stats = CameraStats()
         self.gate = MotionGate(cfg.motion)
         self.sampler = Sampler(cfg.sampling)
+        self.drift = DriftStage(
+            cfg.name, cfg.drift, recorder, recorder.journal.data_dir, boostable=self.sampler
+        )
+        self._measured = 0  # frames measured for drift, and the time it took
+        self._measure_ns = 0
         self.classes = set(cfg.classes)
         named = {*cfg.classes, *cfg.blur_classes, *(c for zone in cfg.zones for c in zone.classes)}
         unknown = sorted(named - set(detector.labels))
@@ -203,6 +228,7 @@ class CameraPipeline:
     # ------------------------------------------------------------------------------- running
 
     async def run(self) -> None:
+        await self.drift.activate(self.model)
         async with self.source:
             try:
                 async for frame in self.source.frames():
@@ -226,6 +252,12 @@ class CameraPipeline:
             else {"p50": latency.p50_ms, "p95": latency.p95_ms, "count": latency.count},
             "open_tracks": 0 if self.tracker is None else self.tracker.open_tracks,
             "sampling": self.sampler.status(),
+            "drift": {
+                **self.drift.status(),
+                "measure_us": round(self._measure_ns / self._measured / 1000, 1)
+                if self._measured
+                else None,
+            },
         }
 
     async def _on_frame(self, raw: Frame) -> None:
@@ -239,6 +271,7 @@ class CameraPipeline:
             detections = await self._detect(frame)
         else:
             self.stats.skipped_motion += 1
+        await self._observe_drift(frame, detections)
         if detections is not None and self.cfg.blur_classes:
             self._private = [d for d in detections if d.label in self.cfg.blur_classes]
         image = self._private_image(frame.image)
@@ -265,6 +298,25 @@ class CameraPipeline:
             found = [d for d in found if d.label in self.classes]
         self.stats.detections += len(found)
         return found
+
+    async def _observe_drift(self, frame: Frame, detections: list[Detection] | None) -> None:
+        """Brightness and sharpness of one frame in `input_every`; the number of detections and
+        the best score of every detector run; then a check when one is due."""
+        if self.drift.monitor is None:
+            return
+        when = self._clock.wall(frame, frame.mono_ns)
+        if self.stats.frames % self.cfg.drift.input_every == 0:
+            started = time.perf_counter_ns()
+            brightness, sharpness = image_statistics(frame.image)
+            self._measure_ns += time.perf_counter_ns() - started
+            self._measured += 1
+            self.drift.observe("brightness", brightness, when)
+            self.drift.observe("sharpness", sharpness, when)
+        if detections is not None:
+            self.drift.observe("detections", len(detections), when)
+            if detections:
+                self.drift.observe("max_score", max(d.score for d in detections), when)
+        await self.drift.check(ts=frame.ts)
 
     def _private_image(self, image: Image) -> Image:
         if not self._private:

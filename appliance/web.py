@@ -303,6 +303,27 @@ class _ReportCollector(Collector):
             reconnects.add_metric([name], source["reconnects"])
         yield up
         yield reconnects
+        psi = GaugeMetricFamily(
+            "appliance_drift_psi",
+            "Population stability index of a quantity's last window against its reference.",
+            labels=["source", "quantity"],
+        )
+        drifting = GaugeMetricFamily(
+            "appliance_drift_active",
+            "1 while any quantity of the source drifts from its reference, else 0.",
+            labels=["source"],
+        )
+        daemon = report["daemon"]
+        entries = [*daemon["sources"].items(), *daemon["cameras"].items()]
+        for name, drift in ((n, e.get("drift")) for n, e in entries):
+            if drift is None:
+                continue  # a camera's is in `cameras`; its entry in `sources` has none
+            drifting.add_metric([name], 1.0 if drift["state"] == "drift" else 0.0)
+            for quantity, figures in drift["quantities"].items():
+                if figures["psi"] is not None:
+                    psi.add_metric([name, quantity], figures["psi"])
+        yield psi
+        yield drifting
         disk = report["disk"]
         yield GaugeMetricFamily(
             "appliance_disk_used_bytes",

@@ -293,6 +293,74 @@ class AnomalySettings(Strict):
         return self
 
 
+class DriftSettings(Strict):
+    enabled: bool = Field(
+        default=True,
+        description="Compare the model's inputs and outputs with its reference distribution.",
+    )
+    reference: Duration = Field(
+        default=3600.0,
+        gt=0,
+        description="Data time after a model is activated whose values become its reference, "
+        "when the model brings none (kept in DATA_DIR/models/drift/MODEL@VERSION/SOURCE.json).",
+    )
+    window: Duration = Field(
+        default=3600.0, gt=0, description="Sliding window of recent values compared with it."
+    )
+    check_interval: Duration = Field(
+        default=300.0, gt=0, description="Data time between two comparisons."
+    )
+    min_count: int = Field(
+        default=200,
+        ge=10,
+        description="Fewest values a reference, and a window, must hold to be compared.",
+    )
+    bins: int = Field(
+        default=10,
+        ge=2,
+        le=50,
+        description="Bins per quantity, cut at the reference's quantiles (both ends open).",
+    )
+    psi_start: float = Field(
+        default=0.25,
+        gt=0,
+        description="Population stability index at or above which a quantity has drifted.",
+    )
+    psi_end: float = Field(
+        default=0.1, gt=0, description="A drift ends at the first check below this PSI."
+    )
+    consecutive: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Checks in a row at or above psi_start before a drift starts.",
+    )
+    sampling_boost: float = Field(
+        default=4.0,
+        ge=1,
+        le=1000,
+        description="While a drift is active, the random sampling share (cameras) is multiplied "
+        "by it and raw windows (sensors) are kept this many times as often; caps still hold.",
+    )
+    boost_duration: Duration = Field(
+        default=3600.0,
+        ge=0,
+        description="The boost lasts from each check that still finds a drift until this much "
+        "data time later.",
+    )
+    input_every: int = Field(
+        default=5,
+        ge=1,
+        description="Cameras: brightness and sharpness are measured on one frame in N.",
+    )
+
+    @model_validator(mode="after")
+    def _ends_below_start(self) -> DriftSettings:
+        if self.psi_end > self.psi_start:
+            raise ValueError("psi_end must not be above psi_start (hysteresis)")
+        return self
+
+
 class SensorCommon(Strict):
     name: Name = Field(description="Source name, stamped on its records.")
     window: Duration = Field(
@@ -313,6 +381,10 @@ class SensorCommon(Strict):
     )
     anomaly: AnomalySettings | None = Field(
         default=None, description="Anomaly detection on the window features; null: off."
+    )
+    drift: DriftSettings = Field(
+        default_factory=DriftSettings,
+        description="Drift checks of the feature means and anomaly scores against a reference.",
     )
 
 
@@ -853,6 +925,10 @@ class Camera(Strict):
     )
     sampling: SamplingSettings = Field(
         default_factory=SamplingSettings, description="Frames kept for retraining."
+    )
+    drift: DriftSettings = Field(
+        default_factory=DriftSettings,
+        description="Drift checks of brightness, sharpness and detections against a reference.",
     )
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """Sampling policy for retraining: which analysed frames are kept as `sample` payloads (the
 model was unsure, a class of interest, or at random for drift checks), under per-hour, per-UTC-day
-and daily-byte caps, and the JSON body that describes a kept sample to a labelling tool.
+and daily-byte caps, which raw sensor windows are kept (one in N), the boost both take while a
+drift is active, and the JSON body that describes a kept sample to a labelling tool.
 
 Pure bookkeeping: the caller encodes and stores the payload, then reports its size back.
 """
@@ -32,12 +33,36 @@ class SampleTicket:
     reason: SampleReason
     ts: datetime
     state: TicketState = field(default="open")
+    boosted: bool = False  # taken while a drift boost raised the random share
 
 
 def _utc(ts: datetime) -> datetime:
     if ts.tzinfo is None or ts.utcoffset() is None:
         raise ValueError(f"sampling needs an aware UTC timestamp, not the naive {ts.isoformat()}")
     return ts.astimezone(UTC)
+
+
+class Boost:
+    """A sampling rate multiplied by `factor` for times before `until` (a later `set` replaces
+    it): what a drift asks for, so that retraining gets more of the data that drifted."""
+
+    def __init__(self) -> None:
+        self.factor = 1.0
+        self.until: datetime | None = None
+
+    def set(self, factor: float, until: datetime) -> None:
+        if not factor >= 1.0:  # written so that NaN is refused too
+            raise ValueError(f"sampling boost must be a factor >= 1, not {factor}")
+        self.factor, self.until = float(factor), _utc(until)
+
+    def at(self, ts: datetime) -> float:
+        """The factor in force at `ts` (1 when none is)."""
+        return self.factor if self.until is not None and ts < self.until else 1.0
+
+    def status(self) -> dict[str, object] | None:
+        if self.until is None:
+            return None
+        return {"factor": self.factor, "until": self.until.isoformat()}
 
 
 class Sampler:
@@ -73,9 +98,11 @@ class Sampler:
         self._hour_kept = 0
         self._open: set[int] = set()  # numbers of the open tickets of the current hour
         self._tickets = 0
+        self._boost = Boost()
         self.counters: dict[str, int] = {
             "considered": 0,
             **{f"kept_{reason}": 0 for reason in REASONS},
+            "kept_boosted": 0,
             "kept_bytes": 0,
             **{f"skipped_cap_{cap}": 0 for cap in CAPS},
             "cancelled": 0,
@@ -96,10 +123,22 @@ class Sampler:
 
     # -------------------------------------------------------------------------- decisions
 
-    def reason_for(self, detections: Iterable[Detection]) -> SampleReason | None:
-        """Why this frame is worth keeping, by priority (uncertain, class, random), or None."""
+    def boost(self, factor: float, until: datetime) -> None:
+        """Multiply the random share by `factor` (at most 1 in all) for frames taken before
+        `until`; a later call replaces it. The caps hold as always."""
+        self._boost.set(factor, until)
+
+    def random_share(self, ts: datetime) -> float:
+        """The share of frames kept at random at `ts`, boost included."""
+        return min(1.0, self.cfg.random * self._boost.at(_utc(ts)))
+
+    def reason_for(
+        self, detections: Iterable[Detection], *, share: float | None = None
+    ) -> SampleReason | None:
+        """Why this frame is worth keeping, by priority (uncertain, class, random), or None.
+        `share`: the random share to draw against (default the configured one)."""
         # One draw per frame whatever the detections: a seeded run keeps the same sequence.
-        lucky = self._rng.random() < self.cfg.random
+        lucky = self._rng.random() < (self.cfg.random if share is None else share)
         uncertain = False
         wanted_class = False
         band = self.cfg.uncertain
@@ -132,7 +171,8 @@ class Sampler:
         now = _utc(ts)
         self._roll(now)
         self.counters["considered"] += 1
-        reason = self.reason_for(detections)
+        boosted = self._boost.at(now) > 1.0
+        reason = self.reason_for(detections, share=self.random_share(now))
         if reason is None:
             return None
         cap = self._exhausted_cap()
@@ -140,7 +180,7 @@ class Sampler:
             self.counters[f"skipped_cap_{cap}"] += 1
             return None
         self._tickets += 1
-        ticket = SampleTicket(number=self._tickets, reason=reason, ts=now)
+        ticket = SampleTicket(number=self._tickets, reason=reason, ts=now, boosted=boosted)
         self._open.add(ticket.number)
         return ticket
 
@@ -169,6 +209,7 @@ class Sampler:
         self._day_kept += 1
         self._day_bytes += size_bytes
         self.counters[f"kept_{ticket.reason}"] += 1
+        self.counters["kept_boosted"] += ticket.boosted
         self.counters["kept_bytes"] += size_bytes
         return True
 
@@ -196,6 +237,46 @@ class Sampler:
                 "bytes": self._day_bytes if this_day else 0,
                 "bytes_cap": self.cfg.daily_bytes,
             },
+            "boost": self._boost.status(),
+        }
+
+
+class RawWindowSampler:
+    """Which raw sensor windows are kept: one in `every` (0: none), and `factor` times as often
+    while boosted (never more than every window)."""
+
+    def __init__(self, every: int) -> None:
+        if every < 0:
+            raise ValueError(f"raw window sampling needs every >= 0, not {every}")
+        self.every = every
+        self._since = 0
+        self._boost = Boost()
+        self.kept = 0
+        self.kept_boosted = 0
+
+    def boost(self, factor: float, until: datetime) -> None:
+        """Keep windows `factor` times as often for windows starting before `until`."""
+        self._boost.set(factor, until)
+
+    def take(self, ts: datetime) -> bool:
+        """Whether the window starting at `ts` is kept."""
+        if not self.every:
+            return False
+        factor = self._boost.at(_utc(ts))
+        self._since += 1
+        if self._since < max(1, round(self.every / factor)):
+            return False
+        self._since = 0
+        self.kept += 1
+        self.kept_boosted += factor > 1.0
+        return True
+
+    def status(self) -> dict[str, object]:
+        return {
+            "every": self.every,
+            "kept": self.kept,
+            "kept_boosted": self.kept_boosted,
+            "boost": self._boost.status(),
         }
 
 
