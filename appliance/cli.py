@@ -21,7 +21,14 @@ from appliance.syncnow import sync_now
 from config import ConfigError, config_schema, load_config
 from config.units import parse_duration
 from sync import JournalReader, SyncError
-from sync.receiver import parse_listen, parse_tokens_file, run_receiver, server_tls_context
+from sync.model_feed import PublishError, publish_package
+from sync.receiver import (
+    parse_admin_tokens_file,
+    parse_listen,
+    parse_tokens_file,
+    run_receiver,
+    server_tls_context,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -116,14 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     receiver = commands.add_parser(
         "receiver", help="run the reference upstream receiver (docs/sync-protocol.md)"
     )
+    # Required to serve, checked in _receiver: `receiver publish` takes none of them.
     receiver.add_argument(
-        "--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any)"
+        "--listen", metavar="HOST:PORT", help="address to serve on (port 0: any); required"
     )
-    receiver.add_argument(
-        "--data", type=Path, required=True, metavar="DIR", help="receiver data directory"
-    )
+    receiver.add_argument("--data", type=Path, metavar="DIR", help="receiver data directory")
     receiver.add_argument(
         "--tokens", type=Path, metavar="FILE", help="'APPLIANCE_ID TOKEN' a line (default: none)"
+    )
+    receiver.add_argument(
+        "--admin-tokens",
+        type=Path,
+        metavar="FILE",
+        help="tokens that may publish model packages, one a line (default: publishing disabled)",
     )
     receiver.add_argument(
         "--partial-ttl",
@@ -148,6 +160,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     receiver.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    receiver_actions = receiver.add_subparsers(
+        dest="receiver_command", metavar="ACTION", parser_class=_Parser
+    )
+    publish = receiver_actions.add_parser(
+        "publish",
+        help="publish a model package on a running receiver for appliances or groups",
+    )
+    publish.add_argument("package", type=Path, metavar="PKG", help="package file (.tar)")
+    publish.add_argument(
+        "--url", required=True, metavar="URL", help="the receiver, e.g. https://shore:8443"
+    )
+    publish.add_argument(
+        "--admin-token-file",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="file holding an admin token (one of the receiver's --admin-tokens)",
+    )
+    publish.add_argument(
+        "--appliance",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an appliance it is for (repeatable)",
+    )
+    publish.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="a group it is for (repeatable); no --appliance and no --group: every appliance",
+    )
+    publish.add_argument(
+        "--ca-file", type=Path, metavar="FILE", help="CA bundle to verify an https receiver with"
     )
     return parser
 
@@ -227,9 +274,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _receiver(args: argparse.Namespace) -> int:
+    if args.receiver_command == "publish":
+        return _publish(args)
     # Check what the user typed before serving, so a typo is a usage error (2), not a crash.
     ssl_context: ssl.SSLContext | None = None
     try:
+        if args.listen is None or args.data is None:
+            raise ValueError("serving needs --listen HOST:PORT and --data DIR")
         parse_listen(args.listen)
         try:
             partial_ttl = parse_duration(args.partial_ttl)
@@ -239,6 +290,8 @@ def _receiver(args: argparse.Namespace) -> int:
             raise ValueError("--partial-ttl must be at least 1h (appliances resume after cuts)")
         if args.tokens is not None:
             parse_tokens_file(args.tokens)
+        if args.admin_tokens is not None:
+            parse_admin_tokens_file(args.admin_tokens)
         if args.tls_cert is None and (args.tls_key or args.client_ca):
             raise ValueError("--tls-key and --client-ca need --tls-cert")
         for flag, path in (
@@ -259,7 +312,52 @@ def _receiver(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     asyncio.run(
         run_receiver(
-            args.listen, args.data, args.tokens, partial_ttl=partial_ttl, ssl_context=ssl_context
+            args.listen,
+            args.data,
+            args.tokens,
+            partial_ttl=partial_ttl,
+            ssl_context=ssl_context,
+            admin_tokens_file=args.admin_tokens,
         )
     )
+    return EXIT_OK
+
+
+def _publish(args: argparse.Namespace) -> int:
+    if not args.package.is_file():
+        print(f"error: PKG {args.package} is not a readable file", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        token = args.admin_token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: --admin-token-file {args.admin_token_file}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not token or len(token.split()) != 1:
+        print(
+            f"error: --admin-token-file {args.admin_token_file} must hold one token",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        answer = asyncio.run(
+            publish_package(
+                args.url,
+                token,
+                args.package,
+                appliances=args.appliance,
+                groups=args.group,
+                ca_file=args.ca_file,
+            )
+        )
+    except PublishError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    audience = [*answer.get("appliances", []), *(f"group:{g}" for g in answer.get("groups", []))]
+    print(
+        f"{'republished' if answer.get('republished') else 'published'} {answer.get('name')} "
+        f"{answer.get('version')} (sha256 {answer.get('sha256')}, {answer.get('size')} bytes) "
+        f"for {', '.join(audience) or 'every appliance'}"
+    )
+    for warning in answer.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from appliance.control import ControlServer
 from appliance.health import HEARTBEAT_INTERVAL_S, HealthMonitor, app_version
+from appliance.model_updates import ModelUpdates
 from appliance.pipeline import SourcePipeline
 from appliance.recorder import Recorder
 from appliance.scheduler import Jobs
@@ -116,6 +117,7 @@ class Daemon:
         self.positions = PositionBoard()
         self.monitor: HealthMonitor | None = None
         self.engines: list[SyncEngine] = []
+        self.model_updates: ModelUpdates | None = None
         self._signals = 0
         self._stop_reason = "requested"
         self._status_token: str | None = None
@@ -189,6 +191,10 @@ class Daemon:
             self.engines = engines
             if self.mode == "run":
                 await stack.enter_async_context(ControlServer(data_dir, engines))
+                self.model_updates = ModelUpdates.for_daemon(cfg, journal, engines)
+            if self.model_updates is not None:
+                monitor.models = self.model_updates.describe
+                await stack.enter_async_context(self.model_updates)
             if self.mode == "run" and cfg.status.enabled:
                 await stack.enter_async_context(
                     StatusServer(cfg, journal, store, monitor, engines, token=self._status_token)
@@ -331,6 +337,16 @@ class Daemon:
             )
             for engine in engines
         ]
+        if self.model_updates is not None:
+            shippers.append(
+                Supervised(
+                    "models",
+                    self.model_updates.run,
+                    budget=cfg.appliance.restart_budget,
+                    window_s=cfg.appliance.restart_window,
+                    on_event=component_event,
+                )
+            )
         for component in [*supervised, *shippers]:
             monitor.components[component.name] = component.health
         async with asyncio.TaskGroup() as group:

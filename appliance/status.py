@@ -80,6 +80,7 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
             "sources": beat.get("sources", {}),
             "cameras": beat.get("cameras", {}),
             "destinations": beat.get("destinations", {}),
+            "models": beat.get("models"),
         }
 
     by_priority: dict[str, int] = {p.label: 0 for p in Priority}

@@ -770,6 +770,13 @@ class ModelPackagesSection(Strict):
         description="Versions kept per package name under DATA_DIR/models/packages; older ones "
         "are pruned, but never the active one, the previous one or the newest import.",
     )
+    pull_interval: Duration = Field(
+        default=900.0,
+        gt=0,
+        description="How often model packages are looked for on destinations with `models: "
+        "true` while they are reachable (also right after each drain); new ones are downloaded, "
+        "verified and staged.",
+    )
 
 
 class MotionSettings(Strict):
@@ -980,6 +987,12 @@ class HttpDestination(DestinationCommon):
         description="Private key of client_cert (PEM); null: the key is in client_cert.",
     )
     timeout: Duration = Field(default=30.0, gt=0, description="Timeout of one request.")
+    models: bool = Field(
+        default=False,
+        description="Also pull model packages addressed to this appliance or its group from the "
+        "receiver, every model_packages.pull_interval and after each drain (docs/sync-protocol.md, "
+        "Model packages).",
+    )
 
     @model_validator(mode="after")
     def _tls_files_fit_the_url(self) -> HttpDestination:
@@ -1027,6 +1040,11 @@ class S3Destination(DestinationCommon):
     secret_key_file: Path = Field(description="File holding the secret access key (one line).")
     timeout: Duration = Field(
         default=30.0, gt=0, description="Connect and read timeout of one request."
+    )
+    models: bool = Field(
+        default=False,
+        description="Also pull model packages from PREFIXmodels/ in the bucket (appliances/ID/, "
+        "groups/GROUP/, all/), every model_packages.pull_interval and after each drain.",
     )
 
 

@@ -7,6 +7,7 @@ Layout under the data directory:
     payloads/<appliance_id>/<sha256>          verified payloads (renamed into place, dir fsync'd)
     partial/<appliance_id>/<sha256>.part      uploads in progress (every chunk fsync'd); one
                                               untouched for `partial_ttl` is abandoned: deleted
+    models/<sha256>                           published model packages (sync/model_feed.py)
 
 Every path is built only from identifiers that passed the protocol's strict patterns. SQLite is
 touched by one thread only (a single-worker executor: the queue in front of it serialises
@@ -27,7 +28,7 @@ import sqlite3
 import ssl
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -131,6 +132,26 @@ def parse_tokens_file(path: Path) -> dict[str, str]:
     return tokens
 
 
+def parse_admin_tokens_file(path: Path) -> list[str]:
+    """One admin token a line (they may publish model packages); blank lines and lines starting
+    with `#` are skipped. A token with spaces or unprintable characters, or one given twice,
+    raises ValueError naming the file and line (tokens are never echoed)."""
+    tokens: list[str] = []
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        token = raw.strip()
+        if not token or token.startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        if len(token.split()) != 1 or not token.isascii() or not token.isprintable():
+            raise ValueError(f"{where}: an admin token is one word of printable ASCII")
+        if token in tokens:
+            raise ValueError(f"{where}: this token is listed twice")
+        tokens.append(token)
+    if not tokens:
+        raise ValueError(f"{path}: no admin token in it (one a line)")
+    return tokens
+
+
 # ----------------------------------------------------------------------------------- errors
 
 
@@ -174,7 +195,8 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
             return _error_response(
                 400,
                 "bad path",
-                "expected /v1/appliances/APPLIANCE_ID/(batches/BATCH_ID|payloads/SHA256|summary)",
+                "expected /v1/appliances/APPLIANCE_ID/(batches/BATCH_ID|payloads/SHA256|summary"
+                "|models|models/SHA256)",
             )
         if exc.status < 400:
             raise
@@ -261,6 +283,23 @@ _MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        # Published model packages (sync/model_feed.py); `appliances` and `groups` are JSON lists,
+        # both empty: addressed to every appliance.
+        "0002_model_packages",
+        """
+        CREATE TABLE model_packages (
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            sha256 TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            appliances TEXT NOT NULL,
+            groups TEXT NOT NULL,
+            published_ts TEXT NOT NULL,
+            PRIMARY KEY (name, version)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 
 
@@ -335,6 +374,11 @@ class ReceiverStore:
         if self._closed:
             raise RuntimeError("receiver store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the store's thread, after the work queued before it (for
+        handlers kept in other modules: sync/model_feed.py)."""
+        return await self._run(lambda: fn(self._db()))
 
     # Everything below runs on the store's thread.
 
@@ -849,7 +893,7 @@ class _Receiver:
 
     # ------------------------------------------------------------------------- helpers
 
-    def _authorize(self, request: web.Request) -> str:
+    def authorize(self, request: web.Request) -> str:
         """The path's appliance id: 401 before 400 before 403, so strangers learn nothing."""
         owner: str | None = None
         if not self.open_access:
@@ -879,7 +923,13 @@ class _Receiver:
             raise Refusal(403, "wrong appliance", "the token belongs to another appliance")
         return appliance_id
 
-    def _sha256(self, request: web.Request) -> str:
+    def appliance_of_token(self, token: str) -> str | None:
+        """The appliance a bearer token belongs to, if any."""
+        return self._owners.get(_token_digest(token))
+
+    @staticmethod
+    def sha256_of(request: web.Request) -> str:
+        """The path's SHA256, checked (400 when it is not 64 lowercase hex digits)."""
         sha256 = request.match_info["sha256"]
         if not SHA256_RE.fullmatch(sha256):
             raise Refusal(400, "bad sha256", "SHA256 must be 64 lowercase hex digits")
@@ -919,7 +969,7 @@ class _Receiver:
         return web.json_response({"status": "ok"})
 
     async def put_batch(self, request: web.Request) -> web.Response:
-        appliance_id = self._authorize(request)
+        appliance_id = self.authorize(request)
         batch_id = request.match_info["batch_id"]
         parsed = parse_batch_id(batch_id)
         if parsed is None:
@@ -956,8 +1006,8 @@ class _Receiver:
         )
 
     async def head_payload(self, request: web.Request) -> web.Response:
-        appliance_id = self._authorize(request)
-        sha256 = self._sha256(request)
+        appliance_id = self.authorize(request)
+        sha256 = self.sha256_of(request)
         held, complete = await self._held(appliance_id, sha256)
         # Content-Length: 0 so clients keep the connection: without it aiohttp cannot tell where
         # this bodiless answer ends and opens a new connection for every payload (a TLS handshake
@@ -971,8 +1021,8 @@ class _Receiver:
         return web.Response(status=200, headers=headers)
 
     async def patch_payload(self, request: web.Request) -> web.Response:
-        appliance_id = self._authorize(request)
-        sha256 = self._sha256(request)
+        appliance_id = self.authorize(request)
+        sha256 = self.sha256_of(request)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding != "identity":
             raise Refusal(
@@ -1043,7 +1093,7 @@ class _Receiver:
         )
 
     async def summary(self, request: web.Request) -> web.Response:
-        appliance_id = self._authorize(request)
+        appliance_id = self.authorize(request)
         return web.json_response(await self.store.summary(appliance_id))
 
 
@@ -1058,10 +1108,12 @@ def build_receiver_app(
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
     partial_ttl: float = DEFAULT_PARTIAL_TTL_S,
     require_client_certificate: bool = False,
+    admin_tokens: Sequence[str] = (),
 ) -> web.Application:
     """The receiver as an aiohttp app; receiver.db opens on startup and closes on cleanup.
 
     `tokens` maps appliance id -> bearer token; None accepts every appliance without a token.
+    `admin_tokens` may publish model packages (none: publishing is refused; sync/model_feed.py).
     `require_client_certificate` answers 403 to a request whose TLS connection presented no
     client certificate (serve it with `server_tls_context(..., client_ca=...)`). Partial uploads
     untouched for `partial_ttl` seconds are deleted (checked at start, then hourly); the handlers'
@@ -1089,6 +1141,10 @@ def build_receiver_app(
     app.router.add_route("HEAD", f"{base}/payloads/{{sha256}}", receiver.head_payload)
     app.router.add_patch(f"{base}/payloads/{{sha256}}", receiver.patch_payload)
     app.router.add_get(f"{base}/summary", receiver.summary, allow_head=False)
+    # Imported here: model_feed builds on this module's Refusal, store and authorisation.
+    from sync.model_feed import add_model_routes
+
+    add_model_routes(app, receiver, admin_tokens)
     return app
 
 
@@ -1132,10 +1188,16 @@ async def run_receiver(
     partial_ttl: float = DEFAULT_PARTIAL_TTL_S,
     ssl_context: ssl.SSLContext | None = None,
     stop: asyncio.Event | None = None,
+    admin_tokens_file: Path | None = None,
 ) -> None:
     """`appliance receiver`: serve until `stop` is set or SIGTERM/SIGINT arrives."""
     host, port = parse_listen(listen)
     tokens = await asyncio.to_thread(parse_tokens_file, tokens_file) if tokens_file else None
+    admin_tokens = (
+        await asyncio.to_thread(parse_admin_tokens_file, admin_tokens_file)
+        if admin_tokens_file
+        else []
+    )
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
@@ -1145,7 +1207,13 @@ async def run_receiver(
             installed.append(sig)
     try:
         client_certificates = ssl_context is not None and ssl_context.verify_mode != ssl.CERT_NONE
-        app = build_receiver_app(data_dir, tokens, require_client_certificate=client_certificates)
+        app = build_receiver_app(
+            data_dir,
+            tokens,
+            partial_ttl=partial_ttl,
+            require_client_certificate=client_certificates,
+            admin_tokens=admin_tokens,
+        )
         async with serve_receiver(app, host, port, ssl_context) as addresses:
             scheme = "https" if ssl_context is not None else "http"
             for bound_host, bound_port in addresses:
@@ -1160,6 +1228,7 @@ async def run_receiver(
                             "port": bound_port,
                             "data_dir": str(data_dir),
                             "appliances": None if tokens is None else len(tokens),
+                            "publishing": bool(admin_tokens),
                             "client_certificates": client_certificates,
                         }
                     },
