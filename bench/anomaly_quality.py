@@ -64,7 +64,6 @@ Prints one JSON object on stdout; progress on stderr.
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import math
 import os
@@ -817,20 +816,14 @@ def source_checks(
 
 def code_fingerprint() -> dict[str, str]:
     """bench.common's journal fingerprint plus the files that decide what is detected."""
-    out = source_fingerprint()
-    for name in (
+    return source_fingerprint(
         "inference/anomaly.py",
         "inference/features.py",
         "appliance/anomalies.py",
         "appliance/pipeline.py",
         "sensors/csv_replay.py",
         "config/models.py",
-    ):
-        try:
-            out[name] = hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:12]
-        except OSError:
-            out[name] = "missing"
-    return out
+    )
 
 
 def load_series(*, runs: int, public: bool) -> tuple[list[Series], dict[str, str]]:

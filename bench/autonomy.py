@@ -55,7 +55,6 @@ Prints one JSON object on stdout; progress on stderr.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 import math
@@ -1097,20 +1096,14 @@ def table_rows(name: str, profile: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def code_fingerprint() -> dict[str, str]:
     """The journal's files (bench.common) and the stages that decide what a record holds."""
-    out = source_fingerprint()
-    for name in (
+    return source_fingerprint(
         "appliance/pipeline.py",
         "appliance/anomalies.py",
         "appliance/vision.py",
         "inference/features.py",
         "inference/sampling.py",
         "inference/media.py",
-    ):
-        try:
-            out[name] = hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:12]
-        except OSError:
-            out[name] = "missing"
-    return out
+    )
 
 
 EXTRAPOLATED = [

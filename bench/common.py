@@ -136,15 +136,17 @@ def machine(data_dir: Path) -> dict[str, Any]:
     }
 
 
-def source_fingerprint() -> dict[str, str]:
-    """sha256 (12 hex) of the journal's source files: which code the numbers belong to."""
-    root = Path(__file__).resolve().parent.parent / "sync"
+def source_fingerprint(*extra: str) -> dict[str, str]:
+    """sha256 (12 hex) of the journal's source files and of `extra` (paths from the repository
+    root): which code the numbers belong to."""
+    root = Path(__file__).resolve().parent.parent
+    names = [f"sync/{name}" for name in ("journal.py", "reader.py", "records.py", "migrations.py")]
     out: dict[str, str] = {}
-    for name in ("journal.py", "reader.py", "records.py", "migrations.py"):
+    for name in [*names, *extra]:
         try:
-            out[f"sync/{name}"] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:12]
+            out[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:12]
         except OSError:
-            out[f"sync/{name}"] = "missing"
+            out[name] = "missing"
     return out
 
 

@@ -124,8 +124,7 @@ def load_average() -> list[float]:
 
 def code_fingerprint(model: Path | None) -> dict[str, str]:
     """bench.common's journal fingerprint plus the camera pipeline's files and the model's."""
-    out = source_fingerprint()
-    for name in (
+    out = source_fingerprint(
         "appliance/vision.py",
         "appliance/daemon.py",
         "appliance/recorder.py",
@@ -137,11 +136,7 @@ def code_fingerprint(model: Path | None) -> dict[str, str]:
         "inference/media.py",
         "inference/builtin.py",
         "sensors/camera.py",
-    ):
-        try:
-            out[name] = hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:12]
-        except OSError:
-            out[name] = "missing"
+    )
     if model is not None:
         out[BUILTIN_DETECTOR] = hashlib.sha256(model.read_bytes()).hexdigest()[:12]
     return out

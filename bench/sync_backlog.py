@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import functools
 import gzip
-import hashlib
 import json
 import os
 import resource
@@ -101,19 +100,12 @@ MAX_REPEATS = 50
 
 def sources_measured() -> dict[str, str]:
     """The journal's files (bench.common) plus the shipping code this benchmark exercises."""
-    out = source_fingerprint()
-    root = Path(__file__).resolve().parent.parent
-    for name in (
+    return source_fingerprint(
         "sync/engine.py",
         "sync/destination.py",
         "sync/http_client.py",
         "sync/receiver.py",
-    ):
-        try:
-            out[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:12]
-        except OSError:
-            out[name] = "missing"
-    return out
+    )
 
 
 # --------------------------------------------------------------------------------- records

@@ -116,14 +116,13 @@ def load_average() -> list[float]:
 
 def code_fingerprint() -> dict[str, str]:
     """bench.common's journal fingerprint plus the files this benchmark exercises."""
-    out = source_fingerprint()
-    root = Path(__file__).resolve().parent.parent / "sync"
-    for name in ("engine.py", "http_client.py", "destination.py", "payloads.py", "receiver.py"):
-        try:
-            out[f"sync/{name}"] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:12]
-        except OSError:
-            out[f"sync/{name}"] = "missing"
-    return out
+    return source_fingerprint(
+        "sync/engine.py",
+        "sync/http_client.py",
+        "sync/destination.py",
+        "sync/payloads.py",
+        "sync/receiver.py",
+    )
 
 
 def slope(samples: Sequence[tuple[float, int]]) -> float | None:
