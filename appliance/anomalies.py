@@ -1,6 +1,7 @@
 """A sensor source's anomaly stage: fit a baseline from the first healthy running or load the saved
 one, score every window's feature vector, journal anomalies with the raw samples around them,
-stamped with the baseline's name@version."""
+stamped with the baseline's name@version; hand every scored window to an observer (a refit's
+canary or watch, appliance/refit.py) and swap baselines between two windows."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import io
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -86,6 +88,28 @@ class _OpenAnomaly:
     windows: list[SampleWindow]
     anomaly_index: int
     post_left: int
+    model: str | None
+    """The baseline that found it: its raw windows carry that name even after a swap."""
+
+
+class ScoreObserver(Protocol):
+    """Sees every clean window the stage scores, right after its baseline scored it (a refit's
+    canary scores the same vector with its candidate; its watch counts alarms). Called on the
+    event loop, synchronously: it must be quick and must not raise."""
+
+    def observe(
+        self, vector: np.ndarray[Any, Any], ts: datetime, score: float | None, threshold: float
+    ) -> None:
+        """`score` is None when the stage's baseline failed on the window."""
+        ...
+
+
+@dataclass
+class _Swap:
+    baseline: Baseline
+    observer: ScoreObserver | None
+    cause: str
+    done: asyncio.Event
 
 
 @dataclass
@@ -95,6 +119,7 @@ class AnomalyStats:
     errors: int = 0  # windows the model failed on
     anomalies: int = 0
     baseline_windows: int = 0
+    swaps: int = 0  # baselines replaced while running (refit activations and rollbacks)
     last_score: float | None = None
     threshold: float | None = None
 
@@ -126,6 +151,8 @@ class AnomalyStage:
         self._fitting: asyncio.Task[Baseline] | None = None
         self._recent: deque[SampleWindow] = deque(maxlen=max(settings.raw_windows[0], 0) or 1)
         self._open: list[_OpenAnomaly] = []
+        self._observer: ScoreObserver | None = None
+        self._swap: _Swap | None = None
         self._warn = RateLimitedLog(log)
 
     @property
@@ -151,6 +178,7 @@ class AnomalyStage:
             "skipped": self.stats.skipped,
             "errors": self.stats.errors,
             "baseline_windows": self.stats.baseline_windows,
+            "swaps": self.stats.swaps,
         }
 
     def load(self) -> None:
@@ -178,6 +206,71 @@ class AnomalyStage:
         self._names = list(baseline.names)
         self.detector = AnomalyDetector(self.settings, baseline)
         self.stats.threshold = baseline.threshold
+
+    def observe_with(self, observer: ScoreObserver | None) -> None:
+        """Hand every window scored from now on to `observer` as well (None: to nobody)."""
+        self._observer = observer
+
+    @property
+    def observer(self) -> ScoreObserver | None:
+        return self._observer
+
+    def replace_baseline(
+        self, baseline: Baseline, *, observer: ScoreObserver | None, cause: str
+    ) -> asyncio.Event:
+        """Score with `baseline` from the next window on (`begin_window`), with `observer`
+        watching it; the event is set once the swap happened. Atomic: every window is scored,
+        and its records stamped, by one baseline only."""
+        if self._names is not None and list(baseline.names) != self._names:
+            raise ValueError(
+                f"baseline {baseline.version} has features {list(baseline.names)}, the stage "
+                f"scores {self._names}"
+            )
+        AnomalyDetector(self.settings, baseline)  # the same checks as the swap: fail here, now
+        if self._swap is not None:
+            self._swap.done.set()  # superseded: the waiter sees the stage's baseline instead
+        self._swap = _Swap(baseline, observer, cause, asyncio.Event())
+        return self._swap.done
+
+    async def begin_window(self, window: SampleWindow) -> None:
+        """Called by the pipeline before anything of `window` is journalled: a requested
+        baseline swap happens here, between the previous window and this one. An anomaly the
+        outgoing baseline had open is closed with an `ended` record naming the cause (the new
+        baseline's detector starts with no anomaly)."""
+        swap, self._swap = self._swap, None
+        if swap is None:
+            return
+        outgoing, outgoing_model = self.detector, self.model
+        if outgoing is not None and outgoing.active:
+            await self.recorder.append(
+                NewRecord(
+                    source=self.source,
+                    kind="anomaly",
+                    priority=Priority.EVENT,
+                    body={
+                        "kind": "ended",
+                        "cause": swap.cause,
+                        "replaced_by": swap.baseline.version,
+                        "at": format_ts(window.ts),
+                        "baseline": outgoing.baseline.version,
+                        "method": outgoing.baseline.method,
+                    },
+                    model=outgoing_model,
+                    ts=window.ts,
+                    mono_ns=window.mono_ns,
+                )
+            )
+        self._use(swap.baseline)
+        self._observer = swap.observer
+        self.stats.swaps += 1
+        log.info(
+            "baseline of %s swapped (%s): %s -> %s",
+            self.source,
+            swap.cause,
+            outgoing_model,
+            self.model,
+        )
+        swap.done.set()
 
     async def on_window(self, window: SampleWindow, summary: Summary) -> float | None:
         """Fit or score the window; its anomaly score when a baseline scored it, else None."""
@@ -207,8 +300,14 @@ class AnomalyStage:
             self._warn.warning(
                 "score", "anomaly scoring failed", source=self.source, error=str(exc)
             )
+            if self._observer is not None:
+                self._observer.observe(vector, window.ts, None, self.detector.threshold)
             return None
         self.stats.scored += 1
+        if self._observer is not None:
+            self._observer.observe(
+                vector, window.ts, self.detector.last_score, self.detector.threshold
+            )
         for event in events:
             await self._journal_event(event, window)
         self.stats.last_score = self.detector.last_score
@@ -292,6 +391,7 @@ class AnomalyStage:
                     windows=[*pre, window],
                     anomaly_index=len(pre),
                     post_left=self.settings.raw_windows[1],
+                    model=self.model,
                 )
             )
             if not self.settings.raw_windows[1]:
@@ -327,7 +427,7 @@ class AnomalyStage:
                     "samples": int(sum(w.values.shape[1] for w in windows)),
                     "start": format_ts(windows[0].ts),
                 },
-                model=self.model,
+                model=anomaly.model,
                 payloads=(ref,),
                 ts=windows[0].ts,
             )

@@ -1,6 +1,7 @@
 """The daemon's local control socket (`control.sock` in the data directory, a Unix socket only
 the appliance's user can open). `appliance sync --now` asks the running daemon through it instead
-of opening a second writer; the answer streams progress as NDJSON lines."""
+of opening a second writer; the answer streams progress as NDJSON lines. `appliance models refit`
+asks it to start a source's baseline refit now (appliance/refit.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +108,26 @@ async def drain_engines(
                 await task
 
 
-class ControlServer:
-    """Serves POST /sync?destination=NAME&timeout=S on the control socket while the daemon runs."""
+RefitStarter = Callable[[str, str], str | None]
+"""`start(source, trigger)`: starts a refit, or says why not (`BaselineRefits.start`)."""
 
-    def __init__(self, data_dir: Path, engines: list[SyncEngine]) -> None:
+
+class ControlServer:
+    """Serves POST /sync?destination=NAME&timeout=S and POST /refit?source=NAME on the control
+    socket while the daemon runs."""
+
+    def __init__(
+        self, data_dir: Path, engines: list[SyncEngine], refit: RefitStarter | None = None
+    ) -> None:
         self.path = data_dir / CONTROL_SOCKET
         self.engines = engines
+        self.refit = refit
         self._runner: web.AppRunner | None = None
 
     async def __aenter__(self) -> ControlServer:
         app = web.Application()
         app.router.add_post("/sync", self._sync)
+        app.router.add_post("/refit", self._refit)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         self.path.unlink(missing_ok=True)  # left by a killed daemon: we hold the writer lock
@@ -145,6 +155,30 @@ class ControlServer:
             await response.write(json.dumps(line).encode() + b"\n")
         await response.write_eof()
         return response
+
+    async def _refit(self, request: web.Request) -> web.Response:
+        source = request.query.get("source")
+        if not source:
+            raise web.HTTPBadRequest(text="name the source: /refit?source=NAME")
+        if self.refit is None:
+            why_not: str | None = "no source of this appliance has anomaly.refit enabled"
+        else:
+            why_not = self.refit(source, "manual")
+        return web.json_response({"source": source, "started": why_not is None, "reason": why_not})
+
+
+async def ask_refit(data_dir: Path, source: str) -> dict[str, Any]:
+    """Client side of POST /refit: the daemon's answer, {source, started, reason}. Raises
+    `FileNotFoundError` or `aiohttp.ClientConnectionError` when no daemon listens."""
+    connector = aiohttp.UnixConnector(path=str(data_dir / CONTROL_SOCKET))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post("http://appliance/refit", params={"source": source}) as response,
+    ):
+        if response.status != 200:
+            return {"source": source, "started": False, "reason": (await response.text()).strip()}
+        answer: dict[str, Any] = await response.json()
+        return answer
 
 
 async def ask_daemon(

@@ -15,11 +15,14 @@ from contextlib import AsyncExitStack
 from dataclasses import asdict
 from typing import Any, Literal
 
+from appliance.canary import ModelCanaries
 from appliance.control import ControlServer
 from appliance.health import HEARTBEAT_INTERVAL_S, HealthMonitor, app_version
 from appliance.model_updates import ModelUpdates
 from appliance.pipeline import SourcePipeline
 from appliance.recorder import Recorder
+from appliance.refit import CHECK_INTERVAL_S as REFIT_CHECK_S
+from appliance.refit import BaselineRefits
 from appliance.scheduler import Jobs
 from appliance.supervisor import ComponentHealth, Supervised
 from appliance.vision import CameraPipeline, DetectorPool, quiet_opencv
@@ -118,6 +121,7 @@ class Daemon:
         self.monitor: HealthMonitor | None = None
         self.engines: list[SyncEngine] = []
         self.model_updates: ModelUpdates | None = None
+        self.canaries: ModelCanaries | None = None
         self._signals = 0
         self._stop_reason = "requested"
         self._status_token: str | None = None
@@ -189,12 +193,21 @@ class Daemon:
                     engines.append(engine)
                     monitor.destinations[dest.name] = engine.state
             self.engines = engines
+            refits = BaselineRefits(cfg, journal, self.pipelines)  # replay: none is started
             if self.mode == "run":
-                await stack.enter_async_context(ControlServer(data_dir, engines))
+                await stack.enter_async_context(refits)
+                monitor.refits.update(refits.describers())
+                await stack.enter_async_context(ControlServer(data_dir, engines, refits.start))
                 self.model_updates = ModelUpdates.for_daemon(cfg, journal, engines)
             if self.model_updates is not None:
                 monitor.models = self.model_updates.describe
                 await stack.enter_async_context(self.model_updates)
+            if self.mode == "run":  # replay backtests: it never changes the active models
+                canaries = ModelCanaries(cfg, detectors, journal)
+                self.canaries = await stack.enter_async_context(canaries)
+                monitor.canaries.update(canaries.describers())
+                if self.model_updates is not None:
+                    self.model_updates.subscribe(canaries.staged)
             if self.mode == "run" and cfg.status.enabled:
                 await stack.enter_async_context(
                     StatusServer(cfg, journal, store, monitor, engines, token=self._status_token)
@@ -204,6 +217,8 @@ class Daemon:
             jobs.every("checkpoint", cfg.journal.checkpoint_interval, journal.checkpoint)
             jobs.every("health", cfg.appliance.health_interval, monitor.record, run_now=True)
             jobs.every("heartbeat", HEARTBEAT_INTERVAL_S, monitor.heartbeat, run_now=True)
+            if self.mode == "run" and refits.refits:
+                jobs.every("refit", REFIT_CHECK_S, refits.tick)
             for engine in engines:
                 # The interval drain; the engine's own probe starts one at once when a link returns.
                 engine.scheduled = True
@@ -294,14 +309,15 @@ class Daemon:
             async def attempt() -> None:
                 source = CameraSource(camera)
                 monitor.sources[camera.name] = source.health
-                detector = await detectors.get(camera.model)
+                slot = await detectors.slot(camera.model)
                 pipeline = CameraPipeline(
                     camera,
                     source,
-                    detector,
+                    slot.detector,
                     Recorder(camera.name, journal, store),
                     scratch_dir=store.tmp,
                 )
+                pipeline.follow(slot)  # canary activations and rollbacks swap its detector
                 self.cameras[camera.name] = pipeline
                 monitor.cameras[camera.name] = pipeline.health
                 await pipeline.run()

@@ -39,6 +39,9 @@ class HealthMonitor:
         self.components: dict[str, ComponentHealth] = {}
         self.sources: dict[str, Any] = {}
         self.anomalies: dict[str, Callable[[], dict[str, Any]]] = {}
+        # Per source with anomaly.refit enabled: its refit (appliance/refit.py), shown in its
+        # anomaly entry as `refit`.
+        self.refits: dict[str, Callable[[], dict[str, Any]]] = {}
         # Sensors' drift states (a camera's is part of its entry in `cameras`).
         self.drift: dict[str, Callable[[], dict[str, Any]]] = {}
         self.status_url: str | None = None  # where the status page listens, once it does
@@ -46,6 +49,9 @@ class HealthMonitor:
         self.destinations: dict[str, DestinationState] = {}
         # Model package pulls (appliance/model_updates.py), when a destination has `models: true`.
         self.models: Callable[[], dict[str, Any]] | None = None
+        # Per package NAME of a `package:NAME` detector: active, previous, canary and watch
+        # (appliance/canary.py); shown under models.packages.
+        self.canaries: dict[str, Callable[[], dict[str, Any]]] = {}
         self.started = datetime.now(UTC)
         self._started_mono = time.monotonic()
 
@@ -76,7 +82,7 @@ class HealthMonitor:
             "sources": {name: self._source(name, h) for name, h in sorted(self.sources.items())},
             "cameras": {name: health() for name, health in sorted(self.cameras.items())},
             "destinations": {n: d.to_dict() for n, d in sorted(self.destinations.items())},
-            "models": None if self.models is None else self.models(),
+            "models": self._models(),
             "journal": {
                 "commits": stats.commits,
                 "records": stats.records,
@@ -95,6 +101,15 @@ class HealthMonitor:
             },
         }
 
+    def _models(self) -> dict[str, Any] | None:
+        """Package pulls and, per package, its versions, canary and watch."""
+        if self.models is None and not self.canaries:
+            return None
+        models = {} if self.models is None else dict(self.models())
+        if self.canaries:
+            models["packages"] = {name: get() for name, get in sorted(self.canaries.items())}
+        return models
+
     def _source(self, name: str, health: Any) -> dict[str, Any]:
         last = health.last_reading_mono_ns
         entry: dict[str, Any] = {
@@ -112,6 +127,9 @@ class HealthMonitor:
         anomaly = self.anomalies.get(name)
         if anomaly is not None:
             entry["anomaly"] = anomaly()
+            refit = self.refits.get(name)
+            if refit is not None:
+                entry["anomaly"]["refit"] = refit()
         drift = self.drift.get(name)
         if drift is not None:
             entry["drift"] = drift()

@@ -9,6 +9,7 @@ Layout (docs/model-packages.md):
     packages/history.jsonl         one line per import, activation, rollback and prune
     packages/NAME/active.json      {"active": VERSION, "previous": VERSION | null}
     packages/NAME/VERSION/         manifest.json, manifest.sig, the files, imported.json
+                                   (and refused.json once its canary or watch refused it)
 
 Every change is one rename (a staged folder into NAME/VERSION, a new active.json over the old):
 a crash at any point leaves the old state or the new one, and what is left in .staging is
@@ -48,11 +49,12 @@ from sync.payloads import fsync_dir
 
 POINTER = "active.json"
 IMPORTED = "imported.json"
+REFUSED = "refused.json"
 HISTORY = "history.jsonl"
 STAGING = ".staging"
 LOCK = ".lock"
 
-State = Literal["active", "previous", "staged"]
+State = Literal["active", "previous", "staged", "refused"]
 
 
 class StoreError(ModelError):
@@ -82,10 +84,10 @@ class PackageEntry:
 
 @dataclass(frozen=True, slots=True)
 class StoreEvent:
-    """One change of the store (import, activate, rollback, prune): appended to history.jsonl,
-    and what a daemon journals."""
+    """One change of the store (import, activate, rollback, prune, refuse): appended to
+    history.jsonl, and what a daemon journals."""
 
-    action: Literal["import", "activate", "rollback", "prune"]
+    action: Literal["import", "activate", "rollback", "prune", "refuse"]
     name: str
     version: str
     previous: str | None
@@ -334,6 +336,8 @@ class ModelStore:
                 return None
             self._staging()
             self._write_pointer(name, _Pointer(version, pointer.active))
+            # Activating by hand overrides a canary's refusal.
+            self._clear_refusal(name, version)
             event = self._record(StoreEvent("activate", name, version, pointer.active, _now()))
             self._prune(name, protect=version)
         return event
@@ -352,9 +356,59 @@ class ModelStore:
             self._verified(name, pointer.previous)
             self._staging()
             self._write_pointer(name, _Pointer(pointer.previous, pointer.active))
+            self._clear_refusal(name, pointer.previous)
             return self._record(
                 StoreEvent("rollback", name, pointer.previous, pointer.active, _now())
             )
+
+    def refuse(self, name: str, version: str, reason: str) -> StoreEvent:
+        """Mark an installed version refused (its canary failed, or its watch rolled it back), so
+        it is never tried again by itself; `appliance models activate` still may. The active
+        version cannot be refused (roll back first)."""
+        with self._locked(exclusive=True):
+            folder = self._version_dir(name, version)
+            if not folder.is_dir():
+                installed = ", ".join(self._versions(name)) or "none"
+                raise UnknownPackage(
+                    folder, f"{name} {version} is not installed (installed versions: {installed})"
+                )
+            pointer = self._read_pointer(name)
+            if pointer.active == version:
+                raise StoreError(
+                    folder, f"{name} {version} is the active version; roll back before refusing it"
+                )
+            at = _now()
+            partial = folder / f".{REFUSED}.partial"
+            try:
+                with partial.open("w", encoding="utf-8") as handle:
+                    json.dump({"refused_at": at, "reason": reason}, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                partial.replace(folder / REFUSED)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            fsync_dir(folder)
+            return self._record(StoreEvent("refuse", name, version, pointer.active, at, reason))
+
+    def _clear_refusal(self, name: str, version: str) -> None:
+        refused = self._version_dir(name, version) / REFUSED
+        if refused.exists():
+            refused.unlink()
+            fsync_dir(refused.parent)
+
+    def refusal(self, name: str, version: str) -> str | None:
+        """Why `version` was refused, or None when it was not."""
+        try:
+            doc = json.loads(
+                (self._version_dir(name, version) / REFUSED).read_text(encoding="utf-8")
+            )
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            return f"refused (unreadable {REFUSED}: {exc})"
+        reason = doc.get("reason") if isinstance(doc, dict) else None
+        return str(reason) if reason else "refused"
 
     def _prune(self, name: str, *, protect: str) -> list[StoreEvent]:
         """Delete the oldest versions beyond `keep`, never the active, the previous or `protect`.
@@ -397,6 +451,18 @@ class ModelStore:
                 )
             return self._verified(name, pointer.active)
 
+    def resolve_version(self, name: str, version: str) -> VerifiedPackage:
+        """One installed version of `name`, whatever its state, verified again: what a canary
+        runs in shadow."""
+        with self._locked(exclusive=False):
+            return self._verified(name, version)
+
+    def pointer(self, name: str) -> tuple[str | None, str | None]:
+        """(active, previous) versions of `name`; (None, None) when it has none. One read of the
+        pointer file, which changes only by rename, so it is never seen half written."""
+        pointer = self._read_pointer(name)
+        return pointer.active, pointer.previous
+
     def _names(self) -> list[str]:
         if not self.root.is_dir():
             return []
@@ -426,6 +492,8 @@ class ModelStore:
             if version == pointer.active
             else "previous"
             if version == pointer.previous
+            else "refused"
+            if (folder / REFUSED).exists()
             else "staged"
         )
         imported = self._imported(folder)

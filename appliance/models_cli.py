@@ -1,29 +1,31 @@
 """`appliance models ...`: prepare the built-in detector, convert darknet models to ONNX, fit
-an anomaly baseline on readings already in the journal, and signed model packages: the
-publisher's keygen and pack, the appliance's list, import, verify, activate and rollback."""
+an anomaly baseline on readings already in the journal or ask the running daemon to refit one,
+and signed model packages: the publisher's keygen and pack, the appliance's list, import, verify,
+activate and rollback."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import tempfile
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 from pydantic import ValidationError
 
-from appliance.anomalies import feature_names_of
 from appliance.baselines import BaselineStore
+from appliance.control import CONTROL_SOCKET, ask_refit
 from appliance.export import parse_since
 from appliance.model_store import ModelStore, StoreError, UnknownPackage
-from config import AnomalySettings, load_config
+from appliance.refit import recorded_windows
+from config import load_config
 from inference.anomaly import fit_baseline
 from inference.builtin import BUILTIN_MODELS, prepare_builtin_models
 from inference.darknet import convert_darknet, save_model
-from inference.features import feature_vector
 from inference.packages import (
     CanaryLimits,
     PackageError,
@@ -86,6 +88,13 @@ def add_models_parser(commands: Any, parser_class: type[argparse.ArgumentParser]
     fit.add_argument(
         "--until", help="readings before this time (ISO-8601) or age (e.g. 30m); default all"
     )
+    refit = sub.add_parser(
+        "refit",
+        help="ask the running appliance to refit a source's anomaly baseline now (validated, "
+        "canaried and watched like a scheduled refit)",
+    )
+    refit.add_argument("source", metavar="SOURCE", help="sensor source with `anomaly.refit`")
+    _store_options(refit)
     _add_package_parsers(sub)
 
 
@@ -158,6 +167,8 @@ def run_models(args: argparse.Namespace) -> int:
         return _PACKAGE_COMMANDS[args.models_command](args)
     if args.models_command == "fit-baseline":
         return _fit_baseline(args)
+    if args.models_command == "refit":
+        return _refit(args)
     if args.models_command == "prepare":
         try:
             paths = prepare_builtin_models()
@@ -211,17 +222,16 @@ def _fit_baseline(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        vectors, names, skipped, span = _recorded_vectors(
-            reader, args.source, sensor.anomaly, since, until
-        )
+        found = recorded_windows(reader, args.source, sensor.anomaly, since=since, until=until)
     finally:
         reader.close()
-    if not vectors:
+    if not found.vectors:
         print(f"error: no clean readings of {args.source!r} in that range", file=sys.stderr)
         return EXIT_FAILED
+    names, skipped = found.names, found.skipped
     try:
         baseline = fit_baseline(
-            sensor.anomaly, np.asarray(vectors), names, dropped=skipped, covering=span
+            sensor.anomaly, np.asarray(found.vectors), names, dropped=skipped, covering=found.span
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -236,43 +246,36 @@ def _fit_baseline(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _recorded_vectors(
-    reader: JournalReader,
-    source: str,
-    settings: AnomalySettings,
-    since: str | None,
-    until: str | None,
-) -> tuple[list[Any], list[str], int, tuple[datetime, datetime] | None]:
-    """Feature vectors of `source`'s readings in [since, until): the readings that met bad input
-    (a `quality` list) are skipped and counted, as the daemon's own fit does."""
-    vectors: list[Any] = []
-    names: list[str] | None = None
-    skipped = 0
-    first: str | None = None
-    last: str | None = None
-    for record in reader.iter_records(kind="reading", since=since):
-        if record.source != source:
-            continue
-        if until is not None and record.ts >= until:
-            break
-        body = record.body
-        summary = body.get("channels") if isinstance(body, dict) else None
-        if not isinstance(summary, dict) or body.get("quality"):
-            skipped += 1
-            continue
-        if names is None:
-            names = feature_names_of(summary, settings.features)
-        vectors.append(feature_vector(summary, names))
-        first = first or record.ts
-        last = record.ts
-    span = None
-    if first is not None and last is not None:
-        span = (_parse_ts(first), _parse_ts(last))
-    return vectors, names or [], skipped, span
-
-
-def _parse_ts(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+def _refit(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, data_dir=args.data_dir)
+    sensor = next((s for s in cfg.sensors if s.name == args.source), None)
+    if sensor is None or sensor.anomaly is None or not sensor.anomaly.refit.enabled:
+        refitting = [
+            s.name for s in cfg.sensors if s.anomaly is not None and s.anomaly.refit.enabled
+        ]
+        return _fail(
+            f"{args.source!r} is not a sensor source with anomaly.refit enabled; those with it: "
+            f"{refitting}",
+            EXIT_USAGE,
+        )
+    data_dir = cfg.appliance.data_dir
+    try:
+        answer = asyncio.run(ask_refit(data_dir, args.source))
+    except (OSError, aiohttp.ClientConnectionError):
+        return _fail(
+            f"no running appliance answers on {data_dir / CONTROL_SOCKET}: a refit runs in the "
+            "daemon (its canary scores the source's live windows); start it with `appliance run`",
+            EXIT_FAILED,
+        )
+    if not answer.get("started"):
+        return _fail(f"refit not started: {answer.get('reason')}", EXIT_FAILED)
+    print(f"refit of {args.source} started")
+    print(
+        "each step is a `model` record (appliance export --kind model); its state is in the "
+        "source's anomaly entry of `appliance status --json`",
+        file=sys.stderr,
+    )
+    return EXIT_OK
 
 
 # -- model packages -------------------------------------------------------------------------------

@@ -54,6 +54,45 @@ def _drift(drift: dict[str, Any] | None) -> str:
     return _state(state) if state == "ok" else f'<span class="muted">{_e(state)}</span>'
 
 
+def _model_row(name: str, package: dict[str, Any]) -> list[str]:
+    """One package: its versions, its canary (running, or how the last one ended) and watch."""
+    canary = package.get("canary") or {}
+    watch = package.get("watch") or {}
+    state = canary.get("state")
+    if state:
+        good = state in ("running", "passed")
+        why = canary.get("reason") or ""
+        shown = (
+            f'<span class="{"good" if good else "bad"}" title="{_e(why)}">{_e(state)}</span> '
+            + _e(canary.get("version"))
+        )
+    else:
+        shown = _e(None)
+    until = canary.get("ends_at") if state == "running" else watch.get("until")
+    watch_state = watch.get("state")
+    if watch_state:
+        bad = watch_state in ("rolled_back", "rollback_failed")
+        title = watch.get("detail") or ""
+        watch_shown = (
+            f'<span class="{"bad" if bad else "good"}" title="{_e(title)}">{_e(watch_state)}'
+            f"</span> {_e(watch.get('version'))}"
+        )
+    else:
+        watch_shown = _e(None)
+    return [
+        _e(name),
+        _e(package.get("active")),
+        _e(package.get("previous")),
+        shown,
+        _e(canary.get("agreement")),
+        _e(canary.get("latency_ratio")),
+        _e(canary.get("error_rate")),
+        _e(canary.get("frames")),
+        _e(until),
+        watch_shown,
+    ]
+
+
 # ---------------------------------------------------------------------------------- charts
 
 # The drawing's own units; the SVG scales to its column (viewBox), text included: 12 units of
@@ -243,7 +282,18 @@ def render_live(
             _e(_age(s["last_reading_age_s"])),
             _e(s["reconnects"]),
             _e(s["bad_values"]),
-            _e((s.get("anomaly") or {}).get("state")),
+            # The stage's state, and its refit's while one runs (e.g. "scoring, refit canary").
+            _e(
+                ", refit ".join(
+                    str(state)
+                    for state in (
+                        (s.get("anomaly") or {}).get("state"),
+                        ((s.get("anomaly") or {}).get("refit") or {}).get("state"),
+                    )
+                    if state not in (None, "idle")
+                )
+                or None
+            ),
             _drift(s.get("drift")),
             _e(s["error"] or ""),
         ]
@@ -308,6 +358,28 @@ def render_live(
             name="cameras",
         )
     )
+    packages = (daemon.get("models") or {}).get("packages") or {}
+    if packages:
+        parts.append("<h2>Models</h2>")
+        parts.append(
+            _table(
+                [
+                    "package",
+                    "active",
+                    "previous",
+                    "canary",
+                    "agreement",
+                    "latency ratio",
+                    "error rate",
+                    "frames",
+                    "until",
+                    "watch",
+                ],
+                [_model_row(name, p) for name, p in packages.items()],
+                "no model packages",
+                name="models",
+            )
+        )
     disk = report["disk"]
     parts.append("<h2>Journal</h2>")
     parts.append(

@@ -104,6 +104,10 @@ class SourcePipeline:
 
     async def _on_window(self, window: SampleWindow) -> None:
         self.stats.windows += 1
+        if self.anomaly is not None:
+            # A baseline swap (refit activation or rollback) lands here, before the reading is
+            # stamped: each window's records name the one baseline that scored it.
+            await self.anomaly.begin_window(window)
         summary = summarise(window, settings=self.cfg.features)
         body: dict[str, object] = {
             "window_s": window.duration_s,

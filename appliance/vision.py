@@ -6,7 +6,11 @@ one per zone entry (kind `zone_entry`, at once, priority from the zone, with a s
 a `clip` record with pre- and post-roll), `sample` records chosen by the sampling policy, and
 `drift` records when the frames' brightness or sharpness or the detector's outputs drift from
 the model's reference.
-Every image that leaves the device goes through the camera's blur classes first."""
+Every image that leaves the device goes through the camera's blur classes first.
+
+`DetectorPool` holds one `DetectorSlot` per model: the detector its cameras run now. A canary
+(appliance/canary.py) swaps it between two frames and, while it tries a staged model, takes a
+sample of the frames through the slot's `shadow`."""
 
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -42,7 +47,7 @@ from inference.media import (
 )
 from inference.motion import MotionGate
 from inference.sampling import Sampler, sample_body
-from inference.session import InferenceError
+from inference.session import InferenceError, ModelError
 from inference.tracking import Tracker, TrackEvent
 from sensors.base import Frame
 from sensors.camera import CameraSource
@@ -138,6 +143,27 @@ def quiet_opencv() -> None:
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
+class ShadowSink(Protocol):
+    """Takes a sample of a model's frames while a canary tries a staged model beside it
+    (appliance/canary.py). `offer` returns at once: the camera never waits for the shadow."""
+
+    def offer(self, image: Image, found: Sequence[Detection]) -> None:
+        """One frame the active model analysed and what it found there (before the camera's
+        class filter)."""
+        ...
+
+
+@dataclass(eq=False)
+class DetectorSlot:
+    """The detector one model runs now. A camera reads `detector` once per frame and a swap is
+    one reference assignment on the loop, so it lands between two frames: every frame's
+    detections come from one model. `shadow` is set while a canary runs for this model."""
+
+    name: str
+    detector: OnnxDetector
+    shadow: ShadowSink | None = None
+
+
 class DetectorPool:
     """The detectors cameras share, opened on first use (conversion, hashing and warm-up run in a
     worker thread) and closed with the daemon. A model that fails to open fails the camera that
@@ -147,32 +173,85 @@ class DetectorPool:
         self.cfg = cfg
         # `package:NAME` detectors resolve to the active version of an installed package.
         self.packages = ModelStore.from_config(cfg)
-        self._open: dict[str, OnnxDetector] = {}
+        self._slots: dict[str, DetectorSlot] = {}
+        self._shadows: dict[str, ShadowSink] = {}
         self._lock = asyncio.Lock()
+        # Told when a model fails to open (a canary's watch rolls back on it).
+        self.on_load_error: Callable[[str, ModelError], None] | None = None
 
-    async def get(self, name: str) -> OnnxDetector:
+    async def slot(self, name: str) -> DetectorSlot:
+        """The slot of model `name`, its detector opened first if it is not yet."""
         async with self._lock:
-            detector = self._open.get(name)
-            if detector is None:
-                model_cfg = self.cfg.models.get(name) or DetectorModel()
+            slot = self._slots.get(name)
+            if slot is not None:
+                return slot
+            model_cfg = self.cfg.models.get(name) or DetectorModel()
+            try:
                 detector = await asyncio.to_thread(
                     open_detector, model_cfg, name, packages=self.packages
                 )
-                self._open[name] = detector
-                log.info(
-                    "model loaded",
-                    extra={"fields": {"model": f"{detector.name}@{detector.version}"}},
-                )
-            return detector
+            except ModelError as exc:
+                if self.on_load_error is not None:
+                    self.on_load_error(name, exc)
+                raise
+            slot = self._slots.get(name)
+            if slot is not None:
+                # A canary's activation installed a (newer, warm) detector while this one opened.
+                await detector.aclose()
+                return slot
+            slot = self._slots[name] = DetectorSlot(name, detector, self._shadows.get(name))
+            log.info(
+                "model loaded",
+                extra={"fields": {"model": f"{detector.name}@{detector.version}"}},
+            )
+            return slot
+
+    async def get(self, name: str) -> OnnxDetector:
+        return (await self.slot(name)).detector
+
+    def current(self, name: str) -> OnnxDetector | None:
+        """The detector model `name` runs now; None while no camera has loaded it."""
+        slot = self._slots.get(name)
+        return None if slot is None else slot.detector
+
+    def swap(self, name: str, detector: OnnxDetector) -> OnnxDetector | None:
+        """Make `detector` (already opened and warmed up) the one model `name` runs from its
+        cameras' next frame on. Returns the detector it replaces (None when none was loaded),
+        which the caller keeps or closes: frames already submitted to it finish first."""
+        slot = self._slots.get(name)
+        if slot is None:
+            self._slots[name] = DetectorSlot(name, detector, self._shadows.get(name))
+            return None
+        replaced, slot.detector = slot.detector, detector
+        log.info(
+            "model swapped",
+            extra={
+                "fields": {
+                    "model": f"{detector.name}@{detector.version}",
+                    "replaced": f"{replaced.name}@{replaced.version}",
+                }
+            },
+        )
+        return replaced
+
+    def attach_shadow(self, name: str, sink: ShadowSink | None) -> None:
+        """Hand a sample of model `name`'s frames to `sink` from now on (None: stop)."""
+        if sink is None:
+            self._shadows.pop(name, None)
+        else:
+            self._shadows[name] = sink
+        slot = self._slots.get(name)
+        if slot is not None:
+            slot.shadow = sink
 
     @property
     def loaded(self) -> dict[str, OnnxDetector]:
-        return dict(self._open)
+        return {name: slot.detector for name, slot in self._slots.items()}
 
     async def aclose(self) -> None:
-        for detector in self._open.values():
-            await detector.aclose()
-        self._open.clear()
+        for slot in self._slots.values():
+            await slot.detector.aclose()
+        self._slots.clear()
 
 
 class CameraPipeline:
@@ -190,6 +269,10 @@ class CameraPipeline:
         self.cfg = cfg
         self.source = source
         self.detector = detector
+        # Set by follow(): the pool's slot whose swaps (canary activation, rollback) this camera
+        # takes up, and the slot's detector it last took.
+        self.slot: DetectorSlot | None = None
+        self._slot_detector: Detector | None = None
         self.recorder = recorder
         self.scratch_dir = scratch_dir
         self.model = f"{detector.name}@{detector.version}"
@@ -262,6 +345,10 @@ class CameraPipeline:
 
     async def _on_frame(self, raw: Frame) -> None:
         self.stats.frames += 1
+        slot = self.slot
+        if slot is not None and slot.detector is not self._slot_detector:
+            self._slot_detector = slot.detector
+            await self._switch(slot.detector)
         frame = dataclasses.replace(raw, mono_ns=self._clock.at(raw))
         self._last_frame = frame
         if self.tracker is None:
@@ -284,6 +371,24 @@ class CameraPipeline:
             await self._on_track_event(event, frame, image, detections)
         await self._maybe_sample(frame, image, detections)
 
+    def follow(self, slot: DetectorSlot) -> None:
+        """Run whatever `slot` holds from now on, taking up a swap at the next frame, and hand
+        its canary's shadow a sample of the frames. (Without, the camera keeps the detector it
+        was built with, e.g. a benchmark's timing wrapper.)"""
+        self.slot = slot
+        self._slot_detector = slot.detector
+
+    async def _switch(self, detector: Detector) -> None:
+        """Run `detector` from this frame on: every record of the frame says its name@version."""
+        replaced = self.model
+        self.detector = detector
+        self.model = f"{detector.name}@{detector.version}"
+        log.info(
+            "camera switched model",
+            extra={"fields": {"camera": self.cfg.name, "model": self.model, "was": replaced}},
+        )
+        await self.drift.activate(self.model)
+
     async def _detect(self, frame: Frame) -> list[Detection] | None:
         try:
             found = await self.detector.detect(frame.image)
@@ -294,6 +399,9 @@ class CameraPipeline:
             )
             return None
         self.stats.analysed += 1
+        shadow = None if self.slot is None else self.slot.shadow
+        if shadow is not None:
+            shadow.offer(frame.image, found)
         if self.classes:
             found = [d for d in found if d.label in self.classes]
         self.stats.detections += len(found)

@@ -227,6 +227,71 @@ class FeatureSettings(Strict):
         return self
 
 
+class RefitSettings(Strict):
+    enabled: bool = Field(
+        default=False,
+        description="Refit the source's baseline on the device on its recent healthy readings, "
+        "validate it, try it in shadow beside the current one and watch it after activation.",
+    )
+    every: Duration = Field(
+        default=604800.0,
+        ge=0,
+        description="Least age of the current baseline (since it was fitted) before a refit "
+        "starts. An attempt that activated nothing is tried again a day later at the soonest "
+        "(or after `every`, when shorter).",
+    )
+    windows: list[TimeWindow] = Field(
+        default_factory=list,
+        description="UTC time windows (HH:MM-HH:MM, may wrap midnight) in which a refit may "
+        "start; empty means any time.",
+    )
+    data: Duration = Field(
+        default=86400.0,
+        gt=0,
+        description="Span of the source's most recent readings (data time) the refit is fitted "
+        "and validated on; windows with bad input or in or near an anomaly are left out.",
+    )
+    holdout: float = Field(
+        default=0.25,
+        ge=0.05,
+        le=0.5,
+        description="Share of those clean windows, the newest, held out of the fit to validate "
+        "the new baseline on.",
+    )
+    max_over_share: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Validation: most share of the held-out windows over the new threshold.",
+    )
+    canary: Duration = Field(
+        default=3600.0,
+        gt=0,
+        description="Data time the new baseline scores every window in shadow beside the "
+        "current one before it is judged (and at least 100 windows).",
+    )
+    max_alarm_ratio: float = Field(
+        default=2.0,
+        ge=1,
+        description="Canary: the new baseline's share of windows over its threshold may be at "
+        "most this times the current one's, plus 0.01. Watch: the same limit against the share "
+        "the replaced baseline had in the canary.",
+    )
+    watch: Duration = Field(
+        default=21600.0,
+        ge=0,
+        description="Data time after activation in which an alarm share over the limit or a "
+        "scoring error rolls back to the previous baseline by itself. 0: no watch.",
+    )
+    nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Niceness added to the process that fits (one CPU thread), so inference "
+        "never waits for it.",
+    )
+
+
 class AnomalySettings(Strict):
     method: Literal["robust_z", "ewma", "hotelling", "isolation_forest", "autoencoder"] = Field(
         description="robust_z: the largest median/MAD z-score of the features; ewma: an "
@@ -281,6 +346,10 @@ class AnomalySettings(Strict):
     raw_windows: tuple[int, int] = Field(
         default=(3, 3),
         description="[pre, post]: raw-sample windows kept around an anomaly as its payload.",
+    )
+    refit: RefitSettings = Field(
+        default_factory=RefitSettings,
+        description="Refitting the baseline on the device in scheduled windows.",
     )
 
     @model_validator(mode="after")
@@ -750,6 +819,81 @@ def _looks_like_public_key(text: str) -> str:
     return text
 
 
+class CanarySettings(Strict):
+    enabled: bool = Field(
+        default=True,
+        description="Try each staged version of a `package:NAME` detector that cameras use in "
+        "shadow beside the active one, activate it by itself when it passes and watch it after; "
+        "false: staged versions wait for `appliance models activate`.",
+    )
+    sample_every: int = Field(
+        default=5,
+        ge=1,
+        le=10_000,
+        description="The shadow model runs on every Nth frame the active model analyses.",
+    )
+    queue: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Sampled frames waiting for the shadow model; when full, further samples "
+        "are dropped and counted (the camera's own frames never wait for the shadow).",
+    )
+    duration: Duration = Field(
+        default=1800.0, gt=0, description="Shortest shadow run before it is judged."
+    )
+    min_frames: int = Field(
+        default=100,
+        ge=1,
+        description="Sampled frames a shadow run needs before it is judged; also the runs a "
+        "newly activated model makes before its watch judges its latency and error rate.",
+    )
+    max_duration: Duration = Field(
+        default=14400.0,
+        gt=0,
+        description="A shadow run that has not seen `min_frames` by then is refused for too "
+        "few frames.",
+    )
+    min_agreement: float = Field(
+        default=0.8,
+        ge=0,
+        le=1,
+        description="Least agreement with the active model (per frame: detections matched by "
+        "class at IoU >= 0.5, F1, averaged) when the manifest sets none.",
+    )
+    max_latency_ratio: float = Field(
+        default=2.0,
+        gt=0,
+        description="Most shadow p95 latency over the active model's when the manifest sets none.",
+    )
+    max_error_rate: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Most share of failed shadow runs when the manifest sets none; also the "
+        "watch's limit for the activated model.",
+    )
+    watch: Duration = Field(
+        default=3600.0,
+        ge=0,
+        description="How long a model activated by its canary is watched: a load error, p95 "
+        "latency over budget or an error rate over the limit rolls it back by itself. 0: no "
+        "watch.",
+    )
+    latency_budget_ratio: float | None = Field(
+        default=None,
+        gt=0,
+        description="Watch: p95 latency above the previous model's p95 times this rolls the new "
+        "model back; null: the canary's max_latency_ratio (manifest, else this section's).",
+    )
+
+    @model_validator(mode="after")
+    def _max_after_min(self) -> CanarySettings:
+        if self.max_duration < self.duration:
+            raise ValueError("max_duration must be at least duration")
+        return self
+
+
 class ModelPackagesSection(Strict):
     trusted_keys: dict[Name, Annotated[str, AfterValidator(_looks_like_public_key)]] = Field(
         default_factory=dict,
@@ -776,6 +920,10 @@ class ModelPackagesSection(Strict):
         description="How often model packages are looked for on destinations with `models: "
         "true` while they are reachable (also right after each drain); new ones are downloaded, "
         "verified and staged.",
+    )
+    canary: CanarySettings = Field(
+        default_factory=CanarySettings,
+        description="Shadow canary, activation and watch of staged detector versions.",
     )
 
 

@@ -1,0 +1,941 @@
+"""Owns refitting a source's anomaly baseline on the device: choosing its recent healthy readings
+in the journal, fitting and validating a candidate in a niced child process, trying it in shadow
+beside the current baseline (the canary), activating it between two windows, and watching it
+after, with a rollback of its own. Every step is a `model` record that ships like any other.
+
+When. The daemon's `refit` job (`Jobs`, on the monotonic clock: `appliance/scheduler.py` says why
+not APScheduler) wakes every `CHECK_INTERVAL_S`; a source's refit starts when `refit.enabled`,
+its current baseline is at least `refit.every` old, the UTC time is in one of `refit.windows`
+(`sync.engine.in_windows`), and no attempt of it ran in the last day (or `every`, if shorter).
+
+Data. The source's own `reading` records of the last `refit.data` of data time (ending at its
+newest reading), less windows with bad input (a `quality` list, a non-finite feature) and windows
+in or near (`anomaly.raw_windows`) any of its anomalies. The newest `holdout` share of them is
+held out: the candidate is fitted on the older part and must keep the held-out windows under its
+threshold (at most `max_over_share` over), else `refit_rejected`.
+
+CPU. Fitting is the one heavy thing the appliance does besides inference (an isolation forest's
+ONNX export alone is seconds of pure Python). It runs in a child process (a one-worker
+`ProcessPoolExecutor`, started by "spawn" so it inherits no threads or locks of the daemon) whose
+initializer adds `refit.nice` to its niceness and holds numpy's BLAS and OpenMP to one thread. So
+it never holds the daemon's GIL, never takes more than one core, and when cores are short the
+kernel gives them to the event loop, the sensor pipelines and the camera threads first: inference
+keeps its latency and its frame rate. The pool lives for one fit only: no idle process between
+refits, which are days apart.
+
+Canary and watch. The `AnomalyStage` hands every window it scores to an observer: during the
+canary the candidate scores the same vector with its own detector (its own debounce; it journals
+nothing). After `refit.canary` of data time (and at least `JUDGED_WINDOWS` windows) it passes when
+it raised no error and its share of windows over its threshold is at most `max_alarm_ratio` times
+the current baseline's share plus `ALARM_SHARE_FLOOR`. A pass makes it current in the
+`BaselineStore` (the old one kept as `previous`), then the stage swaps to it between two windows.
+For `refit.watch` after that, a scoring error or an alarm share over the same limit (against the
+share the old baseline had in the canary) swaps back to the previous baseline (`rolled_back`,
+priority alert). A failed canary leaves the candidate on disk, not current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from appliance.anomalies import AnomalyStage, feature_names_of
+from appliance.baselines import BaselineStore
+from appliance.pipeline import SourcePipeline
+from config import ApplianceConfig
+from config.models import AnomalySettings
+from config.units import format_duration
+from inference.anomaly import AnomalyDetector, Baseline, BaselineError, fit_baseline
+from inference.features import feature_vector
+from sync import Journal, NewRecord, Priority, StorageFull
+from sync.engine import in_windows
+from sync.errors import JournalMissing
+from sync.reader import JournalReader
+from sync.records import format_ts, parse_ts
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float64]
+T = TypeVar("T")
+
+RECORD_SOURCE = "models"
+RECORD_KIND = "model"
+CHECK_INTERVAL_S = 300.0
+"""How often the daemon's job looks whether a refit is due."""
+RETRY_AFTER_S = 86400.0
+"""An attempt that activated nothing is tried again no sooner than this (or `every`)."""
+ALARM_SHARE_FLOOR = 0.01
+"""Added to the canary's and the watch's limit: a baseline that never alarmed must not make a
+single window over a new threshold a failure."""
+JUDGED_WINDOWS = 100
+"""Fewest windows a canary is judged on, and a watch rolls back on: with the 0.01 floor, one
+window over the threshold among them never fails a baseline by itself."""
+CANARY_WALL_FACTOR = 4.0
+"""A canary that has not seen its data time and windows after this many times `canary` of wall
+time (the source stalled) fails for too few windows."""
+FOLLOW_INTERVAL_S = 0.5
+"""How often a waiting refit looks whether its source's pipeline was restarted (a new stage)."""
+KEEP_VERSIONS = 5
+"""Saved baselines kept per source besides the current and previous one."""
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+MAX_NICENESS = 19
+
+Event = Literal[
+    "refit_started",
+    "refit_skipped",
+    "refit_rejected",
+    "refit_failed",
+    "canary_started",
+    "canary_passed",
+    "canary_failed",
+    "activated",
+    "watch_ended",
+    "rolled_back",
+    "rollback_failed",
+]
+
+
+# -- recorded readings -------------------------------------------------------------------------
+
+
+@dataclass
+class RecordedWindows:
+    """Feature vectors of a source's recorded readings, in journal order."""
+
+    names: list[str]
+    vectors: list[FloatArray] = field(default_factory=list)
+    times: list[datetime] = field(default_factory=list)
+    skipped: int = 0
+    """Readings with bad input (a `quality` list) or without features: never fitted."""
+    near_anomaly: int = 0
+    """Readings in or near one of the source's anomalies (only when those are left out)."""
+
+    @property
+    def span(self) -> tuple[datetime, datetime] | None:
+        return (self.times[0], self.times[-1]) if self.times else None
+
+
+def recorded_windows(
+    reader: JournalReader,
+    source: str,
+    settings: AnomalySettings,
+    *,
+    since: str | None = None,
+    until: str | None = None,
+    names: list[str] | None = None,
+    leave_out_anomalies: bool = False,
+) -> RecordedWindows:
+    """Feature vectors of `source`'s readings in [since, until) (ISO times as the journal writes
+    them), laid out as `names` (default: as the stage lays out the first reading). Readings that
+    met bad input are skipped and counted, as the daemon's own fit does; with
+    `leave_out_anomalies`, so are those in or near (`settings.raw_windows`) an anomaly."""
+    found = RecordedWindows(names=list(names) if names is not None else [])
+    anomalies = _anomaly_spans(reader, source) if leave_out_anomalies else []
+    pre, post = settings.raw_windows
+    for record in reader.iter_records(kind="reading", since=since):
+        if record.source != source:
+            continue
+        if until is not None and record.ts >= until:
+            break
+        body = record.body
+        summary = body.get("channels") if isinstance(body, dict) else None
+        if not isinstance(summary, dict) or body.get("quality"):
+            found.skipped += 1
+            continue
+        ts = parse_ts(record.ts)
+        if anomalies:
+            window_s = float(body.get("window_s") or 0.0)
+            if _near(anomalies, ts, pre_s=pre * window_s, post_s=post * window_s):
+                found.near_anomaly += 1
+                continue
+        if not found.names:
+            found.names = feature_names_of(summary, settings.features)
+        found.vectors.append(feature_vector(summary, found.names))
+        found.times.append(ts)
+    return found
+
+
+def _anomaly_spans(reader: JournalReader, source: str) -> list[tuple[datetime, datetime]]:
+    """(first window, last window) of each anomaly of `source`; one still open runs to the end
+    of time. Paired by the baseline that raised them (one open anomaly per baseline at a time)."""
+    spans: list[tuple[datetime, datetime]] = []
+    open_since: dict[str, datetime] = {}
+    for record in reader.iter_records(kind="anomaly"):
+        body = record.body
+        if record.source != source or not isinstance(body, dict):
+            continue
+        baseline = str(body.get("baseline"))
+        at = parse_ts(str(body.get("at") or record.ts))
+        started = body.get("started_at")
+        if body.get("kind") == "started":
+            open_since[baseline] = parse_ts(str(started)) if started else at
+        elif body.get("kind") == "ended":
+            begun = open_since.pop(baseline, None)
+            if begun is None:
+                begun = parse_ts(str(started)) if started else at
+            spans.append((begun, at))
+    far = datetime.max.replace(tzinfo=UTC)
+    spans += [(begun, far) for begun in open_since.values()]
+    return spans
+
+
+def _near(
+    spans: list[tuple[datetime, datetime]], ts: datetime, *, pre_s: float, post_s: float
+) -> bool:
+    """Whether a window starting at `ts` lies in an anomaly, in the `pre_s` before its first
+    window (its pre-roll) or in the `post_s` after its last one (its post-roll)."""
+    for begun, ended in spans:
+        high = ended if ended.year == datetime.max.year else ended + timedelta(seconds=post_s)
+        if begun - timedelta(seconds=pre_s) <= ts <= high:
+            return True
+    return False
+
+
+# -- the child process: fit and validate ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefitJob:
+    """Everything the child needs (pickled to it): it opens the journal read-only itself."""
+
+    data_dir: Path
+    baselines: Path
+    source: str
+    settings: AnomalySettings
+    names: tuple[str, ...]
+    current: str | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the child made of it: `skipped` (too little clean data), `rejected` (validation
+    failed) or `validated` (saved as `version`, not current)."""
+
+    outcome: Literal["skipped", "rejected", "validated"]
+    reason: str | None
+    figures: dict[str, Any]
+    version: str | None = None
+
+
+def lower_priority(niceness: int) -> None:
+    """The pool's initializer, in the child: one BLAS/OpenMP thread, and at least `niceness`
+    (on Linux the child already has it from its first instruction: see `_spawn_worker`).
+
+    numpy (and its BLAS) is already loaded when this runs (the child imports this module to find
+    the function), so threadpoolctl limits the pools that exist; the variables cover the OpenMP
+    runtime scikit-learn loads later."""
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+    for variable in BLAS_THREAD_VARIABLES:
+        os.environ[variable] = "1"
+    threadpool_limits(limits=1)
+    os.nice(max(0, niceness - os.nice(0)))
+
+
+def _spawn_worker(pool: ProcessPoolExecutor, niceness: int) -> Future[int]:
+    """Start the pool's worker from this thread, niced first: a child inherits the niceness of
+    the thread that forks it (Linux keeps it per thread), so the worker's imports (a second or
+    two of CPU: numpy, onnxruntime, the appliance) run niced too, not only what follows its
+    initializer. Called in a throwaway thread: none of the daemon's threads is ever niced."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    return pool.submit(os.getpid)  # the first submit spawns the worker, in this thread
+
+
+def prepare_candidate(job: RefitJob) -> Prepared:
+    """In the child: read the recent clean windows, fit on the older part, score the held-out
+    newest part, save the candidate (not current) when it validates."""
+    settings, refit = job.settings, job.settings.refit
+    started_cpu, started_wall = time.process_time(), time.monotonic()
+    figures: dict[str, Any] = {"method": settings.method, "data_s": refit.data}
+    try:
+        reader = JournalReader.open(job.data_dir)
+    except JournalMissing as exc:
+        return Prepared("skipped", str(exc), figures)
+    with reader:
+        newest = reader.conn.execute(
+            "SELECT ts FROM records WHERE kind = 'reading' AND source = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (job.source,),
+        ).fetchone()
+        if newest is None:
+            return Prepared("skipped", f"no readings of {job.source} in the journal", figures)
+        since = parse_ts(str(newest[0])) - timedelta(seconds=refit.data)
+        found = recorded_windows(
+            reader,
+            job.source,
+            settings,
+            since=format_ts(since),
+            names=list(job.names),
+            leave_out_anomalies=True,
+        )
+    rows = np.array(found.vectors, dtype=np.float64).reshape(-1, len(job.names))
+    finite = np.asarray(np.isfinite(rows).all(axis=1), dtype=bool)
+    times = [ts for ts, ok in zip(found.times, finite.tolist(), strict=True) if ok]
+    rows = rows[finite]
+    held_out = math.ceil(rows.shape[0] * refit.holdout)
+    fitted_on = rows.shape[0] - held_out
+    figures |= {
+        "windows": int(rows.shape[0]),
+        "windows_fit": max(fitted_on, 0),
+        "windows_held_out": held_out,
+        "skipped_bad_input": found.skipped + int((~finite).sum()),
+        "skipped_near_anomaly": found.near_anomaly,
+    }
+    if times:
+        figures |= {"data_from": format_ts(times[0]), "data_to": format_ts(times[-1])}
+    if fitted_on < settings.min_windows or held_out < 1:
+        return Prepared(
+            "skipped",
+            f"{rows.shape[0]} clean windows in the last {format_duration(refit.data)} of "
+            f"readings: {max(fitted_on, 0)} to fit on after holding out {held_out}, fewer than "
+            f"min_windows={settings.min_windows}",
+            figures,
+        )
+    try:
+        candidate = fit_baseline(
+            settings,
+            rows[:fitted_on],
+            job.names,
+            dropped=figures["skipped_bad_input"],
+            covering=(times[0], times[fitted_on - 1]),
+        )
+    except ValueError as exc:
+        return Prepared("skipped", f"not fitted: {exc}", figures)
+    scores = candidate.scores(rows[fitted_on:])
+    share = float(np.mean(scores > candidate.threshold))
+    figures |= {
+        "version": candidate.version,
+        "threshold": candidate.threshold,
+        "held_out_over_share": round(share, 4),
+        "max_over_share": refit.max_over_share,
+    }
+    store = BaselineStore(job.baselines)
+    if job.current is not None:
+        with contextlib.suppress(OSError, BaselineError):
+            current = store.load(job.source, job.current)
+            if current.names == candidate.names:
+                over = current.scores(rows[fitted_on:]) > current.threshold
+                figures["current_held_out_over_share"] = round(float(np.mean(over)), 4)
+    figures |= {
+        "fit_cpu_s": round(time.process_time() - started_cpu, 3),
+        "fit_wall_s": round(time.monotonic() - started_wall, 3),
+        "nice": os.nice(0),
+    }
+    if share > refit.max_over_share:
+        return Prepared(
+            "rejected",
+            f"{share:.1%} of the {held_out} held-out windows score over the new threshold "
+            f"{candidate.threshold:.4g} (max_over_share {refit.max_over_share:.1%})",
+            figures,
+        )
+    store.save(job.source, candidate, make_current=False)
+    return Prepared("validated", None, figures, version=candidate.version)
+
+
+async def run_in_child(function: Callable[[Any], T], argument: Any, *, nice: int) -> T:
+    """`function(argument)` in a fresh niced one-worker process pool, shut down after.
+
+    Cancelling (the daemon stops) kills the child at once rather than waiting for its fit: its
+    pid is asked for first, since `ProcessPoolExecutor` has no public way to end a worker."""
+    loop = asyncio.get_running_loop()
+    niceness = min(os.nice(0) + nice, MAX_NICENESS)
+    pool = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=lower_priority,
+        initargs=(niceness,),
+    )
+    spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refit-spawn")
+    pid: int | None = None
+    try:
+        first = await loop.run_in_executor(spawner, _spawn_worker, pool, niceness)
+        spawner.shutdown(wait=False)  # its one thread, niced, ends here
+        pid = await asyncio.wrap_future(first)
+        return await loop.run_in_executor(pool, function, argument)
+    except asyncio.CancelledError:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        spawner.shutdown(wait=False)
+        await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+
+
+# -- canary and watch ----------------------------------------------------------------------------
+
+
+@dataclass
+class AlarmCount:
+    """Windows a baseline scored, those over its threshold, and those it failed on."""
+
+    scored: int = 0
+    over: int = 0
+    errors: int = 0
+
+    @property
+    def share(self) -> float | None:
+        return self.over / self.scored if self.scored else None
+
+    def as_dict(self) -> dict[str, Any]:
+        share = self.share
+        return {
+            "scored": self.scored,
+            "over": self.over,
+            "errors": self.errors,
+            "over_share": None if share is None else round(share, 4),
+        }
+
+
+def _elapsed_s(first: datetime | None, last: datetime | None) -> float:
+    return 0.0 if first is None or last is None else (last - first).total_seconds()
+
+
+class Canary:
+    """A `ScoreObserver`: the candidate scores every window the current baseline scores, with
+    its own detector (debounce included); nothing it finds is journalled."""
+
+    def __init__(self, settings: AnomalySettings, candidate: Baseline) -> None:
+        self.refit = settings.refit
+        self.candidate = candidate
+        self.detector = AnomalyDetector(settings, candidate)
+        self.judged_after = max(settings.min_windows, JUDGED_WINDOWS)
+        self.tried = AlarmCount()
+        self.current = AlarmCount()
+        self.anomalies = 0
+        """Anomalies the candidate's detector would have started."""
+        self.last_error: str | None = None
+        self.first_ts: datetime | None = None
+        self.last_ts: datetime | None = None
+        self.started_mono = time.monotonic()
+        self.done = asyncio.Event()
+
+    def observe(
+        self, vector: npt.NDArray[Any], ts: datetime, score: float | None, threshold: float
+    ) -> None:
+        if self.done.is_set():
+            return
+        self.first_ts = self.first_ts or ts
+        self.last_ts = ts
+        if score is None:
+            self.current.errors += 1
+        else:
+            self.current.scored += 1
+            self.current.over += score > threshold
+        try:
+            events = self.detector.observe(vector, ts)
+        except Exception as exc:  # whatever the candidate raises fails it; never the pipeline
+            self.tried.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.done.set()
+            return
+        self.tried.scored += 1
+        self.tried.over += (self.detector.last_score or 0.0) > self.detector.threshold
+        self.anomalies += sum(event.kind == "started" for event in events)
+        if (
+            _elapsed_s(self.first_ts, ts) >= self.refit.canary
+            and self.tried.scored >= self.judged_after
+        ):
+            self.done.set()
+
+    @property
+    def limit(self) -> float:
+        return self.refit.max_alarm_ratio * (self.current.share or 0.0) + ALARM_SHARE_FLOOR
+
+    def verdict(self) -> tuple[str, str] | None:
+        """(cause, reason) when the candidate failed, None when it passed."""
+        if self.tried.errors:
+            return "error", f"the candidate failed on a window: {self.last_error}"
+        if self.tried.scored < self.judged_after:
+            return (
+                "too_few_windows",
+                f"{self.tried.scored} windows scored in shadow, fewer than {self.judged_after}",
+            )
+        share = self.tried.share or 0.0
+        if share > self.limit:
+            return (
+                "alarm_share",
+                f"{share:.1%} of the windows over the candidate's threshold, more than "
+                f"{self.refit.max_alarm_ratio:g} x the current baseline's "
+                f"{self.current.share or 0.0:.1%} + {ALARM_SHARE_FLOOR:.0%}",
+            )
+        return None
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "candidate": self.tried.as_dict(),
+            "current": self.current.as_dict(),
+            "candidate_anomalies": self.anomalies,
+            "limit_share": round(self.limit, 4),
+            "data_s": round(_elapsed_s(self.first_ts, self.last_ts), 3),
+            "from": None if self.first_ts is None else format_ts(self.first_ts),
+            "to": None if self.last_ts is None else format_ts(self.last_ts),
+        }
+
+
+class Watch:
+    """A `ScoreObserver` on the newly activated baseline: trips on a scoring error, or on its
+    alarm share over `limit` once `judged_after` windows were scored (or at the end with at
+    least `min_windows`); done after `duration_s` of data time."""
+
+    def __init__(
+        self, *, limit: float, duration_s: float, judged_after: int, min_windows: int
+    ) -> None:
+        self.limit = limit
+        self.duration_s = duration_s
+        self.judged_after = judged_after
+        self.min_windows = min_windows
+        self.count = AlarmCount()
+        self.first_ts: datetime | None = None
+        self.last_ts: datetime | None = None
+        self.tripped: tuple[str, str] | None = None
+        self.done = asyncio.Event()
+
+    @property
+    def until(self) -> datetime | None:
+        if self.first_ts is None:
+            return None
+        return self.first_ts + timedelta(seconds=self.duration_s)
+
+    def observe(
+        self, vector: npt.NDArray[Any], ts: datetime, score: float | None, threshold: float
+    ) -> None:
+        if self.done.is_set():
+            return
+        self.first_ts = self.first_ts or ts
+        self.last_ts = ts
+        if score is None:
+            self.count.errors += 1
+            self.tripped = ("error", "the new baseline failed to score a window")
+            self.done.set()
+            return
+        self.count.scored += 1
+        self.count.over += score > threshold
+        ended = _elapsed_s(self.first_ts, ts) >= self.duration_s
+        enough = self.judged_after if not ended else self.min_windows
+        share = self.count.share or 0.0
+        if self.count.scored >= enough and share > self.limit:
+            self.tripped = (
+                "alarm_share",
+                f"{share:.1%} of {self.count.scored} windows over the new threshold, more than "
+                f"the limit {self.limit:.1%}",
+            )
+            self.done.set()
+        elif ended:
+            self.done.set()
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            **self.count.as_dict(),
+            "limit_share": round(self.limit, 4),
+            "data_s": round(_elapsed_s(self.first_ts, self.last_ts), 3),
+        }
+
+
+# -- one source's refits -------------------------------------------------------------------------
+
+
+class BaselineRefit:
+    """Refits of one source's baseline, one at a time. `stage_of()` is the source's current
+    `AnomalyStage` (a restarted pipeline has a new one), None while it has none."""
+
+    def __init__(
+        self,
+        source: str,
+        settings: AnomalySettings,
+        journal: Journal,
+        store: BaselineStore,
+        stage_of: Callable[[], AnomalyStage | None],
+    ) -> None:
+        self.source = source
+        self.settings = settings
+        self.refit = settings.refit
+        self.journal = journal
+        self.store = store
+        self.stage_of = stage_of
+        self.state = "idle"
+        self.candidate: str | None = None
+        self.canary: Canary | None = None
+        self.watch: Watch | None = None
+        self.last_result: dict[str, Any] | None = None
+        self.last_attempt_mono: float | None = None
+
+    @property
+    def model(self) -> str:
+        return f"{self.source}-baseline"
+
+    def describe(self) -> dict[str, Any]:
+        """For the source's `anomaly` entry in health: `refit`."""
+        until = None if self.watch is None else self.watch.until
+        return {
+            "state": self.state,
+            "candidate": self.candidate,
+            "canary": None if self.canary is None else self.canary.figures(),
+            "watch": None if self.watch is None else self.watch.figures(),
+            "watch_until": None if until is None else format_ts(until),
+            "last_result": self.last_result,
+        }
+
+    def not_due(self, now: datetime) -> str | None:
+        """Why no refit may start at `now` (UTC), or None when one is due."""
+        if self.state != "idle":
+            return f"a refit is {self.state}"
+        stage = self.stage_of()
+        if stage is None or stage.baseline is None:
+            return "no baseline scores the source yet"
+        if not in_windows(self.refit.windows, now):
+            return "outside refit.windows"
+        age = (now - stage.baseline.fitted_at).total_seconds()
+        if age < self.refit.every:
+            return f"the baseline is {format_duration(max(age, 0.0))} old"
+        if self.last_attempt_mono is not None:
+            since = time.monotonic() - self.last_attempt_mono
+            if since < min(self.refit.every, RETRY_AFTER_S):
+                return f"the last attempt was {format_duration(since)} ago"
+        return None
+
+    async def run(self, trigger: str = "scheduled") -> Event:
+        """One refit from start to its end (a watch included); its last record's event."""
+        self.last_attempt_mono = time.monotonic()
+        try:
+            return await self._run(trigger)
+        finally:
+            self.state, self.candidate, self.canary, self.watch = "idle", None, None, None
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.store.prune, self.source, KEEP_VERSIONS)
+
+    async def _run(self, trigger: str) -> Event:
+        stage = self.stage_of()
+        if stage is None or stage.baseline is None:
+            return await self._end("refit_skipped", {"reason": "no baseline scores the source"})
+        current = stage.baseline
+        base: dict[str, Any] = {"previous": current.version, "trigger": trigger}
+        self.state = "fitting"
+        await self._record(
+            "refit_started",
+            {
+                **base,
+                "version": None,
+                "method": self.settings.method,
+                "data_s": self.refit.data,
+                "holdout": self.refit.holdout,
+                "nice": self.refit.nice,
+            },
+        )
+        job = RefitJob(
+            data_dir=self.journal.data_dir,
+            baselines=self.store.root,
+            source=self.source,
+            settings=self.settings,
+            names=current.names,
+            current=current.version,
+        )
+        try:
+            prepared = await run_in_child(prepare_candidate, job, nice=self.refit.nice)
+        except Exception as exc:  # the child died (killed, out of memory) or the fit crashed
+            log.exception("refit of %s failed", self.source)
+            return await self._end(
+                "refit_failed",
+                {**base, "version": None, "cause": "fit", "reason": f"{type(exc).__name__}: {exc}"},
+            )
+        if prepared.outcome != "validated" or prepared.version is None:
+            event: Event = "refit_skipped" if prepared.outcome == "skipped" else "refit_rejected"
+            version = prepared.figures.get("version")
+            return await self._end(
+                event,
+                {**base, "version": version, "reason": prepared.reason, **prepared.figures},
+            )
+        version = prepared.version
+        base["version"] = self.candidate = version
+        try:
+            candidate = await asyncio.to_thread(self.store.load, self.source, version)
+            canary = self.canary = Canary(self.settings, candidate)
+        except (OSError, BaselineError, ValueError) as exc:  # ValueError: it does not fit the stage
+            return await self._end("refit_failed", {**base, "cause": "load", "reason": str(exc)})
+        return await self._try(base, current, candidate, canary, prepared.figures)
+
+    async def _try(
+        self,
+        base: dict[str, Any],
+        current: Baseline,
+        candidate: Baseline,
+        canary: Canary,
+        validation: dict[str, Any],
+    ) -> Event:
+        """Canary, activation, watch."""
+        self.state = "canary"
+        await self._record(
+            "canary_started",
+            {
+                **base,
+                "validation": validation,
+                "canary_s": self.refit.canary,
+                "min_windows": canary.judged_after,
+                "max_alarm_ratio": self.refit.max_alarm_ratio,
+            },
+        )
+        wall_limit = self.refit.canary * CANARY_WALL_FACTOR
+        judged = await self._observe(canary, canary.done, current.version, wall_limit)
+        self._detach(canary)
+        verdict = canary.verdict()
+        if not judged:
+            verdict = (
+                "too_few_windows",
+                f"no verdict after {format_duration(wall_limit)}: {canary.tried.scored} windows "
+                f"scored in shadow by then (the source was quiet, or stopped)",
+            )
+        figures = canary.figures()
+        if verdict is not None:
+            cause, reason = verdict
+            return await self._end(
+                "canary_failed", {**base, "cause": cause, "reason": reason, "canary": figures}
+            )
+        await self._record("canary_passed", {**base, "canary": figures})
+        self.state = "activating"
+        try:
+            await asyncio.to_thread(self.store.activate, self.source, candidate.version)
+        except (OSError, BaselineError) as exc:
+            return await self._end(
+                "canary_failed",
+                {**base, "cause": "activation", "reason": str(exc), "canary": figures},
+            )
+        watch = Watch(
+            limit=self.refit.max_alarm_ratio * (canary.current.share or 0.0) + ALARM_SHARE_FLOOR,
+            duration_s=self.refit.watch,
+            judged_after=canary.judged_after,
+            min_windows=self.settings.min_windows,
+        )
+        await self._swap(candidate, watch if self.refit.watch else None, "refit")
+        if not self.refit.watch:
+            return await self._end("activated", {**base, "canary": figures, "watch_s": 0})
+        self.watch = watch
+        await self._record(
+            "activated",
+            {**base, "canary": figures, "watch_s": self.refit.watch, "limit_share": watch.limit},
+        )
+        self.state = "watching"
+        await self._observe(watch, watch.done, candidate.version, None)
+        self._detach(watch)
+        if watch.tripped is None:
+            return await self._end("watch_ended", {**base, "watch": watch.figures()})
+        return await self._roll_back(base, current, watch)
+
+    async def _roll_back(self, base: dict[str, Any], current: Baseline, watch: Watch) -> Event:
+        assert watch.tripped is not None
+        cause, reason = watch.tripped
+        figures = {"cause": cause, "reason": reason, "watch": watch.figures()}
+        try:
+            restored = await asyncio.to_thread(self.store.rollback, self.source)
+            previous = await asyncio.to_thread(self.store.load, self.source, restored)
+        except (OSError, BaselineError) as exc:
+            return await self._end(
+                "rollback_failed", {**base, **figures, "error": str(exc)}, priority=Priority.ALERT
+            )
+        await self._swap(previous, None, "rolled_back")
+        return await self._end(
+            "rolled_back",
+            {**base, **figures, "active": previous.version},
+            priority=Priority.ALERT,
+        )
+
+    async def _swap(self, baseline: Baseline, watch: Watch | None, cause: str) -> None:
+        """Until the source's stage scores with `baseline`: asked to swap at its next window (a
+        stage restarted meanwhile loads it from the store by itself)."""
+        while True:
+            stage = self.stage_of()
+            if stage is None:
+                await asyncio.sleep(FOLLOW_INTERVAL_S)
+                continue
+            if stage.baseline is not None and stage.baseline.version == baseline.version:
+                stage.observe_with(watch)
+                return
+            done = stage.replace_baseline(baseline, observer=watch, cause=cause)
+            while not done.is_set() and self.stage_of() is stage:
+                await _wait(done, FOLLOW_INTERVAL_S)
+
+    async def _observe(
+        self, observer: Canary | Watch, done: asyncio.Event, version: str, wall_limit: float | None
+    ) -> bool:
+        """Keep `observer` on the source's stage (re-attached to a restarted stage scoring with
+        `version`) until it is done; False when `wall_limit` seconds ran out first."""
+        deadline = None if wall_limit is None else time.monotonic() + wall_limit
+        while not done.is_set():
+            stage = self.stage_of()
+            if (
+                stage is not None
+                and stage.observer is not observer
+                and stage.baseline is not None
+                and stage.baseline.version == version
+            ):
+                stage.observe_with(observer)
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await _wait(done, FOLLOW_INTERVAL_S)
+        return True
+
+    def _detach(self, observer: Canary | Watch) -> None:
+        stage = self.stage_of()
+        if stage is not None and stage.observer is observer:
+            stage.observe_with(None)
+
+    async def _end(
+        self, event: Event, body: dict[str, Any], *, priority: Priority = Priority.EVENT
+    ) -> Event:
+        await self._record(event, body, priority=priority)
+        self.last_result = {
+            "event": event,
+            "at": format_ts(datetime.now(UTC)),
+            "version": body.get("version"),
+            "reason": body.get("reason"),
+        }
+        return event
+
+    async def _record(
+        self, event: Event, body: dict[str, Any], *, priority: Priority = Priority.EVENT
+    ) -> None:
+        version = body.get("version")
+        full = {"event": event, "source": self.source, "model": self.model, **body}
+        try:
+            await self.journal.append(
+                NewRecord(
+                    source=RECORD_SOURCE,
+                    kind=RECORD_KIND,
+                    priority=priority,
+                    body=full,
+                    model=f"{self.model}@{version}" if version else None,
+                )
+            )
+        except StorageFull:
+            log.warning("refit record %s of %s not journalled: storage full", event, self.source)
+        log.info("refit of %s: %s", self.source, event)
+
+
+# -- the daemon's refits ---------------------------------------------------------------------------
+
+
+class BaselineRefits:
+    """Every source with `anomaly.refit.enabled`: the daemon's `refit` job calls `tick`; each
+    refit runs as its own task, cancelled (its child process killed) when the daemon stops."""
+
+    def __init__(
+        self,
+        cfg: ApplianceConfig,
+        journal: Journal,
+        pipelines: Mapping[str, SourcePipeline],
+        store: BaselineStore | None = None,
+    ) -> None:
+        """`pipelines`: the daemon's, by source name (a restarted source's new one replaces
+        the old)."""
+        store = store or BaselineStore.in_data_dir(cfg.appliance.data_dir)
+        self.refits = {
+            sensor.name: BaselineRefit(
+                sensor.name, sensor.anomaly, journal, store, _stage_of(pipelines, sensor.name)
+            )
+            for sensor in cfg.sensors
+            if sensor.anomaly is not None and sensor.anomaly.refit.enabled
+        }
+        self._tasks: dict[str, asyncio.Task[Event | None]] = {}
+
+    def describers(self) -> dict[str, Callable[[], dict[str, Any]]]:
+        return {name: refit.describe for name, refit in self.refits.items()}
+
+    def running(self, source: str) -> asyncio.Task[Event | None] | None:
+        """The refit of `source` in progress, if any."""
+        return self._tasks.get(source)
+
+    async def tick(self) -> None:
+        now = datetime.now(UTC)
+        for name, refit in self.refits.items():
+            if name not in self._tasks and refit.not_due(now) is None:
+                self.start(name, "scheduled")
+
+    def start(self, source: str, trigger: str) -> str | None:
+        """Start a refit of `source` now (whatever its schedule); why not, or None."""
+        refit = self.refits.get(source)
+        if refit is None:
+            return f"{source!r} has no anomaly.refit enabled"
+        if source in self._tasks:
+            return f"a refit of {source} is {refit.state}"
+        stage = refit.stage_of()
+        if stage is None or stage.baseline is None:
+            return f"no baseline scores {source} yet"
+        task = asyncio.create_task(self._guarded(refit, trigger), name=f"refit:{source}")
+        self._tasks[source] = task
+        task.add_done_callback(lambda _: self._tasks.pop(source, None))
+        return None
+
+    async def _guarded(self, refit: BaselineRefit, trigger: str) -> Event | None:
+        try:
+            return await refit.run(trigger)
+        except Exception:  # a bug here must not take the daemon down; the next tick retries
+            log.exception("refit of %s failed unexpectedly", refit.source)
+            return None
+
+    async def __aenter__(self) -> BaselineRefits:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until `event` is set, for `seconds` at most."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
+def _stage_of(
+    pipelines: Mapping[str, SourcePipeline], name: str
+) -> Callable[[], AnomalyStage | None]:
+    def stage() -> AnomalyStage | None:
+        pipeline = pipelines.get(name)
+        return None if pipeline is None else pipeline.anomaly
+
+    return stage
+
+
+__all__ = [
+    "ALARM_SHARE_FLOOR",
+    "CHECK_INTERVAL_S",
+    "JUDGED_WINDOWS",
+    "BaselineRefit",
+    "BaselineRefits",
+    "Canary",
+    "Prepared",
+    "RecordedWindows",
+    "RefitJob",
+    "Watch",
+    "prepare_candidate",
+    "recorded_windows",
+    "run_in_child",
+]
