@@ -18,9 +18,11 @@ from appliance.logs import setup_logging
 from appliance.models_cli import add_models_parser, run_models
 from appliance.status import collect_status, render_status
 from appliance.syncnow import sync_now
-from config import ConfigError, config_schema, load_config
+from config import ApplianceConfig, ConfigError, config_schema, load_config
+from config.models import AUTO_APPLIANCE_ID
 from config.units import parse_duration
 from sync import JournalReader, SyncError
+from sync.identity import data_dir_appliance_id
 from sync.model_feed import PublishError, publish_package
 from sync.receiver import (
     parse_admin_tokens_file,
@@ -144,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete partial uploads nobody resumed for this long (default: 30d)",
     )
     receiver.add_argument(
+        "--concurrent-quiet",
+        default="24h",
+        metavar="DURATION",
+        help="two journals of one appliance id shipping within this long of each other are "
+        "flagged as two boxes sharing the id; the flag clears once all but one have been quiet "
+        "this long (default: 24h)",
+    )
+    receiver.add_argument(
         "--tls-cert",
         type=Path,
         metavar="FILE",
@@ -232,6 +242,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_models(args)
 
     cfg = load_config(args.config, data_dir=args.data_dir)
+    cfg = with_appliance_id(cfg, create=args.command in ("run", "replay", "sync"))
     if args.command in ("run", "replay"):
         # Imported here: the daemon brings every source library, which the operator's quick
         # commands (status, export) do not need to load.
@@ -273,6 +284,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
+def with_appliance_id(cfg: ApplianceConfig, *, create: bool) -> ApplianceConfig:
+    """The config with `appliance.id` resolved when it was left out: the data directory's own id
+    (sync/identity.py), made now when `create` (commands that write the journal)."""
+    if cfg.appliance.id != AUTO_APPLIANCE_ID:
+        return cfg
+    made = data_dir_appliance_id(cfg.appliance.data_dir, create=create)
+    if made is None:
+        return cfg  # nothing has run here yet: there is no journal to read either
+    appliance = cfg.appliance.model_copy(update={"id": made})
+    return cfg.model_copy(update={"appliance": appliance})
+
+
 def _receiver(args: argparse.Namespace) -> int:
     if args.receiver_command == "publish":
         return _publish(args)
@@ -288,6 +311,12 @@ def _receiver(args: argparse.Namespace) -> int:
             raise ValueError(f"--partial-ttl: {exc}") from None
         if partial_ttl < 3600:
             raise ValueError("--partial-ttl must be at least 1h (appliances resume after cuts)")
+        try:
+            concurrent_quiet = parse_duration(args.concurrent_quiet)
+        except ValueError as exc:
+            raise ValueError(f"--concurrent-quiet: {exc}") from None
+        if concurrent_quiet <= 0:
+            raise ValueError("--concurrent-quiet must be positive")
         if args.tokens is not None:
             parse_tokens_file(args.tokens)
         if args.admin_tokens is not None:
@@ -318,6 +347,7 @@ def _receiver(args: argparse.Namespace) -> int:
             partial_ttl=partial_ttl,
             ssl_context=ssl_context,
             admin_tokens_file=args.admin_tokens,
+            concurrent_quiet=concurrent_quiet,
         )
     )
     return EXIT_OK

@@ -18,6 +18,7 @@ CSV_COLUMNS = (
     "priority",
     "model",
     "appliance_id",
+    "journal_id",
     "boot_id",
     "mono_ns",
     "payloads",
@@ -48,7 +49,9 @@ def export_records(
     writer = csv.writer(out) if fmt == "csv" else None
     if writer is not None:
         writer.writerow(CSV_COLUMNS)
+    identity = reader.identity()
     for record in reader.iter_records(kind=kind, since=since):
+        journal_id = None if identity is None else identity.shipped_as(record.seq)
         if writer is not None:
             writer.writerow(
                 (
@@ -59,6 +62,7 @@ def export_records(
                     record.priority.label,
                     record.model or "",
                     record.appliance_id,
+                    journal_id or "",
                     record.boot_id,
                     record.mono_ns,
                     " ".join(record.payloads),
@@ -66,7 +70,7 @@ def export_records(
                 )
             )
         else:
-            out.write(record.to_json_line())
+            out.write(record.to_json_line(journal_id))
             out.write("\n")
         written += 1
     return written

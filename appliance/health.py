@@ -62,6 +62,11 @@ class HealthMonitor:
         for name, component in sorted(self.components.items()):
             if component.state == "degraded":
                 reasons.append(f"component_degraded:{name}")
+        for name, destination in sorted(self.destinations.items()):
+            if destination.refused is not None:
+                reasons.append(f"sync_refused:{name}")
+            if destination.collision is not None:
+                reasons.append(f"journal_collision:{name}")
         return reasons
 
     def snapshot(self) -> dict[str, Any]:

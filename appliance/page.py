@@ -36,6 +36,27 @@ def _state(state: Any) -> str:
     return f'<span class="{"good" if good else "bad"}">{_e(state)}</span>'
 
 
+def _destination_alarms(destinations: dict[str, Any]) -> str:
+    """What an operator must act on about shipping: a destination that refuses the backlog (its
+    cursor is held) and another journal shipping under this appliance's id."""
+    lines = []
+    for name, d in destinations.items():
+        if d.get("refused"):
+            lines.append(
+                f"<p><strong>{_e(name)} refuses the backlog</strong> (since "
+                f"{_e(d.get('refused_since'))}; nothing more ships there until it is resolved): "
+                f"{_e(d['refused'])}</p>"
+            )
+        collision = d.get("collision")
+        if collision:
+            lines.append(
+                f"<p><strong>Another journal ships under this appliance id</strong> "
+                f"({_e(name)}: {_e(', '.join(collision.get('journals', [])))}): "
+                f"{_e(collision.get('detail'))}</p>"
+            )
+    return "".join(lines)
+
+
 def _drift(drift: dict[str, Any] | None) -> str:
     """A source's drift badge: `drift` with the drifting quantities and their PSI, `ok`, or a
     muted state while there is nothing to compare yet (`reference`, `waiting`, `off`)."""
@@ -423,6 +444,9 @@ def render_live(
             name="data-quality",
         )
     )
+    alarms = _destination_alarms(report["destinations"])
+    if alarms:
+        parts.append(f'<div class="alarm" role="alert" data-name="sync-alarms">{alarms}</div>')
     parts.append("<h2>Destinations</h2>")
     destinations = []
     for name, d in report["destinations"].items():
@@ -440,7 +464,7 @@ def render_live(
                 _e(d["last_success"]),
                 _e(today if not budget else f"{today} of {format_size(budget)}"),
                 _e(None if d["eta_s"] is None else format_duration(d["eta_s"])),
-                _e(d["last_error"] or ""),
+                _e(d.get("refused") or d["last_error"] or ""),
             ]
         )
     parts.append(
@@ -607,6 +631,7 @@ td code { display: block; min-width: 16rem; }
 img { display: block; max-width: 10rem; margin-top: 0.3rem; }
 .good { color: #176f2c; font-weight: 600; }
 .bad { color: #b3261e; font-weight: 600; }
+.alarm { border: 2px solid #b3261e; background: #fdecea; padding: 0 0.8rem; margin: 0.8rem 0; }
 .muted { color: #666; font-weight: normal; }
 .stale { opacity: 0.5; }
 form { display: flex; flex-wrap: wrap; gap: 0.5rem; align-items: center; }

@@ -46,6 +46,7 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
         heartbeat_raw = reader.meta(HEARTBEAT_KEY)
         boots = reader.meta("boots")
         last_seq = reader.meta("seq_hw")
+        identity = reader.identity()
         journal_live = reader.live_bytes()
         backlogs = {d.name: reader.backlog(d.name) for d in cfg.sync.destinations}
         waiting = {d.name: reader.payloads_waiting(d.name) for d in cfg.sync.destinations}
@@ -116,12 +117,16 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
             "reachable": live.get("reachable"),
             "last_success": live.get("last_success"),
             "last_error": live.get("last_error"),
+            "refused": live.get("refused"),
+            "refused_since": live.get("refused_since"),
+            "collision": live.get("collision"),
             "rate_bytes_per_s": live.get("rate_bytes_per_s"),
             "payload_bytes_today": live.get("payload_bytes_today"),
             "daily_payload_budget": dest.daily_payload_budget,
         }
     return {
         "appliance_id": cfg.appliance.id,
+        "journal_id": None if identity is None else identity.journal_id,
         "data_dir": str(data_dir),
         "daemon": daemon,
         "boots": int(boots) if boots else 0,
@@ -172,6 +177,8 @@ def render_status(report: dict[str, Any]) -> str:
     lines.append(
         f"data dir   {report['data_dir']}  (boots: {report['boots']}, last seq: {report['last_seq']})"
     )
+    if report["journal_id"]:
+        lines.append(f"journal    {report['journal_id']}")
     disk = report["disk"]
     lines.append(
         f"disk       {format_size(disk['used_bytes'])} used of {format_size(disk['budget_bytes'])} budget "
@@ -208,8 +215,14 @@ def render_status(report: dict[str, Any]) -> str:
         if dest["daily_payload_budget"]:
             line += f"; payloads today {format_size(dest['payload_bytes_today'] or 0)} of {format_size(dest['daily_payload_budget'])}"
         lines.append(line)
-        if dest["last_error"] and dest["reachable"] is not True:
+        if dest["refused"]:
+            lines.append(
+                f"           REFUSED since {dest['refused_since']}, cursor held: {dest['refused']}"
+            )
+        elif dest["last_error"] and dest["reachable"] is not True:
             lines.append(f"           last error: {dest['last_error']}")
+        if dest["collision"]:
+            lines.append(f"           JOURNAL COLLISION: {dest['collision']['detail']}")
     if report["evictions"]:
         lines.append(
             "evictions  "

@@ -856,4 +856,7 @@ _LIVE_DESTINATION_KEYS = (
     "payload_bytes_today",
     "records_sent",
     "bytes_sent",
+    "refused",
+    "refused_since",
+    "collision",
 )

@@ -77,8 +77,18 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# `appliance.id` left out: the appliance makes one unique to its data directory at first start.
+AUTO_APPLIANCE_ID = "auto"
+
+
 class ApplianceSection(Strict):
-    id: Name = Field(description="Identity of this appliance, stamped on every record.")
+    id: Name = Field(
+        default=AUTO_APPLIANCE_ID,
+        description="Identity of this appliance, stamped on every record; give every box of a "
+        "fleet its own. Left out (or `auto`): made once per data directory as `appliance-` and "
+        "8 random hex digits, kept in DATA_DIR/appliance-id, so two fresh installs never "
+        "collide upstream.",
+    )
     data_dir: Path = Field(
         description="Directory holding journal.db, payloads/ and models/. "
         "Overridden by --data-dir or APPLIANCE_DATA_DIR."

@@ -39,18 +39,26 @@ class Batch:
     body: bytes  # gzip-compressed NDJSON
     raw_bytes: int
     payloads: tuple[str, ...]
+    # The journal the records belong to (sync/identity.py); None for records journalled before
+    # journals had identities, which ship exactly as they did then.
+    journal_id: str | None = None
 
     @property
     def batch_id(self) -> str:
         return f"{self.priority.label}-{self.first_seq}-{self.last_seq}"
 
 
-def encode_batch(appliance_id: str, priority: Priority, records: Sequence[StoredRecord]) -> Batch:
+def encode_batch(
+    appliance_id: str,
+    priority: Priority,
+    records: Sequence[StoredRecord],
+    journal_id: str | None = None,
+) -> Batch:
     """NDJSON in the shape `appliance export` writes, gzip level 6 (see docs/sync-protocol.md)."""
     lines = []
     payloads: list[str] = []
     for record in records:
-        lines.append(record.to_json_line())
+        lines.append(record.to_json_line(journal_id))
         payloads.extend(record.payloads)
     raw = ("\n".join(lines) + "\n").encode()
     return Batch(
@@ -62,7 +70,18 @@ def encode_batch(appliance_id: str, priority: Priority, records: Sequence[Stored
         body=gzip.compress(raw, compresslevel=6, mtime=0),
         raw_bytes=len(raw),
         payloads=tuple(dict.fromkeys(payloads)),
+        journal_id=journal_id,
     )
+
+
+@dataclass(frozen=True)
+class JournalCollision:
+    """Upstream holds another live journal under this appliance's id: two boxes were given one
+    id (docs/sync-protocol.md, "Journals"). Both journals' records are kept; this is the warning
+    a destination hands the engine, which alerts and degrades health until it clears."""
+
+    journals: tuple[str, ...]  # the live journals under the id, this one included
+    detail: str
 
 
 class RateLimiter:
@@ -97,6 +116,11 @@ class Destination(Protocol):
     even after a crash, or the records would be stored twice; the engine journals the bounds
     before each send for it."""
 
+    collision: JournalCollision | None
+    """Set by the destination when it learns that another journal is live under this
+    appliance's id (the receiver says so in its answers; directory and S3 destinations see the
+    other journal's marker); None once that has cleared."""
+
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(
@@ -116,9 +140,16 @@ class Destination(Protocol):
         ...
 
     async def send_payload(
-        self, sha256: str, size: int, media_type: str, path: Path, limiter: RateLimiter
+        self,
+        sha256: str,
+        size: int,
+        media_type: str,
+        path: Path,
+        limiter: RateLimiter,
+        journal_id: str | None = None,
     ) -> int:
-        """Deliver a payload, resuming what the destination already holds; return bytes sent."""
+        """Deliver a payload, resuming what the destination already holds; return bytes sent.
+        `journal_id` is that of the record that refers to it (None: a legacy record)."""
         ...
 
 
@@ -134,6 +165,7 @@ class MemoryDestination:
     arrivals: list[tuple[str, str]] = field(default_factory=list)  # ("batch"|"payload", id)
     fail_next: int = 0
     up: bool = True
+    collision: JournalCollision | None = None
 
     async def __aenter__(self) -> MemoryDestination:
         return self
@@ -161,7 +193,13 @@ class MemoryDestination:
         self.arrivals.append(("batch", batch.batch_id))
 
     async def send_payload(
-        self, sha256: str, size: int, media_type: str, path: Path, limiter: RateLimiter
+        self,
+        sha256: str,
+        size: int,
+        media_type: str,
+        path: Path,
+        limiter: RateLimiter,
+        journal_id: str | None = None,
     ) -> int:
         self._maybe_fail()
         if sha256 in self.payloads:

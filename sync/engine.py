@@ -17,17 +17,28 @@ from datetime import UTC, datetime
 
 from config.models import DirectoryDestination, HttpDestination, S3Destination, SyncSection
 from config.units import parse_window
-from sync.destination import Batch, Destination, DestinationError, RateLimiter, encode_batch
+from sync.destination import (
+    Batch,
+    Destination,
+    DestinationError,
+    JournalCollision,
+    RateLimiter,
+    encode_batch,
+)
+from sync.errors import SyncError
 from sync.journal import Journal
 from sync.payloads import PayloadStore
 from sync.reader import JournalReader
-from sync.records import Priority, format_ts
+from sync.records import NewRecord, Priority, format_ts
 
 log = logging.getLogger(__name__)
 
 DestinationConfig = HttpDestination | DirectoryDestination | S3Destination
 _OUTBOX_PAGE = 64
 _ERROR_LOG_INTERVAL_S = 60.0
+# Records the engine journals about its destinations (alert priority: an operator must act).
+REFUSED_KIND = "sync_refused"
+COLLISION_KIND = "journal_collision"
 
 
 @dataclass
@@ -48,6 +59,12 @@ class DestinationState:
     payload_bytes_today: int = 0
     day: str = ""
     rate_bytes_per_s: float = 0.0
+    # A permanent refusal (a 409 conflict, a bad token, ...): the cursor stays where it is and
+    # health is degraded until a drain succeeds. Retried every sync.retry_max.
+    refused: str | None = None
+    refused_since: str | None = None
+    # Another journal live under this appliance id upstream (two boxes, one id), while it lasts.
+    collision: JournalCollision | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -121,6 +138,7 @@ class SyncEngine:
         self._journalled_bounds: dict[Priority, tuple[int, int]] = {}
         self._last_error_log = 0.0
         self._suppressed_errors = 0
+        self._alerted_refusal: str | None = None
 
     @property
     def name(self) -> str:
@@ -142,9 +160,84 @@ class SyncEngine:
                 self.state.last_success = format_ts(datetime.now(UTC))
                 self.state.consecutive_failures = 0
                 self.state.reachable = True
+                self.state.refused = self.state.refused_since = None
+                self._alerted_refusal = None
                 return complete
+            except DestinationError as exc:
+                if not exc.retryable:
+                    await self._note_refusal(exc)
+                raise
             finally:
                 self.state.draining = False
+                await self._note_collision()
+
+    async def _note_refusal(self, exc: DestinationError) -> None:
+        """A permanent refusal is never quiet: kept in the state (health is degraded by it) and
+        journalled as an alert, once per distinct refusal."""
+        message = str(exc)
+        if self.state.refused is None:
+            self.state.refused_since = format_ts(datetime.now(UTC))
+        self.state.refused = message
+        if message == self._alerted_refusal:
+            return
+        self._alerted_refusal = message
+        log.error(
+            "destination refused the backlog",
+            extra={"fields": {"destination": self.name, "error": message}},
+        )
+        await self._journal_alert(
+            REFUSED_KIND, {"destination": self.name, "error": message, "cursor_held": True}
+        )
+
+    async def _note_collision(self) -> None:
+        """Raise (and clear) the alarm when the destination reports another journal live under
+        this appliance id."""
+        seen = self.destination.collision
+        before = self.state.collision
+        if seen == before:
+            return
+        self.state.collision = seen
+        if seen is None:
+            log.info("journal collision cleared", extra={"fields": {"destination": self.name}})
+            await self._journal_alert(
+                COLLISION_KIND,
+                {
+                    "destination": self.name,
+                    "event": "cleared",
+                    "journal_id": self.journal.journal_id,
+                },
+                priority=Priority.EVENT,
+            )
+            return
+        if before is not None and set(before.journals) == set(seen.journals):
+            return
+        log.error(
+            "another journal is shipping under this appliance id",
+            extra={"fields": {"destination": self.name, "journals": list(seen.journals)}},
+        )
+        await self._journal_alert(
+            COLLISION_KIND,
+            {
+                "destination": self.name,
+                "event": "detected",
+                "journal_id": self.journal.journal_id,
+                "journals": list(seen.journals),
+                "detail": seen.detail,
+            },
+        )
+
+    async def _journal_alert(
+        self, kind: str, body: dict[str, object], priority: Priority = Priority.ALERT
+    ) -> None:
+        try:
+            await self.journal.append(
+                NewRecord(source=f"sync:{self.name}", kind=kind, priority=priority, body=body)
+            )
+        except SyncError as exc:  # a closed or full journal: the state and the log still say it
+            log.warning(
+                "could not journal a sync alert",
+                extra={"fields": {"destination": self.name, "kind": kind, "error": str(exc)}},
+            )
 
     def _report(self, progress: Callable[[Progress], None] | None) -> None:
         if progress is not None:
@@ -233,7 +326,14 @@ class SyncEngine:
             records = [r for r in records if r.seq <= interrupted[1]]
         if not records:
             return None
-        return await asyncio.to_thread(encode_batch, self.journal.appliance_id, priority, records)
+        identity = self.journal.identity
+        journal_id = identity.shipped_as(records[0].seq)
+        if journal_id is None:
+            # Records journalled before identities ship in batches of their own, as they did.
+            records = [r for r in records if r.seq <= identity.legacy_high_water]
+        return await asyncio.to_thread(
+            encode_batch, self.journal.appliance_id, priority, records, journal_id
+        )
 
     async def _commit(
         self,
@@ -276,7 +376,7 @@ class SyncEngine:
             )
             if not items:
                 return True
-            for sha256, size, media_type, state in items:
+            for sha256, size, media_type, state, seq in items:
                 path = self.payloads.path_for(sha256)
                 if state != "present" or not path.exists():
                     # Evicted or lost on this side: nothing to send, say so and move on.
@@ -288,7 +388,12 @@ class SyncEngine:
                     return False
                 started = time.monotonic()
                 sent = await self.destination.send_payload(
-                    sha256, size, media_type, path, self.limiter
+                    sha256,
+                    size,
+                    media_type,
+                    path,
+                    self.limiter,
+                    self.journal.identity.shipped_as(seq),
                 )
                 await self.journal.payload_done(self.name, sha256)
                 self.state.payload_bytes_today += sent

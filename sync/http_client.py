@@ -6,6 +6,7 @@ backoff."""
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from config.models import HttpDestination
-from sync.destination import Batch, DestinationError, RateLimiter
+from sync.destination import Batch, DestinationError, JournalCollision, RateLimiter
 
 _REQUEST_ATTEMPTS = 3
 
@@ -26,7 +27,7 @@ def _transient(exc: BaseException) -> bool:
 class HttpTarget:
     """One receiver. Opened with `async with`; every method raises DestinationError."""
 
-    dedups_records = True  # the receiver keeps each (appliance, seq) once
+    dedups_records = True  # the receiver keeps each (appliance, journal, seq) once
 
     def __init__(self, cfg: HttpDestination, appliance_id: str, chunk_size: int) -> None:
         self.cfg = cfg
@@ -36,6 +37,7 @@ class HttpTarget:
         self.base = cfg.url.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
+        self.collision: JournalCollision | None = None
 
     async def __aenter__(self) -> HttpTarget:
         if self.cfg.token_file is not None:
@@ -139,6 +141,12 @@ class HttpTarget:
 
     def _refused(self, what: str, status: int, body: bytes) -> DestinationError:
         detail = body.decode(errors="replace")[:300]
+        try:
+            answer = json.loads(body)
+            # The receiver's own words, whole: a 409 names the conflicting seqs and what to do.
+            detail = f"{answer['error']}: {answer['detail']}"
+        except (ValueError, TypeError, KeyError):
+            pass
         hint = {401: " (check token_file)", 403: " (token of another appliance)"}.get(status, "")
         if b"client certificate" in body:
             hint = " (check client_cert/client_key)"
@@ -161,6 +169,11 @@ class HttpTarget:
         except TimeoutError:
             return False
 
+    @staticmethod
+    def _journal_header(journal_id: str | None) -> dict[str, str]:
+        # None: records journalled before identities, shipped exactly as they were then.
+        return {} if journal_id is None else {"Journal-Id": journal_id}
+
     async def send_batch(self, batch: Batch, limiter: RateLimiter) -> None:
         await limiter.consume(len(batch.body))
         status, _, body = await self._request(
@@ -168,15 +181,40 @@ class HttpTarget:
             self._url(f"batches/{batch.batch_id}"),
             data=batch.body,
             headers=self._headers(
-                {"Content-Encoding": "gzip", "Content-Type": "application/x-ndjson"}
+                {
+                    "Content-Encoding": "gzip",
+                    "Content-Type": "application/x-ndjson",
+                    **self._journal_header(batch.journal_id),
+                }
             ),
         )
         if status != 200:
             raise self._refused(f"batch {batch.batch_id}", status, body)
+        self._read_warnings(body)
 
-    async def _offset(self, sha256: str) -> tuple[int, bool]:
+    def _read_warnings(self, body: bytes) -> None:
+        """The receiver's answer to a stored batch says whether this appliance id has other
+        journals shipping at the same time (two boxes, one id)."""
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            return
+        warnings = answer.get("warnings") if isinstance(answer, dict) else None
+        for warning in warnings if isinstance(warnings, list) else []:
+            if isinstance(warning, dict) and warning.get("code") == "concurrent_journals":
+                journals = warning.get("journals")
+                self.collision = JournalCollision(
+                    journals=tuple(str(j) for j in journals) if isinstance(journals, list) else (),
+                    detail=str(warning.get("detail", "")),
+                )
+                return
+        self.collision = None
+
+    async def _offset(self, sha256: str, journal_id: str | None) -> tuple[int, bool]:
         status, headers, body = await self._request(
-            "HEAD", self._url(f"payloads/{sha256}"), headers=self._headers()
+            "HEAD",
+            self._url(f"payloads/{sha256}"),
+            headers=self._headers(self._journal_header(journal_id)),
         )
         if status == 404:
             return 0, False
@@ -185,9 +223,15 @@ class HttpTarget:
         return int(headers.get("Upload-Offset", "0")), headers.get("Upload-Complete") == "1"
 
     async def send_payload(
-        self, sha256: str, size: int, media_type: str, path: Path, limiter: RateLimiter
+        self,
+        sha256: str,
+        size: int,
+        media_type: str,
+        path: Path,
+        limiter: RateLimiter,
+        journal_id: str | None = None,
     ) -> int:
-        offset, complete = await self._offset(sha256)
+        offset, complete = await self._offset(sha256, journal_id)
         sent = 0
         while not complete:
             chunk = await asyncio.to_thread(_read_chunk, path, offset, self.chunk_size)
@@ -205,6 +249,7 @@ class HttpTarget:
                         "Upload-Offset": str(offset),
                         "Upload-Length": str(size),
                         "Content-Type": "application/offset+octet-stream",
+                        **self._journal_header(journal_id),
                     }
                 ),
             )

@@ -29,6 +29,7 @@ from typing import Any, Self, TypeVar
 
 from config import JournalSection
 from sync.errors import JournalClosed, JournalLocked, PayloadError, StorageFull, SyncError
+from sync.identity import JournalIdentity, ensure_identity, read_identity
 from sync.migrations import migrate
 from sync.payloads import PayloadStore, fsync_dir
 from sync.reader import JOURNAL_FILE, JournalReader, connect
@@ -145,9 +146,12 @@ class Journal:
         next_seq: int,
         reserved_seq: int,
         recovery: RecoveryReport,
+        identity: JournalIdentity,
         payloads: PayloadStore | None = None,
     ) -> None:
         self.data_dir = data_dir
+        # Made when the journal was created and kept for its life (sync/identity.py).
+        self.identity = identity
         self.path = data_dir / JOURNAL_FILE
         self.appliance_id = appliance_id
         self.boot_id = uuid.uuid4().hex
@@ -217,7 +221,7 @@ class Journal:
         except BaseException:
             os.close(lock_fd)
             raise
-        conn, next_seq, reserved, recovery = opened
+        conn, next_seq, reserved, recovery, identity = opened
         journal = cls(
             data_dir,
             conn,
@@ -226,6 +230,7 @@ class Journal:
             next_seq=next_seq,
             reserved_seq=reserved,
             recovery=recovery,
+            identity=identity,
             payloads=payloads,
         )
         journal._lock_fd = lock_fd
@@ -284,6 +289,10 @@ class Journal:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the writer lock
             self._lock_fd = None
+
+    @property
+    def journal_id(self) -> str:
+        return self.identity.journal_id
 
     @property
     def closed(self) -> bool:
@@ -909,10 +918,15 @@ def _writer_connection(path: Path) -> sqlite3.Connection:
 
 def _open_sync(
     data_dir: Path, full_check_limit: int, payloads: PayloadStore | None
-) -> tuple[sqlite3.Connection, int, int, RecoveryReport]:
+) -> tuple[sqlite3.Connection, int, int, RecoveryReport, JournalIdentity]:
     path = data_dir / JOURNAL_FILE
     conn, report = open_checked(path, full_check_limit, _writer_connection)
     migrate(conn)
+    identity = read_identity(conn)
+    if identity is None:  # the meta rows were removed by hand: a new journal from here on
+        conn.execute("BEGIN IMMEDIATE")
+        identity = ensure_identity(conn)
+        conn.execute("COMMIT")
     reserved = read_seq_reservation(data_dir)
     hw_row = conn.execute("SELECT value FROM meta WHERE key = 'seq_hw'").fetchone()
     high = max(int(hw_row[0]) if hw_row else 0, JournalReader(conn).max_seq())
@@ -928,4 +942,4 @@ def _open_sync(
         report.salvaged.next_seq = high + 1
     if payloads is not None:
         report.payloads = reconcile_payloads(conn, payloads)
-    return conn, high + 1, max(reserved, high), report
+    return conn, high + 1, max(reserved, high), report, identity

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import sqlite_utils
 
 from sync.errors import JournalTooNew
+from sync.identity import ensure_identity
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,16 @@ def _payload_outbox(db: sqlite_utils.Database) -> None:
     )
 
 
+def _journal_identity(db: sqlite_utils.Database) -> None:
+    # The journal's random id (sync/identity.py); an existing journal's records so far become
+    # its legacy range, which keeps shipping as it did before.
+    ensure_identity(db.conn)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_initial", _initial),
     Migration("0002_payload_outbox", _payload_outbox),
+    Migration("0003_journal_identity", _journal_identity),
 )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sync.errors import JournalMissing
+from sync.identity import JournalIdentity, read_identity
 from sync.records import Priority, StoredRecord
 
 JOURNAL_FILE = "journal.db"
@@ -159,6 +160,11 @@ class JournalReader:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def identity(self) -> JournalIdentity | None:
+        """The journal's identity (None only for a journal written before identities existed
+        that this version has not opened for writing yet)."""
+        return read_identity(self.conn)
+
     def max_seq(self) -> int:
         return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
 
@@ -209,17 +215,18 @@ class JournalReader:
 
     def payload_outbox(
         self, destination: str, priority: Priority, limit: int
-    ) -> list[tuple[str, int, str, str]]:
+    ) -> list[tuple[str, int, str, str, int]]:
         """Payloads still to upload to a destination, oldest first: (sha256, size, media
-        type, state); state `gone` when retention has deleted the payload meanwhile."""
+        type, state, seq of the record that queued it); state `gone` when retention has
+        deleted the payload meanwhile."""
         rows = self.conn.execute(
             "SELECT o.sha256, COALESCE(p.size, 0), COALESCE(p.media_type, ''), "
-            "COALESCE(p.state, 'gone') FROM payload_outbox o LEFT JOIN payloads p "
+            "COALESCE(p.state, 'gone'), o.seq FROM payload_outbox o LEFT JOIN payloads p "
             "ON p.sha256 = o.sha256 WHERE o.destination = ? AND o.priority = ? "
             "ORDER BY o.seq LIMIT ?",
             (destination, int(priority), limit),
         ).fetchall()
-        return [(str(s), int(n), str(m), str(st)) for s, n, m, st in rows]
+        return [(str(s), int(n), str(m), str(st), int(q)) for s, n, m, st, q in rows]
 
     def backlog(self, destination: str) -> dict[Priority, tuple[int, int, str | None]]:
         """Per priority: records and estimated bytes not yet acknowledged by `destination`, and

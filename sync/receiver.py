@@ -37,6 +37,7 @@ from typing import Any, NoReturn, TypeVar, cast
 
 from aiohttp import ClientPayloadError, web
 
+from sync.identity import valid_journal_id
 from sync.payloads import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,14 @@ DEFAULT_MAX_CHUNK_BYTES = 8 * MiB
 # A batch may inflate to this many times the compressed limit; past it the body is a bomb or a bug.
 DECOMPRESSED_FACTOR = 4
 RECEIVER_DB = "receiver.db"
+# The journal of records shipped without a Journal-Id: by appliances of a version before journal
+# identities, and by upgraded ones for what they journalled before the upgrade.
+LEGACY_JOURNAL = "legacy"
+# Two journals of one appliance id both shipping within this long of each other are two boxes
+# sharing an id, not a replaced disk; the flag clears once all but one have been quiet this long.
+DEFAULT_CONCURRENT_QUIET_S = 86400.0
+# Most conflicting seqs named in a 409 (the count is always given).
+_CONFLICTS_NAMED = 20
 PAYLOADS_DIR = "payloads"
 PARTIAL_DIR = "partial"
 PRIORITIES = ("alert", "event", "sample", "telemetry")
@@ -159,19 +168,32 @@ class Refusal(Exception):
     """A request the receiver refuses: rendered as `{"error", "detail"}` with a 4xx status."""
 
     def __init__(
-        self, status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
+        self,
+        status: int,
+        error: str,
+        detail: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{status} {error}: {detail}")
         self.status = status
         self.error = error
         self.detail = detail
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})  # more JSON fields of the answer
 
 
 def _error_response(
-    status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
+    status: int,
+    error: str,
+    detail: str,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+    return web.json_response(
+        {"error": error, "detail": detail, **(extra or {})}, status=status, headers=headers
+    )
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -189,7 +211,9 @@ async def _json_errors(request: web.Request, handler: _Handler) -> web.StreamRes
     try:
         return await handler(request)
     except Refusal as refusal:
-        return _error_response(refusal.status, refusal.error, refusal.detail, refusal.headers)
+        return _error_response(
+            refusal.status, refusal.error, refusal.detail, refusal.headers, refusal.extra
+        )
     except web.HTTPException as exc:
         if exc.status == 404 and request.path.startswith("/v1/appliances/"):
             return _error_response(
@@ -300,6 +324,72 @@ _MIGRATIONS: tuple[tuple[str, str], ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        # Journal identities (docs/sync-protocol.md, "Journals"): records and batches are keyed
+        # by (appliance, journal, seq). Everything stored before belongs to the appliance's
+        # legacy journal, which is where its appliances keep shipping their older records.
+        "0003_journals",
+        f"""
+        CREATE TABLE records_by_journal (
+            appliance_id TEXT NOT NULL,
+            journal_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            priority TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            ts TEXT NOT NULL,
+            batch_id TEXT NOT NULL,
+            received_ts TEXT NOT NULL,
+            line TEXT NOT NULL,
+            PRIMARY KEY (appliance_id, journal_id, seq)
+        ) WITHOUT ROWID;
+        INSERT INTO records_by_journal SELECT appliance_id, '{LEGACY_JOURNAL}', seq, priority, kind,
+            ts, batch_id, received_ts, line FROM records;
+        DROP TABLE records;
+        ALTER TABLE records_by_journal RENAME TO records;
+        CREATE TABLE batches_by_journal (
+            appliance_id TEXT NOT NULL,
+            journal_id TEXT NOT NULL,
+            batch_id TEXT NOT NULL,
+            priority TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            times_received INTEGER NOT NULL,
+            stored INTEGER NOT NULL,
+            duplicates INTEGER NOT NULL,
+            first_received_ts TEXT NOT NULL,
+            last_received_ts TEXT NOT NULL,
+            PRIMARY KEY (appliance_id, journal_id, batch_id)
+        ) WITHOUT ROWID;
+        INSERT INTO batches_by_journal SELECT appliance_id, '{LEGACY_JOURNAL}', batch_id, priority,
+            first_seq, last_seq, times_received, stored, duplicates, first_received_ts,
+            last_received_ts FROM batches;
+        DROP TABLE batches;
+        ALTER TABLE batches_by_journal RENAME TO batches;
+        ALTER TABLE payloads ADD COLUMN journal_id TEXT NOT NULL DEFAULT '{LEGACY_JOURNAL}';
+        ALTER TABLE appliances ADD COLUMN concurrent_journals TEXT;
+        CREATE TABLE journals (
+            appliance_id TEXT NOT NULL,
+            journal_id TEXT NOT NULL,
+            records INTEGER NOT NULL DEFAULT 0,
+            max_seq INTEGER,
+            duplicates_ignored INTEGER NOT NULL DEFAULT 0,
+            conflicts_refused INTEGER NOT NULL DEFAULT 0,
+            batches INTEGER NOT NULL DEFAULT 0,
+            payloads INTEGER NOT NULL DEFAULT 0,
+            payload_bytes INTEGER NOT NULL DEFAULT 0,
+            first_seen_ts TEXT NOT NULL,
+            last_seen_ts TEXT NOT NULL,
+            PRIMARY KEY (appliance_id, journal_id)
+        ) WITHOUT ROWID;
+        INSERT INTO journals (appliance_id, journal_id, records, max_seq, duplicates_ignored,
+            batches, payloads, payload_bytes, first_seen_ts, last_seen_ts)
+            SELECT a.appliance_id, '{LEGACY_JOURNAL}', a.records,
+                (SELECT MAX(seq) FROM records r WHERE r.appliance_id = a.appliance_id),
+                a.duplicates_ignored, a.batches, a.payloads, a.payload_bytes, a.first_seen_ts,
+                a.last_seen_ts
+            FROM appliances a;
+        """,
+    ),
 )
 
 
@@ -318,10 +408,98 @@ class BatchRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class IncomingBatch:
+    """A decoded batch with its identity: (appliance, journal, priority, seq range)."""
+
+    appliance_id: str
+    journal_id: str
+    batch_id: str
+    priority: str
+    first_seq: int
+    last_seq: int
+    records: list[BatchRecord]
+
+
+@dataclass(frozen=True, slots=True)
 class BatchResult:
     stored: int
     duplicates: int
-    conflicts: int
+    # The journals of this appliance id that are live at once (two boxes, one id), if any.
+    concurrent_journals: list[str]
+    concurrency_changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JournalSpan:
+    journal_id: str
+    first_seen_s: float
+    last_seen_s: float
+
+
+def concurrent_journals(spans: Sequence[JournalSpan], now_s: float, quiet_s: float) -> list[str]:
+    """The journals of one appliance id that shipped interleaved with another within `quiet_s`.
+
+    A replaced disk is a new journal that starts after the old one stopped: their spans (first
+    to last batch) do not overlap, so they are epochs, not a collision. Two boxes under one id
+    keep shipping, so their spans overlap. The legacy journal (records shipped before journals
+    had identities) is left out: it is the past of an upgraded journal, which ships both."""
+    live = [
+        span
+        for span in spans
+        if span.journal_id != LEGACY_JOURNAL and span.last_seen_s >= now_s - quiet_s
+    ]
+    flagged: set[str] = set()
+    for index, one in enumerate(live):
+        for other in live[index + 1 :]:
+            if one.last_seen_s >= other.first_seen_s and other.last_seen_s >= one.first_seen_s:
+                flagged.update((one.journal_id, other.journal_id))
+    return sorted(flagged)
+
+
+def _journal_spans(conn: sqlite3.Connection, appliance_id: str) -> list[JournalSpan]:
+    return [
+        JournalSpan(journal_id, _parse_ts(first), _parse_ts(last))
+        for journal_id, first, last in conn.execute(
+            "SELECT journal_id, first_seen_ts, last_seen_ts FROM journals WHERE appliance_id = ?",
+            (appliance_id,),
+        )
+    ]
+
+
+def _format_ts(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _ensure_journal(conn: sqlite3.Connection, appliance_id: str, journal_id: str, now: str) -> None:
+    conn.execute(
+        "INSERT INTO journals (appliance_id, journal_id, first_seen_ts, last_seen_ts) "
+        "VALUES (?, ?, ?, ?) ON CONFLICT(appliance_id, journal_id) "
+        "DO UPDATE SET last_seen_ts = excluded.last_seen_ts",
+        (appliance_id, journal_id, now, now),
+    )
+
+
+def _conflict_refusal(batch: IncomingBatch, seqs: list[int]) -> Refusal:
+    named = ", ".join(str(seq) for seq in seqs[:_CONFLICTS_NAMED])
+    more = f" and {len(seqs) - _CONFLICTS_NAMED} more" if len(seqs) > _CONFLICTS_NAMED else ""
+    journal = (
+        "the legacy journal (records shipped without a journal id)"
+        if batch.journal_id == LEGACY_JOURNAL
+        else f"journal {batch.journal_id}"
+    )
+    return Refusal(
+        409,
+        "conflicting records",
+        f"batch {batch.batch_id} of appliance {batch.appliance_id}: seqs {named}{more} of "
+        f"{journal} are already stored with other content ({len(seqs)} in all); nothing of "
+        "this batch was stored. A journal restored from an old backup, or one tampered with, "
+        "reuses seqs it already shipped: see docs/operations.md, 'Journal conflicts'",
+        extra={"conflicting_seqs": seqs[:_CONFLICTS_NAMED], "conflicts": len(seqs)},
+    )
 
 
 def _ensure_appliance(conn: sqlite3.Connection, appliance_id: str, now: str) -> None:
@@ -344,16 +522,31 @@ def _same_record(stored_line: str, line: str) -> bool:
 class ReceiverStore:
     """receiver.db behind one worker thread. `close()` is idempotent and runs after queued work."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.data_dir = data_dir
+        self.concurrent_quiet = concurrent_quiet
+        # Wall-clock seconds for first/last seen; injectable so tests can age a journal.
+        self.clock = clock
         self.path = data_dir / RECEIVER_DB
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receiver-db")
         self._conn: sqlite3.Connection | None = None
         self._closed = False
 
     @classmethod
-    async def open(cls, data_dir: Path) -> ReceiverStore:
-        store = cls(data_dir)
+    async def open(
+        cls,
+        data_dir: Path,
+        *,
+        concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
+        clock: Callable[[], float] = time.time,
+    ) -> ReceiverStore:
+        store = cls(data_dir, concurrent_quiet=concurrent_quiet, clock=clock)
         try:
             await store._run(store._open)
         except BaseException:
@@ -430,7 +623,8 @@ class ReceiverStore:
             }
             for file in app_dir.iterdir():
                 if SHA256_RE.fullmatch(file.name) and file.name not in known:
-                    self._record_payload(app_dir.name, file.name, file.stat().st_size)
+                    # Which journal uploaded it was in the row the crash lost.
+                    self._record_payload(app_dir.name, file.name, file.stat().st_size, None)
                     log.info(
                         "payload counted after restart",
                         extra={"fields": {"appliance_id": app_dir.name, "sha256": file.name}},
@@ -443,33 +637,31 @@ class ReceiverStore:
             self._conn.close()
             self._conn = None
 
-    def _store_batch(
-        self,
-        appliance_id: str,
-        batch_id: str,
-        priority: str,
-        first_seq: int,
-        last_seq: int,
-        records: list[BatchRecord],
-    ) -> BatchResult:
+    def _store_batch(self, batch: IncomingBatch, now_s: float) -> BatchResult:
+        """Store a batch whole or not at all: a record already held under the same (appliance,
+        journal, seq) with other content refuses the batch with 409 (after a rollback)."""
         conn = self._db()
-        now = _now()
-        stored = duplicates = conflicts = 0
+        now = _format_ts(now_s)
+        appliance_id, journal_id = batch.appliance_id, batch.journal_id
+        stored = duplicates = 0
+        conflicts: list[int] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             _ensure_appliance(conn, appliance_id, now)
-            for record in records:
+            _ensure_journal(conn, appliance_id, journal_id, now)
+            for record in batch.records:
                 cursor = conn.execute(
-                    "INSERT INTO records (appliance_id, seq, priority, kind, ts, batch_id, "
-                    "received_ts, line) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(appliance_id, seq) DO NOTHING",
+                    "INSERT INTO records (appliance_id, journal_id, seq, priority, kind, ts, "
+                    "batch_id, received_ts, line) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(appliance_id, journal_id, seq) DO NOTHING",
                     (
                         appliance_id,
+                        journal_id,
                         record.seq,
-                        priority,
+                        batch.priority,
                         record.kind,
                         record.ts,
-                        batch_id,
+                        batch.batch_id,
                         now,
                         record.line,
                     ),
@@ -479,32 +671,39 @@ class ReceiverStore:
                     continue
                 duplicates += 1
                 (stored_line,) = conn.execute(
-                    "SELECT line FROM records WHERE appliance_id = ? AND seq = ?",
-                    (appliance_id, record.seq),
+                    "SELECT line FROM records WHERE appliance_id = ? AND journal_id = ? "
+                    "AND seq = ?",
+                    (appliance_id, journal_id, record.seq),
                 ).fetchone()
                 if not _same_record(stored_line, record.line):
-                    conflicts += 1
+                    conflicts.append(record.seq)
+            if conflicts:
+                conn.execute("ROLLBACK")
+                self._count_conflicts(appliance_id, journal_id, len(conflicts), now)
+                raise _conflict_refusal(batch, conflicts)
             new_batch = (
                 conn.execute(
-                    "SELECT 1 FROM batches WHERE appliance_id = ? AND batch_id = ?",
-                    (appliance_id, batch_id),
+                    "SELECT 1 FROM batches WHERE appliance_id = ? AND journal_id = ? "
+                    "AND batch_id = ?",
+                    (appliance_id, journal_id, batch.batch_id),
                 ).fetchone()
                 is None
             )
             conn.execute(
-                "INSERT INTO batches (appliance_id, batch_id, priority, first_seq, last_seq, "
-                "times_received, stored, duplicates, first_received_ts, last_received_ts) "
-                "VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?) "
-                "ON CONFLICT(appliance_id, batch_id) DO UPDATE SET "
+                "INSERT INTO batches (appliance_id, journal_id, batch_id, priority, first_seq, "
+                "last_seq, times_received, stored, duplicates, first_received_ts, "
+                "last_received_ts) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?) "
+                "ON CONFLICT(appliance_id, journal_id, batch_id) DO UPDATE SET "
                 "times_received = times_received + 1, stored = stored + excluded.stored, "
                 "duplicates = duplicates + excluded.duplicates, "
                 "last_received_ts = excluded.last_received_ts",
                 (
                     appliance_id,
-                    batch_id,
-                    priority,
-                    first_seq,
-                    last_seq,
+                    journal_id,
+                    batch.batch_id,
+                    batch.priority,
+                    batch.first_seq,
+                    batch.last_seq,
                     stored,
                     duplicates,
                     now,
@@ -517,22 +716,75 @@ class ReceiverStore:
                 "WHERE appliance_id = ?",
                 (stored, duplicates, int(new_batch), appliance_id),
             )
+            conn.execute(
+                "UPDATE journals SET records = records + ?, "
+                "duplicates_ignored = duplicates_ignored + ?, batches = batches + ?, "
+                "max_seq = MAX(COALESCE(max_seq, 0), ?) "
+                "WHERE appliance_id = ? AND journal_id = ?",
+                (stored, duplicates, int(new_batch), batch.last_seq, appliance_id, journal_id),
+            )
+            concurrent, changed = self._judge_concurrency(appliance_id, now_s)
             # synchronous=FULL: COMMIT returns after the WAL is fsync'd.
+            conn.execute("COMMIT")
+        except Refusal:
+            raise
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return BatchResult(
+            stored=stored,
+            duplicates=duplicates,
+            concurrent_journals=concurrent,
+            concurrency_changed=changed,
+        )
+
+    def _count_conflicts(self, appliance_id: str, journal_id: str, count: int, now: str) -> None:
+        """A refused batch stores nothing, but the refusal is counted for the summary."""
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _ensure_appliance(conn, appliance_id, now)
+            _ensure_journal(conn, appliance_id, journal_id, now)
+            conn.execute(
+                "UPDATE journals SET conflicts_refused = conflicts_refused + ? "
+                "WHERE appliance_id = ? AND journal_id = ?",
+                (count, appliance_id, journal_id),
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return BatchResult(stored=stored, duplicates=duplicates, conflicts=conflicts)
 
-    def _record_payload(self, appliance_id: str, sha256: str, size: int) -> None:
+    def _judge_concurrency(self, appliance_id: str, now_s: float) -> tuple[list[str], bool]:
+        """(journals of this appliance id live at once, whether that set changed), kept in the
+        appliances row so a change is logged once. Runs inside the caller's transaction."""
+        conn = self._db()
+        concurrent = concurrent_journals(
+            _journal_spans(conn, appliance_id), now_s, self.concurrent_quiet
+        )
+        (before,) = conn.execute(
+            "SELECT concurrent_journals FROM appliances WHERE appliance_id = ?", (appliance_id,)
+        ).fetchone()
+        after = json.dumps(concurrent) if concurrent else None
+        if before != after:
+            conn.execute(
+                "UPDATE appliances SET concurrent_journals = ? WHERE appliance_id = ?",
+                (after, appliance_id),
+            )
+        return concurrent, before != after
+
+    def _record_payload(
+        self, appliance_id: str, sha256: str, size: int, journal_id: str | None
+    ) -> None:
         conn = self._db()
         now = _now()
         conn.execute("BEGIN IMMEDIATE")
         try:
             cursor = conn.execute(
-                "INSERT INTO payloads (appliance_id, sha256, size, completed_ts) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT(appliance_id, sha256) DO NOTHING",
-                (appliance_id, sha256, size, now),
+                "INSERT INTO payloads (appliance_id, sha256, size, completed_ts, journal_id) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(appliance_id, sha256) DO NOTHING",
+                (appliance_id, sha256, size, now, journal_id or ""),
             )
             if cursor.rowcount == 1:
                 _ensure_appliance(conn, appliance_id, now)
@@ -541,54 +793,88 @@ class ReceiverStore:
                     "payload_bytes = payload_bytes + ? WHERE appliance_id = ?",
                     (size, appliance_id),
                 )
+                if journal_id is not None:
+                    _ensure_journal(conn, appliance_id, journal_id, now)
+                    conn.execute(
+                        "UPDATE journals SET payloads = payloads + 1, "
+                        "payload_bytes = payload_bytes + ? "
+                        "WHERE appliance_id = ? AND journal_id = ?",
+                        (size, appliance_id, journal_id),
+                    )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
 
-    def _summary(self, appliance_id: str) -> dict[str, Any]:
+    def _summary(self, appliance_id: str, now_s: float) -> dict[str, Any]:
         conn = self._db()
         row = conn.execute(
             "SELECT records, duplicates_ignored, payloads, payload_bytes, batches "
             "FROM appliances WHERE appliance_id = ?",
             (appliance_id,),
         ).fetchone()
-        (max_seq,) = conn.execute(
-            "SELECT MAX(seq) FROM records WHERE appliance_id = ?", (appliance_id,)
-        ).fetchone()
         records, duplicates, payloads, payload_bytes, batches = row or (0, 0, 0, 0, 0)
+        journals = [
+            {
+                "journal_id": journal_id,
+                "first_seen": first_seen,
+                "last_seen": last_seen,
+                "records": count,
+                "max_seq": max_seq,
+                "batches": journal_batches,
+                "duplicates_ignored": journal_duplicates,
+                "conflicts_refused": conflicts,
+                "payloads": journal_payloads,
+                "payload_bytes": journal_payload_bytes,
+            }
+            for (
+                journal_id,
+                first_seen,
+                last_seen,
+                count,
+                max_seq,
+                journal_batches,
+                journal_duplicates,
+                conflicts,
+                journal_payloads,
+                journal_payload_bytes,
+            ) in conn.execute(
+                "SELECT journal_id, first_seen_ts, last_seen_ts, records, max_seq, batches, "
+                "duplicates_ignored, conflicts_refused, payloads, payload_bytes FROM journals "
+                "WHERE appliance_id = ? ORDER BY first_seen_ts, journal_id",
+                (appliance_id,),
+            )
+        ]
+        seqs = [j["max_seq"] for j in journals if j["max_seq"] is not None]
         return {
             "records": records,
-            "max_seq": max_seq,
+            "max_seq": max(seqs) if seqs else None,
             "duplicates_ignored": duplicates,
             "payloads": payloads,
             "payload_bytes": payload_bytes,
             "batches": batches,
+            "journals": journals,
+            "concurrent_journals": concurrent_journals(
+                _journal_spans(conn, appliance_id), now_s, self.concurrent_quiet
+            ),
         }
 
     # Loop-side API.
 
-    async def store_batch(
-        self,
-        appliance_id: str,
-        batch_id: str,
-        priority: str,
-        first_seq: int,
-        last_seq: int,
-        records: list[BatchRecord],
-    ) -> BatchResult:
-        """Store new records, count the rest as duplicates; durable when this returns."""
-        return await self._run(
-            lambda: self._store_batch(
-                appliance_id, batch_id, priority, first_seq, last_seq, records
-            )
-        )
+    async def store_batch(self, batch: IncomingBatch) -> BatchResult:
+        """Store new records, count the rest as duplicates; durable when this returns. Raises
+        Refusal (409) when a record conflicts with one already stored: nothing is stored then."""
+        now_s = self.clock()
+        return await self._run(lambda: self._store_batch(batch, now_s))
 
-    async def record_payload(self, appliance_id: str, sha256: str, size: int) -> None:
-        await self._run(lambda: self._record_payload(appliance_id, sha256, size))
+    async def record_payload(
+        self, appliance_id: str, sha256: str, size: int, journal_id: str | None
+    ) -> None:
+        await self._run(lambda: self._record_payload(appliance_id, sha256, size, journal_id))
 
     async def summary(self, appliance_id: str) -> dict[str, Any]:
-        return await self._run(lambda: self._summary(appliance_id))
+        now_s = self.clock()
+        return await self._run(lambda: self._summary(appliance_id, now_s))
 
 
 # ------------------------------------------------------------------------------ payload files
@@ -691,9 +977,17 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def decode_batch(
-    body: bytes | bytearray, appliance_id: str, priority: str, first_seq: int, last_seq: int
+    body: bytes | bytearray,
+    appliance_id: str,
+    priority: str,
+    first_seq: int,
+    last_seq: int,
+    journal_id: str = LEGACY_JOURNAL,
 ) -> list[BatchRecord]:
-    """Parse and check an NDJSON batch (CPU work: run it off the loop). Raises Refusal."""
+    """Parse and check an NDJSON batch (CPU work: run it off the loop). Raises Refusal.
+
+    Records of a journal carry its `journal_id`; legacy records (no Journal-Id) carry none."""
+    expected_journal = None if journal_id == LEGACY_JOURNAL else journal_id
     records: list[BatchRecord] = []
     # bytearray lines behave as bytes here; the cast spares a copy of up to 64 MiB.
     for number, raw in enumerate(cast("list[bytes]", body.split(b"\n")), start=1):
@@ -717,6 +1011,13 @@ def decode_batch(
                 "wrong appliance_id",
                 f"line {number} (seq {seq}): appliance_id {value.get('appliance_id')!r} "
                 f"is not the path's {appliance_id!r}",
+            )
+        if value.get("journal_id") != expected_journal:
+            raise Refusal(
+                422,
+                "wrong journal_id",
+                f"line {number} (seq {seq}): journal_id {value.get('journal_id')!r} is not the "
+                f"Journal-Id header's {expected_journal!r}",
             )
         if value.get("priority") != priority:
             raise Refusal(
@@ -810,6 +1111,32 @@ def _parse_uint_header(request: web.Request, name: str) -> int:
     return int(value)
 
 
+def journal_of(request: web.Request) -> str:
+    """The request's Journal-Id (400 when it is not 32 lowercase hex digits); LEGACY_JOURNAL
+    when there is none (an appliance of a version before journal identities)."""
+    value = request.headers.get("Journal-Id")
+    if value is None:
+        return LEGACY_JOURNAL
+    value = value.strip()
+    if not valid_journal_id(value):
+        raise Refusal(400, "bad journal id", "Journal-Id must be 32 lowercase hex digits")
+    return value
+
+
+def concurrent_warning(appliance_id: str, journals: Sequence[str]) -> dict[str, Any]:
+    """The warning every batch answer of an appliance id with concurrent journals carries."""
+    return {
+        "code": "concurrent_journals",
+        "journals": list(journals),
+        "detail": (
+            f"appliance id {appliance_id} has {len(journals)} journals shipping at once "
+            f"({', '.join(journals)}): two boxes share one id. Every record of each is kept; "
+            "give each box its own appliance.id. The warning clears once only one of them "
+            "has shipped under this id for the receiver's --concurrent-quiet"
+        ),
+    }
+
+
 class _Receiver:
     """The handlers, with the state they share (store, tokens, limits, upload locks)."""
 
@@ -821,9 +1148,13 @@ class _Receiver:
         max_batch_bytes: int,
         max_chunk_bytes: int,
         partial_ttl: float = DEFAULT_PARTIAL_TTL_S,
+        concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.data_dir = data_dir
         self.partial_ttl = partial_ttl
+        self.concurrent_quiet = concurrent_quiet
+        self.clock = clock
         self.max_batch_bytes = max_batch_bytes
         self.max_chunk_bytes = max_chunk_bytes
         self.open_access = tokens is None
@@ -846,7 +1177,9 @@ class _Receiver:
         return self._store
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        self._store = await ReceiverStore.open(self.data_dir)
+        self._store = await ReceiverStore.open(
+            self.data_dir, concurrent_quiet=self.concurrent_quiet, clock=self.clock
+        )
         if self.open_access:
             log.warning(
                 "no tokens file: accepting every appliance without a token (local tests only)"
@@ -970,6 +1303,7 @@ class _Receiver:
 
     async def put_batch(self, request: web.Request) -> web.Response:
         appliance_id = self.authorize(request)
+        journal_id = journal_of(request)
         batch_id = request.match_info["batch_id"]
         parsed = parse_batch_id(batch_id)
         if parsed is None:
@@ -982,32 +1316,56 @@ class _Receiver:
         priority, first_seq, last_seq = parsed
         body = await _read_batch_body(request, self.max_batch_bytes)
         records = await asyncio.to_thread(
-            decode_batch, body, appliance_id, priority, first_seq, last_seq
+            decode_batch, body, appliance_id, priority, first_seq, last_seq, journal_id
         )
         del body
-        result = await self.store.store_batch(
-            appliance_id, batch_id, priority, first_seq, last_seq, records
+        batch = IncomingBatch(
+            appliance_id, journal_id, batch_id, priority, first_seq, last_seq, records
         )
-        fields = {
+        fields: dict[str, Any] = {
             "appliance_id": appliance_id,
+            "journal_id": journal_id,
             "batch_id": batch_id,
+        }
+        try:
+            result = await self.store.store_batch(batch)
+        except Refusal as refusal:
+            log.warning(
+                "batch refused: conflicting records",
+                extra={"fields": {**fields, **refusal.extra}},
+            )
+            raise
+        fields.update(stored=result.stored, duplicates=result.duplicates)
+        log.info("batch stored", extra={"fields": fields})
+        answer: dict[str, Any] = {
+            "batch_id": batch_id,
+            "journal_id": journal_id,
             "stored": result.stored,
             "duplicates": result.duplicates,
         }
-        log.info("batch stored", extra={"fields": fields})
-        if result.conflicts:
-            # A seq resent with other content: the appliance reused a seq. First one wins.
-            log.warning(
-                "duplicate seqs with different content ignored",
-                extra={"fields": {**fields, "conflicts": result.conflicts}},
-            )
-        return web.json_response(
-            {"batch_id": batch_id, "stored": result.stored, "duplicates": result.duplicates}
-        )
+        if result.concurrency_changed:
+            if result.concurrent_journals:
+                log.warning(
+                    "concurrent journals under one appliance id",
+                    extra={
+                        "fields": {
+                            "appliance_id": appliance_id,
+                            "journals": result.concurrent_journals,
+                        }
+                    },
+                )
+            else:
+                log.info(
+                    "concurrent journals resolved", extra={"fields": {"appliance_id": appliance_id}}
+                )
+        if result.concurrent_journals:
+            answer["warnings"] = [concurrent_warning(appliance_id, result.concurrent_journals)]
+        return web.json_response(answer)
 
     async def head_payload(self, request: web.Request) -> web.Response:
         appliance_id = self.authorize(request)
         sha256 = self.sha256_of(request)
+        journal_of(request)  # checked like on every route, though a HEAD stores nothing
         held, complete = await self._held(appliance_id, sha256)
         # Content-Length: 0 so clients keep the connection: without it aiohttp cannot tell where
         # this bodiless answer ends and opens a new connection for every payload (a TLS handshake
@@ -1023,6 +1381,7 @@ class _Receiver:
     async def patch_payload(self, request: web.Request) -> web.Response:
         appliance_id = self.authorize(request)
         sha256 = self.sha256_of(request)
+        journal_id = journal_of(request)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding != "identity":
             raise Refusal(
@@ -1079,7 +1438,7 @@ class _Receiver:
                 "sha256 mismatch",
                 f"the {new_offset} bytes received do not hash to {sha256}; upload again from 0",
             )
-        await self.store.record_payload(appliance_id, sha256, new_offset)
+        await self.store.record_payload(appliance_id, sha256, new_offset, journal_id)
         log.info("payload complete", extra={"fields": fields})
         return self._complete_response(new_offset)
 
@@ -1109,6 +1468,8 @@ def build_receiver_app(
     partial_ttl: float = DEFAULT_PARTIAL_TTL_S,
     require_client_certificate: bool = False,
     admin_tokens: Sequence[str] = (),
+    concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The receiver as an aiohttp app; receiver.db opens on startup and closes on cleanup.
 
@@ -1117,7 +1478,8 @@ def build_receiver_app(
     `require_client_certificate` answers 403 to a request whose TLS connection presented no
     client certificate (serve it with `server_tls_context(..., client_ca=...)`). Partial uploads
     untouched for `partial_ttl` seconds are deleted (checked at start, then hourly); the handlers'
-    object is `app[RECEIVER_KEY]`. Serve it with `serve_receiver()` (or an AppRunner with auto_decompress=False): the app
+    object is `app[RECEIVER_KEY]`. Journals of one appliance id shipping interleaved within
+    `concurrent_quiet` seconds are flagged as concurrent (`clock` gives wall-clock seconds). Serve it with `serve_receiver()` (or an AppRunner with auto_decompress=False): the app
     inflates gzip bodies itself, under its own limits."""
     receiver = _Receiver(
         data_dir,
@@ -1125,6 +1487,8 @@ def build_receiver_app(
         max_batch_bytes=max_batch_bytes,
         max_chunk_bytes=max_chunk_bytes,
         partial_ttl=partial_ttl,
+        concurrent_quiet=concurrent_quiet,
+        clock=clock,
     )
     # Handlers stream bodies under their own limits; this caps anything that reads whole bodies.
     middlewares: list[Any] = [_json_errors]
@@ -1189,6 +1553,7 @@ async def run_receiver(
     ssl_context: ssl.SSLContext | None = None,
     stop: asyncio.Event | None = None,
     admin_tokens_file: Path | None = None,
+    concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
 ) -> None:
     """`appliance receiver`: serve until `stop` is set or SIGTERM/SIGINT arrives."""
     host, port = parse_listen(listen)
@@ -1213,6 +1578,7 @@ async def run_receiver(
             partial_ttl=partial_ttl,
             require_client_certificate=client_certificates,
             admin_tokens=admin_tokens,
+            concurrent_quiet=concurrent_quiet,
         )
         async with serve_receiver(app, host, port, ssl_context) as addresses:
             scheme = "https" if ssl_context is not None else "http"

@@ -92,14 +92,18 @@ class StoredRecord:
     def body(self) -> Any:
         return json.loads(self.body_json)
 
-    def to_json_line(self) -> str:
-        """`json.dumps(self.to_dict())` (compact, UTF-8 as is) without decoding the body: the
-        stored body is already compact JSON, so it is spliced in as it is (a third of the cost
-        of a telemetry record on the way out was that decode and re-encode)."""
+    def to_json_line(self, journal_id: str | None = None) -> str:
+        """`json.dumps(self.to_dict(journal_id))` (compact, UTF-8 as is) without decoding the
+        body: the stored body is already compact JSON, so it is spliced in as it is (a third of
+        the cost of a telemetry record on the way out was that decode and re-encode).
+
+        `journal_id` is the journal's identity (sync/identity.py); None leaves the field out, as
+        records journalled before journals had identities were shipped."""
         head = _encode_line(
             {
                 "seq": self.seq,
                 "appliance_id": self.appliance_id,
+                **({} if journal_id is None else {"journal_id": journal_id}),
                 "boot_id": self.boot_id,
                 "ts": self.ts,
                 "mono_ns": self.mono_ns,
@@ -113,10 +117,11 @@ class StoredRecord:
             f'{head[:-1]},"body":{self.body_json},"payloads":{_encode_line(list(self.payloads))}}}'
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, journal_id: str | None = None) -> dict[str, Any]:
         return {
             "seq": self.seq,
             "appliance_id": self.appliance_id,
+            **({} if journal_id is None else {"journal_id": journal_id}),
             "boot_id": self.boot_id,
             "ts": self.ts,
             "mono_ns": self.mono_ns,

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sync.identity import JournalIdentity, new_journal_id, read_identity, write_identity
 from sync.migrations import migrate
 from sync.payloads import PayloadStore
 
@@ -36,6 +37,11 @@ class SalvageReport:
     old_high_water: int = 0
     next_seq: int = 0
     tables_lost: list[str] = field(default_factory=list)
+    # The salvaged journal keeps its identity when the damaged one's is readable; otherwise it
+    # is a new journal upstream (its records so far ship under the new id) and this says why.
+    journal_id: str = ""
+    journal_continued: bool = False
+    journal_note: str = ""
 
 
 @dataclass
@@ -149,6 +155,7 @@ def salvage(source_path: Path, dest: sqlite3.Connection, problem: str) -> Salvag
                     marks = ", ".join("?" * len(rows[0]))
                     dest.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", rows)
             _rebuild_derived(src, dest)
+            _carry_identity(src, dest, report)
             dest.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('seq_hw', ?)",
                 (str(report.old_high_water),),
@@ -158,6 +165,36 @@ def salvage(source_path: Path, dest: sqlite3.Connection, problem: str) -> Salvag
             dest.execute("ROLLBACK")
             raise
     return report
+
+
+def _carry_identity(
+    src: sqlite3.Connection, dest: sqlite3.Connection, report: SalvageReport
+) -> None:
+    """Keep the damaged journal's identity when it can be read, so upstream sees one journal."""
+    try:
+        old = read_identity(src)
+        meta_readable = True
+    except sqlite3.DatabaseError:
+        old, meta_readable = None, False
+    if old is not None:
+        write_identity(dest, old)
+        report.journal_continued = True
+        report.journal_note = "identity kept"
+    elif meta_readable and _safe_scalar(src, "SELECT value FROM meta WHERE key = 'boots'"):
+        # A journal from before identities: what it held so far ships as it always did.
+        write_identity(dest, JournalIdentity(new_journal_id(), report.old_high_water))
+        report.journal_continued = True
+        report.journal_note = "journal predates identities; its records so far stay legacy"
+    else:
+        write_identity(dest, JournalIdentity(new_journal_id()))
+        report.journal_note = (
+            "the damaged journal's identity could not be read: this is a new journal upstream"
+        )
+        log.warning(
+            "salvaged journal starts a new identity", extra={"fields": {"why": "meta lost"}}
+        )
+    identity = read_identity(dest)
+    report.journal_id = identity.journal_id if identity else ""
 
 
 def _safe_scalar(conn: sqlite3.Connection, sql: str) -> Any:

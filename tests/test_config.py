@@ -83,8 +83,8 @@ MISTAKES = {
         "unknown type 'modbuss'",
     ),
     "missing required key": (
-        "appliance:\n  data_dir: /tmp/x\n",
-        "appliance.id",
+        "appliance:\n  id: boat-1\n",
+        "appliance.data_dir",
         1,
         "required key is missing",
     ),
@@ -178,7 +178,8 @@ def test_bad_override_names_the_variable_path() -> None:
 
 def test_demo_profile_is_the_default() -> None:
     cfg = load_config(None, environ={})
-    assert cfg.appliance.id == "demo-01"
+    # No id in the demo profile: each data directory makes its own at first start.
+    assert cfg.appliance.id == "auto"
 
 
 def test_duplicate_source_names_rejected() -> None:

@@ -49,6 +49,8 @@ SUMMARY_FIELDS = {
     "payloads",
     "payload_bytes",
     "batches",
+    "journals",
+    "concurrent_journals",
 }
 
 
@@ -207,14 +209,15 @@ async def test_batch_stored_once_and_resend_counted_as_duplicates(client: Client
     records = [record(seq) for seq in range(1, 6)]
     assert await client.put_batch("event-1-5", ndjson(records)) == (
         200,
-        {"batch_id": "event-1-5", "stored": 5, "duplicates": 0},
+        {"batch_id": "event-1-5", "journal_id": "legacy", "stored": 5, "duplicates": 0},
     )
     assert await client.put_batch("event-1-5", ndjson(records)) == (
         200,
-        {"batch_id": "event-1-5", "stored": 0, "duplicates": 5},
+        {"batch_id": "event-1-5", "journal_id": "legacy", "stored": 0, "duplicates": 5},
     )
     summary = await client.summary()
     assert set(summary) == SUMMARY_FIELDS
+    journals = summary.pop("journals")
     assert summary == {
         "records": 5,
         "max_seq": 5,
@@ -222,7 +225,10 @@ async def test_batch_stored_once_and_resend_counted_as_duplicates(client: Client
         "payloads": 0,
         "payload_bytes": 0,
         "batches": 1,
+        "concurrent_journals": [],
     }
+    # Sent without a Journal-Id: the appliance's legacy journal.
+    assert [(j["journal_id"], j["records"], j["max_seq"]) for j in journals] == [("legacy", 5, 5)]
     rows = db_rows(
         client.data_dir,
         "SELECT seq, priority, kind, ts, line FROM records WHERE appliance_id = ? ORDER BY seq",
@@ -242,7 +248,10 @@ async def test_overlapping_batches_store_each_record_once(client: Client) -> Non
         "stored"
     ] == 5
     status, body = await client.put_batch("event-3-8", ndjson(second), encoding=None)
-    assert (status, body) == (200, {"batch_id": "event-3-8", "stored": 3, "duplicates": 3})
+    assert (status, body) == (
+        200,
+        {"batch_id": "event-3-8", "journal_id": "legacy", "stored": 3, "duplicates": 3},
+    )
     summary = await client.summary()
     assert (summary["records"], summary["max_seq"], summary["duplicates_ignored"]) == (8, 8, 3)
     assert summary["batches"] == 2
@@ -262,6 +271,8 @@ async def test_summary_of_an_unknown_appliance_is_empty(client: Client) -> None:
         "payloads": 0,
         "payload_bytes": 0,
         "batches": 0,
+        "journals": [],
+        "concurrent_journals": [],
     }
 
 
@@ -624,12 +635,17 @@ async def test_restarted_receiver_keeps_records_counters_and_partial_uploads(
         assert headers["Upload-Complete"] == "1"
         status, body = await client.put_batch("alert-10-19", ndjson(records))
         assert (status, body["stored"], body["duplicates"]) == (200, 0, 10)
-        assert await client.summary() == {
+        after = await client.summary()
+        (journal_before,), (journal_after,) = before.pop("journals"), after.pop("journals")
+        assert after == {
             **before,
             "duplicates_ignored": 13,
             "payloads": 1,
             "payload_bytes": len(data),
         }
+        assert journal_after["records"] == journal_before["records"] == 10
+        assert journal_after["first_seen"] == journal_before["first_seen"]
+        assert journal_after["last_seen"] > journal_before["last_seen"]
     assert (data_dir / PAYLOADS_DIR / "ship-1" / digest).read_bytes() == data
 
 
