@@ -24,6 +24,15 @@ from sync.reader import JournalReader
 CONTROL_SOCKET = "control.sock"
 
 
+def collision_warnings(engines: list[SyncEngine]) -> list[str]:
+    """What `sync --now` prints besides its result: another journal shipping under this id."""
+    return [
+        f"{engine.name}: {engine.state.collision.detail}"
+        for engine in engines
+        if engine.state.collision is not None
+    ]
+
+
 async def drain_engines(
     engines: list[SyncEngine], time_limit: float | None
 ) -> AsyncIterator[dict[str, Any]]:
@@ -66,14 +75,25 @@ async def drain_engines(
             try:
                 complete = await engine.drain(report)
             except DestinationError as exc:
-                return {"done": True, "drained": False, "reason": str(exc)}
+                return {
+                    "done": True,
+                    "drained": False,
+                    "reason": str(exc),
+                    "warnings": collision_warnings(engines),
+                }
             if not complete:
                 return {
                     "done": True,
                     "drained": False,
                     "reason": f"{engine.name}: daily payload budget reached; payloads wait for tomorrow",
+                    "warnings": collision_warnings(engines),
                 }
-        return {"done": True, "drained": True, "reason": None}
+        return {
+            "done": True,
+            "drained": True,
+            "reason": None,
+            "warnings": collision_warnings(engines),
+        }
 
     task = asyncio.ensure_future(run())
     deadline = None if time_limit is None else time.monotonic() + time_limit

@@ -106,6 +106,8 @@ async def _follow(
             if line.get("done"):
                 if last:
                     bar.show(last, final=True)
+                for warning in line.get("warnings") or []:
+                    bar.out.write(f"warning: {warning}\n")
                 return bool(line["drained"]), line.get("reason")
             last = line
             bar.show(line)

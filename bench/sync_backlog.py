@@ -69,7 +69,7 @@ from config.loader import PROFILES, parse_config, profile_text
 from config.models import HttpDestination, SyncSection
 from sensors import open_source
 from sync import Journal, PayloadStore, Priority, StoredRecord
-from sync.destination import Batch, RateLimiter, encode_batch
+from sync.destination import Batch, JournalCollision, RateLimiter, encode_batch
 from sync.engine import Progress, SyncEngine
 from sync.http_client import HttpTarget
 from sync.reader import JOURNAL_FILE, JournalReader
@@ -458,6 +458,10 @@ class MeteredTarget:
     ) -> None:
         await self.inner.__aexit__(exc_type, exc, tb)
 
+    @property
+    def collision(self) -> JournalCollision | None:
+        return self.inner.collision
+
     async def reachable(self) -> bool:
         return await self.inner.reachable()
 
@@ -475,10 +479,16 @@ class MeteredTarget:
         )
 
     async def send_payload(
-        self, sha256: str, size: int, media_type: str, path: Path, limiter: RateLimiter
+        self,
+        sha256: str,
+        size: int,
+        media_type: str,
+        path: Path,
+        limiter: RateLimiter,
+        journal_id: str | None = None,
     ) -> int:
         up = self.meter.upstream
-        sent = await self.inner.send_payload(sha256, size, media_type, path, limiter)
+        sent = await self.inner.send_payload(sha256, size, media_type, path, limiter, journal_id)
         self.payload_upstream += self.meter.upstream - up
         self.payload_bytes += sent
         return sent

@@ -116,10 +116,12 @@ class Destination(Protocol):
     even after a crash, or the records would be stored twice; the engine journals the bounds
     before each send for it."""
 
-    collision: JournalCollision | None
-    """Set by the destination when it learns that another journal is live under this
-    appliance's id (the receiver says so in its answers; directory and S3 destinations see the
-    other journal's marker); None once that has cleared."""
+    @property
+    def collision(self) -> JournalCollision | None:
+        """Set by the destination when it learns that another journal is live under this
+        appliance's id (the receiver says so in its answers; directory and S3 destinations see
+        the other journal's marker); None once that has cleared."""
+        ...
 
     async def __aenter__(self) -> Self: ...
 

@@ -1,13 +1,22 @@
 """The `s3` destination: batches and payloads as objects in an S3-compatible bucket (AWS S3,
 MinIO, SeaweedFS, ...), with large payloads sent as multipart uploads that resume after a cut.
 
-Layout under `prefix` in `bucket`::
+Layout under `prefix` in `bucket` (JOURNAL: the journal's id, sync/identity.py)::
 
-    APPLIANCE/records/PRIORITY/YYYY-MM-DD/FIRST-LAST.ndjson.gz   (the batch, gzip NDJSON)
-    APPLIANCE/payloads/AB/SHA256                                 (metadata sha256=SHA256)
+    APPLIANCE/JOURNAL/records/PRIORITY/YYYY-MM-DD/FIRST-LAST.ndjson.gz  (the batch, gzip NDJSON)
+    APPLIANCE/JOURNAL/payloads/AB/SHA256                                (metadata sha256=SHA256)
+    APPLIANCE/JOURNAL/journal.json                                      (the journal's marker)
+    APPLIANCE/concurrent-journals.json                  (only while two journals are live)
 
 The date of a batch is the UTC date of its first record's timestamp (read from the batch body),
 not the date of sending: a resend of the same batch lands on the same key and overwrites it.
+Records journalled before journals had identities (legacy) keep the keys they always had,
+APPLIANCE/records/... and APPLIANCE/payloads/..., so a batch resent after an upgrade lands on
+the object it landed on before.
+
+Two journals under one appliance id (a replaced disk, or two boxes given one config) never
+share a key; their `journal.json` markers tell one from the other (see sync/directory.py, whose
+rules this destination shares).
 """
 
 from __future__ import annotations
@@ -25,7 +34,21 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from config.models import S3Destination
-from sync.destination import Batch, DestinationError, RateLimiter
+from sync.destination import Batch, DestinationError, JournalCollision, RateLimiter
+from sync.directory import (
+    COLLISION_QUIET_S,
+    FLAG_NAME,
+    MARKER_NAME,
+    MARKER_REFRESH_S,
+    MarkerClock,
+    collision_for,
+    flag_json,
+    live_alongside,
+    markers_from,
+    next_marker,
+    parse_marker,
+)
+from sync.identity import valid_journal_id
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
@@ -74,13 +97,24 @@ class S3Target:
 
     dedups_records = False  # objects are named by the batch's bounds
 
-    def __init__(self, cfg: S3Destination, appliance_id: str, chunk_size: int) -> None:
+    def __init__(
+        self,
+        cfg: S3Destination,
+        appliance_id: str,
+        chunk_size: int,
+        *,
+        collision_quiet_s: float = COLLISION_QUIET_S,
+        marker_refresh_s: float = MARKER_REFRESH_S,
+    ) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.appliance_id = appliance_id
         self.chunk_size = chunk_size
         self.part_size = max(chunk_size, MIN_PART_SIZE)
         self.bucket = cfg.bucket
+        self.collision_quiet_s = collision_quiet_s
+        self.collision: JournalCollision | None = None
+        self._markers = MarkerClock(marker_refresh_s)
         self._client: S3Client | None = None
         self._client_cm: Any = None
 
@@ -180,14 +214,37 @@ class S3Target:
 
     # ------------------------------------------------------------------------- records
 
+    def appliance_prefix(self, appliance_id: str | None = None) -> str:
+        return f"{self.cfg.prefix}{appliance_id or self.appliance_id}/"
+
+    def journal_prefix(self, journal_id: str | None, appliance_id: str | None = None) -> str:
+        """Where a journal's objects go; a legacy one's (None) straight under the appliance."""
+        base = self.appliance_prefix(appliance_id)
+        return base if journal_id is None else f"{base}{journal_id}/"
+
     def batch_key(self, batch: Batch) -> str:
         return (
-            f"{self.cfg.prefix}{batch.appliance_id}/records/{batch.priority.label}/"
-            f"{batch_date(batch)}/{batch.first_seq:012d}-{batch.last_seq:012d}.ndjson.gz"
+            f"{self.journal_prefix(batch.journal_id, batch.appliance_id)}records/"
+            f"{batch.priority.label}/{batch_date(batch)}/"
+            f"{batch.first_seq:012d}-{batch.last_seq:012d}.ndjson.gz"
         )
+
+    def marker_key(self, journal_id: str, appliance_id: str | None = None) -> str:
+        return f"{self.journal_prefix(journal_id, appliance_id)}{MARKER_NAME}"
+
+    def flag_key(self, appliance_id: str | None = None) -> str:
+        return f"{self.appliance_prefix(appliance_id)}{FLAG_NAME}"
 
     async def send_batch(self, batch: Batch, limiter: RateLimiter) -> None:
         await limiter.consume(len(batch.body))
+        metadata = {
+            "batch-id": batch.batch_id,
+            "records": str(batch.records),
+            "first-seq": str(batch.first_seq),
+            "last-seq": str(batch.last_seq),
+        }
+        if batch.journal_id is not None:
+            metadata["journal-id"] = batch.journal_id
         try:
             await self.client.put_object(
                 Bucket=self.bucket,
@@ -195,20 +252,88 @@ class S3Target:
                 Body=batch.body,
                 ContentType="application/x-ndjson",
                 ContentEncoding="gzip",
-                Metadata={
-                    "batch-id": batch.batch_id,
-                    "records": str(batch.records),
-                    "first-seq": str(batch.first_seq),
-                    "last-seq": str(batch.last_seq),
-                },
+                Metadata=metadata,
             )
         except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
             raise self._error(f"batch {batch.batch_id} not stored", exc) from exc
+        if batch.journal_id is not None and self._markers.due(batch.journal_id):
+            try:
+                await self._keep_marker(batch.appliance_id, batch.journal_id)
+            except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
+                # Markers only warn: a key allowed to write batches but not to list the bucket
+                # still delivers everything.
+                self._markers.failed(self.name, str(self._error("journal marker", exc)))
+
+    # ------------------------------------------------------------------------- markers
+
+    async def _get_or_none(self, key: str) -> bytes | None:
+        try:
+            answer = await self.client.get_object(Bucket=self.bucket, Key=key)
+            async with answer["Body"] as body:
+                return await body.read()
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code in ("NoSuchKey", "404") or status == 404:
+                return None
+            raise
+
+    async def _keep_marker(self, appliance_id: str, journal_id: str) -> None:
+        """Write our journal's marker, then compare it with the other journals' markers under
+        the same appliance id: set `collision` and the flag object, or clear both."""
+        now = datetime.now(UTC)
+        key = self.marker_key(journal_id, appliance_id)
+        first_seen = self._markers.first_seen
+        if first_seen is None:  # the first time in this process: keep what the bucket says
+            data = await self._get_or_none(key)
+            existing = None if data is None else parse_marker(data, journal_id)
+            first_seen = None if existing is None else existing.first_seen
+        ours = next_marker(appliance_id, journal_id, first_seen, now)
+        await self.client.put_object(
+            Bucket=self.bucket, Key=key, Body=ours.to_json(), ContentType="application/json"
+        )
+        self._markers.first_seen = ours.first_seen
+
+        base = self.appliance_prefix(appliance_id)
+        journals: list[str] = []
+        flag_there = False
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base, "Delimiter": "/"}
+        while True:
+            listing = await self.client.list_objects_v2(**kwargs)
+            for common in listing.get("CommonPrefixes", []):
+                name = str(common.get("Prefix", ""))[len(base) :].rstrip("/")
+                if name != journal_id and valid_journal_id(name):
+                    journals.append(name)
+            flag_there = flag_there or any(
+                item.get("Key") == self.flag_key(appliance_id)
+                for item in listing.get("Contents", [])
+            )
+            token = listing.get("NextContinuationToken")
+            if not listing.get("IsTruncated") or not token:
+                break
+            kwargs["ContinuationToken"] = token
+        found = {
+            other: await self._get_or_none(self.marker_key(other, appliance_id))
+            for other in journals
+        }
+        live = live_alongside(ours, markers_from(found, journal_id), now, self.collision_quiet_s)
+        where = f"s3 destination {self.name!r} (s3://{self.bucket}/{base})"
+        self.collision = collision_for(ours, live, where)
+        if self.collision is not None:
+            await self.client.put_object(
+                Bucket=self.bucket,
+                Key=self.flag_key(appliance_id),
+                Body=flag_json(ours, self.collision, now),
+                ContentType="application/json",
+            )
+        elif flag_there:
+            await self.client.delete_object(Bucket=self.bucket, Key=self.flag_key(appliance_id))
+        self._markers.done()
 
     # ------------------------------------------------------------------------- payloads
 
-    def payload_key(self, sha256: str) -> str:
-        return f"{self.cfg.prefix}{self.appliance_id}/payloads/{sha256[:2]}/{sha256}"
+    def payload_key(self, sha256: str, journal_id: str | None = None) -> str:
+        return f"{self.journal_prefix(journal_id)}payloads/{sha256[:2]}/{sha256}"
 
     async def _stored_size(self, key: str, sha256: str) -> int | None:
         """Size of the complete object at `key` if it holds this payload, else None."""
@@ -225,9 +350,15 @@ class S3Target:
         return int(head["ContentLength"])
 
     async def send_payload(
-        self, sha256: str, size: int, media_type: str, path: Path, limiter: RateLimiter
+        self,
+        sha256: str,
+        size: int,
+        media_type: str,
+        path: Path,
+        limiter: RateLimiter,
+        journal_id: str | None = None,
     ) -> int:
-        key = self.payload_key(sha256)
+        key = self.payload_key(sha256, journal_id)
         what = f"payload {sha256[:12]}"
         try:
             if await self._stored_size(key, sha256) == size:

@@ -232,7 +232,7 @@ def shipped(shore: Path) -> list[dict[str, Any]]:
     """Every record the directory destination received, in journal order (it ships alerts
     first)."""
     found = []
-    for batch in shore.glob("records/*/*/*.ndjson.gz"):
+    for batch in shore.glob("records/*/*/*/*.ndjson.gz"):
         with gzip.open(batch, "rt", encoding="utf-8") as handle:
             found += [json.loads(line) for line in handle if line.strip()]
     return sorted(found, key=lambda record: int(record["seq"]))

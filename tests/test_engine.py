@@ -201,10 +201,11 @@ async def test_run_loop_drains_when_the_link_returns(
 # ------------------------------------------------------------------- directory destination
 
 
-def check_directory(root: Path, blobs: dict[str, bytes], seqs: int) -> None:
-    """Everything complete is consistent; nothing partial is visible as complete."""
+def check_directory(root: Path, blobs: dict[str, bytes], seqs: int, journal_id: str) -> None:
+    """Everything complete is consistent; nothing partial is visible as complete. The layout is
+    records/APPLIANCE/JOURNAL/PRIORITY/... and payloads/APPLIANCE/JOURNAL/AB/SHA256."""
     seen: set[int] = set()
-    for manifest_path in root.glob("records/*/*/*.manifest.json"):
+    for manifest_path in root.glob(f"records/test-appliance/{journal_id}/*/*.manifest.json"):
         manifest = json.loads(manifest_path.read_text())
         data = (manifest_path.parent / manifest["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == manifest["sha256"]
@@ -212,7 +213,8 @@ def check_directory(root: Path, blobs: dict[str, bytes], seqs: int) -> None:
             seen.add(json.loads(line)["seq"])
     assert seen == set(range(1, seqs + 1))
     for sha, data in blobs.items():
-        assert (root / "payloads" / "test-appliance" / sha[:2] / sha).read_bytes() == data
+        path = root / "payloads" / "test-appliance" / journal_id / sha[:2] / sha
+        assert path.read_bytes() == data
 
 
 async def test_directory_destination_end_to_end(
@@ -225,7 +227,7 @@ async def test_directory_destination_end_to_end(
     target = DirectoryTarget(cfg, journal.appliance_id, chunk_size=4096)
     engine = SyncEngine(journal, payload_store, target, cfg, settings())
     assert await engine.drain() is True
-    check_directory(target_dir, blobs, 120)
+    check_directory(target_dir, blobs, 120, journal.journal_id)
 
 
 async def test_directory_vanishing_mid_write_leaves_nothing_partial_complete(
@@ -260,7 +262,7 @@ async def test_directory_vanishing_mid_write_leaves_nothing_partial_complete(
 
     await journal.execute_write(rewind)
     assert await engine.drain() is True
-    check_directory(target_dir, blobs, 120)
+    check_directory(target_dir, blobs, 120, journal.journal_id)
     assert not list(target_dir.rglob("*.tmp"))
 
 
@@ -416,7 +418,7 @@ async def test_a_batch_landed_unacknowledged_before_a_crash_is_resent_with_the_s
 
     target = DirectoryTarget(cfg, journal.appliance_id, chunk_size=4096)
     assert await SyncEngine(journal, payload_store, target, cfg, settings()).drain() is True
-    names = sorted(p.name for p in target_dir.glob("records/*/*/*.manifest.json"))
+    names = sorted(p.name for p in target_dir.glob("records/*/*/*/*.manifest.json"))
     bounds = [tuple(int(n) for n in name.split(".")[0].split("-")) for name in names]
     assert bounds[0] == (1, 5)  # the landed batch, overwritten by its identical resend
     covered = [seq for first, last in bounds for seq in range(first, last + 1)]

@@ -237,27 +237,34 @@ async def test_engine_drain_delivers_records_and_payloads(
 
     assert len(sent) == 12  # 10 records of each priority in batches of 4, 4, 2
     seqs: list[int] = []
+    journal_prefix = f"{target.cfg.prefix}test-appliance/{journal.journal_id}/"
     for batch in sent:
         key = target.batch_key(batch)
-        assert key.startswith(f"{target.cfg.prefix}test-appliance/records/{batch.priority.label}/")
+        assert key.startswith(f"{journal_prefix}records/{batch.priority.label}/")
         assert key.endswith(f"/{batch.first_seq:012d}-{batch.last_seq:012d}.ndjson.gz")
         body, answer = await get_object(target, key)
         assert body == batch.body
         assert answer.get("ContentEncoding") == "gzip"
+        assert answer["Metadata"]["journal-id"] == journal.journal_id
         seqs += [json.loads(line)["seq"] for line in gzip.decompress(body).splitlines()]
     assert sorted(seqs) == list(range(1, 41))
 
-    payload_keys = await keys_under(target, f"{target.cfg.prefix}test-appliance/payloads/")
+    payload_keys = await keys_under(target, f"{journal_prefix}payloads/")
     assert len(payload_keys) == len(blobs)
     for sha256, data in blobs.items():
-        body, answer = await get_object(target, target.payload_key(sha256))
+        body, answer = await get_object(target, target.payload_key(sha256, journal.journal_id))
         assert hashlib.sha256(body).hexdigest() == sha256 and body == data
         assert answer["Metadata"]["sha256"] == sha256
     # Already there with the right size: nothing is sent again.
     sha256 = next(iter(blobs))
     path = payload_store.path_for(sha256)
     again = await target.send_payload(
-        sha256, len(blobs[sha256]), "application/octet-stream", path, RateLimiter(None)
+        sha256,
+        len(blobs[sha256]),
+        "application/octet-stream",
+        path,
+        RateLimiter(None),
+        journal.journal_id,
     )
     assert again == 0
 

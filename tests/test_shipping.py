@@ -49,7 +49,7 @@ def test_daemon_ships_everything_to_a_directory(tmp_path: Path) -> None:
         assert stop_daemon(proc) == 0
     outbox = data / "outbox"
     shipped: dict[int, dict[str, object]] = {}
-    for manifest_path in outbox.glob("records/test-01/*/*.manifest.json"):
+    for manifest_path in outbox.glob("records/test-01/*/*/*.manifest.json"):
         manifest = json.loads(manifest_path.read_text())
         body = (manifest_path.parent / manifest["file"]).read_bytes()
         assert hashlib.sha256(body).hexdigest() == manifest["sha256"]
@@ -68,8 +68,10 @@ def test_daemon_ships_everything_to_a_directory(tmp_path: Path) -> None:
     assert set(shipped) == set(journalled)
     assert all(json.loads(journalled[s]) == shipped[s]["body"] for s in journalled)
     assert waiting == 0 and payloads
+    # One journal, in every record and in the layout: records/APPLIANCE/JOURNAL/PRIORITY/...
+    (journal_id,) = {str(record["journal_id"]) for record in shipped.values()}
     for sha in payloads:
-        copy = outbox / "payloads" / "test-01" / sha[:2] / sha
+        copy = outbox / "payloads" / "test-01" / journal_id / sha[:2] / sha
         original = data / "payloads" / sha[:2] / sha
         assert copy.read_bytes() == original.read_bytes()
     assert status_json(config)["destinations"]["usb"]["backlog_records"] == 0

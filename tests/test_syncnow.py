@@ -43,7 +43,7 @@ def test_sync_now_without_a_daemon_drains_everything(tmp_path: Path) -> None:
     report = status_json(config)
     assert report["destinations"]["usb"]["backlog_records"] == 0
     assert report["destinations"]["usb"]["payloads_waiting"] == 0
-    assert list((tmp_path / "data" / "outbox").glob("records/test-01/telemetry/*.manifest.json"))
+    assert list((tmp_path / "data" / "outbox").glob("records/test-01/*/telemetry/*.manifest.json"))
 
 
 def test_sync_now_asks_the_running_daemon(tmp_path: Path) -> None:

@@ -246,7 +246,7 @@ def test_the_running_daemon_serves_status_events_metrics_and_sync(tmp_path: Path
             "the requested sync to drain the backlog",
             interval=0.5,
         )
-        shipped = list((data / "outbox").glob("records/test-01/*/*.ndjson.gz"))
+        shipped = list((data / "outbox").glob("records/test-01/*/*/*.ndjson.gz"))
         assert shipped
 
         # Payloads: names are sha256 hex only; nothing else reaches the file system.
