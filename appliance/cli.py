@@ -21,9 +21,10 @@ from appliance.syncnow import sync_now
 from config import ApplianceConfig, ConfigError, config_schema, load_config
 from config.models import AUTO_APPLIANCE_ID
 from config.units import parse_duration
-from sync import JournalReader, SyncError
-from sync.identity import data_dir_appliance_id
+from sync import Journal, JournalReader, SyncError
+from sync.identity import JournalIdentity, data_dir_appliance_id
 from sync.model_feed import PublishError, publish_package
+from sync.reader import JOURNAL_FILE
 from sync.receiver import (
     parse_admin_tokens_file,
     parse_listen,
@@ -94,6 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "--format", choices=["ndjson", "csv"], default="ndjson", help="output format"
+    )
+
+    journal_cmd = commands.add_parser("journal", help="the journal's identity")
+    journal_sub = journal_cmd.add_subparsers(
+        dest="journal_command", required=True, metavar="ACTION", parser_class=_Parser
+    )
+    fork = journal_sub.add_parser(
+        "fork",
+        parents=[common],
+        help="ship records after a seq under a new journal id (after restoring a backup older "
+        "than what was shipped, or on a copied journal); the daemon must be stopped",
+    )
+    fork.add_argument("-c", "--config", type=Path, help="config file (default: demo profile)")
+    fork.add_argument(
+        "--after",
+        type=int,
+        metavar="SEQ",
+        help="last seq that keeps the current id (default: the last seq handed out; after a "
+        "409, one less than the first conflicting seq it names)",
     )
 
     config_cmd = commands.add_parser(
@@ -242,7 +262,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_models(args)
 
     cfg = load_config(args.config, data_dir=args.data_dir)
-    cfg = with_appliance_id(cfg, create=args.command in ("run", "replay", "sync"))
+    cfg = with_appliance_id(cfg, create=args.command in ("run", "replay", "sync", "journal"))
     if args.command in ("run", "replay"):
         # Imported here: the daemon brings every source library, which the operator's quick
         # commands (status, export) do not need to load.
@@ -250,6 +270,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         setup_logging(args.log_level)
         return asyncio.run(Daemon(cfg, mode=args.command).run())
+    if args.command == "journal":
+        return _fork_journal(cfg, args.after)
     if args.command == "sync":
         if args.timeout is not None and args.timeout <= 0:
             print("error: --timeout must be positive", file=sys.stderr)
@@ -282,6 +304,31 @@ def _dispatch(args: argparse.Namespace) -> int:
             reader.close()
         return EXIT_OK
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _fork_journal(cfg: ApplianceConfig, after: int | None) -> int:
+    async def fork() -> tuple[JournalIdentity, JournalIdentity]:
+        journal = await Journal.open(
+            cfg.appliance.data_dir, appliance_id=cfg.appliance.id, settings=cfg.journal
+        )
+        async with journal:
+            return await journal.fork(after)
+
+    if not (cfg.appliance.data_dir / JOURNAL_FILE).exists():
+        print(f"error: no journal in {cfg.appliance.data_dir}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        before, forked = asyncio.run(fork())
+    except ValueError as exc:
+        print(f"error: --after: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    point = forked.earlier[-1][0] if forked.earlier else forked.legacy_high_water
+    kept = before.shipped_as(point) or "legacy (no journal id)"
+    print(
+        f"journal forked: records up to seq {point} ship as {kept}, "
+        f"records after it as {forked.journal_id}"
+    )
+    return EXIT_OK
 
 
 def with_appliance_id(cfg: ApplianceConfig, *, create: bool) -> ApplianceConfig:

@@ -42,6 +42,8 @@ class Batch:
     # The journal the records belong to (sync/identity.py); None for records journalled before
     # journals had identities, which ship exactly as they did then.
     journal_id: str | None = None
+    # The id whose history this journal continues (sync/identity.py `follows`), if any.
+    follows: str | None = None
 
     @property
     def batch_id(self) -> str:
@@ -71,6 +73,37 @@ def encode_batch(
         raw_bytes=len(raw),
         payloads=tuple(dict.fromkeys(payloads)),
         journal_id=journal_id,
+    )
+
+
+def conflicting_seqs(stored_body: bytes, batch: Batch) -> list[int] | None:
+    """For destinations that name batches by their bounds: compare what is already stored under
+    a batch's name with the batch. [] when it holds the same records (a resend after a crash:
+    nothing to write); the seqs that differ, or that it lacks, when it holds other records (a
+    journal restored from an old backup or copied onto a second box reuses seqs: never
+    overwrite); None when the stored copy cannot be read (a torn write: write it again)."""
+    try:
+        stored = {
+            int(record["seq"]): record
+            for record in map(json.loads, gzip.decompress(stored_body).splitlines())
+        }
+        ours = [json.loads(line) for line in gzip.decompress(batch.body).splitlines()]
+    except (OSError, EOFError, ValueError, KeyError, TypeError):
+        return None
+    return [int(record["seq"]) for record in ours if stored.get(int(record["seq"])) != record]
+
+
+def conflict_error(destination: str, batch: Batch, where: str, seqs: list[int]) -> DestinationError:
+    """The permanent refusal of a batch that would overwrite other records (see above)."""
+    named = ", ".join(str(seq) for seq in seqs[:20]) + (" ..." if len(seqs) > 20 else "")
+    journal = f"journal {batch.journal_id}" if batch.journal_id else "the legacy journal"
+    return DestinationError(
+        destination,
+        f"batch {batch.batch_id} conflicts: {where} already holds other records under seqs "
+        f"{named} of {journal} ({len(seqs)} in all); nothing was overwritten. A journal restored "
+        "from an old backup or copied onto a second box reuses seqs it already shipped: see "
+        "docs/operations.md, 'Journal conflicts'",
+        retryable=False,
     )
 
 

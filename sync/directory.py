@@ -7,8 +7,7 @@ appliance id (a replaced disk, a factory reset, two boxes given one config) neve
 other. Each journal also keeps a small marker, `journal.json`, that says when it was first and
 last seen; comparing the markers under one appliance id tells a journal that replaced another
 (never a problem) from two that ship at the same time (two boxes share one id: a collision,
-flagged in `concurrent-journals.json` and handed to the engine). The marker rules here are
-shared with the `s3` destination."""
+flagged in `concurrent-journals.json` and handed to the engine): sync/journal_markers.py."""
 
 from __future__ import annotations
 
@@ -16,168 +15,34 @@ import asyncio
 import errno
 import hashlib
 import json
-import logging
 import os
-import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from config.models import DirectoryDestination
-from sync.destination import Batch, DestinationError, JournalCollision, RateLimiter
+from sync.destination import (
+    Batch,
+    DestinationError,
+    JournalCollision,
+    RateLimiter,
+    conflict_error,
+    conflicting_seqs,
+)
 from sync.identity import valid_journal_id
+from sync.journal_markers import (
+    COLLISION_QUIET_S,
+    FLAG_NAME,
+    MARKER_NAME,
+    MARKER_REFRESH_S,
+    JournalMarker,
+    MarkerClock,
+    collision_for,
+    flag_json,
+    live_alongside,
+    next_marker,
+    parse_marker,
+)
 from sync.payloads import fsync_dir
-from sync.records import format_ts, parse_ts
-
-log = logging.getLogger(__name__)
-
-# Another journal under this appliance id counts as live alongside ours when it was seen after
-# ours first appeared and within this long: a journal that stopped before ours started (a
-# replaced disk) or has been quiet this long (a box long gone) is not a collision.
-COLLISION_QUIET_S = 24 * 3600.0
-# A journal's marker is rewritten (and the others' markers read) at most this often.
-MARKER_REFRESH_S = 60.0
-MARKER_NAME = "journal.json"
-FLAG_NAME = "concurrent-journals.json"
-
-
-# ----------------------------------------------------------------------- journal markers
-# Shared by the directory and s3 destinations: what a marker holds and when journals collide.
-
-
-@dataclass(frozen=True, slots=True)
-class JournalMarker:
-    """The `journal.json` of one journal: when it first and last shipped to a destination."""
-
-    appliance_id: str
-    journal_id: str
-    first_seen: datetime
-    last_seen: datetime
-
-    def to_json(self) -> bytes:
-        doc = {
-            "appliance_id": self.appliance_id,
-            "journal_id": self.journal_id,
-            "first_seen": format_ts(self.first_seen),
-            "last_seen": format_ts(self.last_seen),
-        }
-        return json.dumps(doc, indent=1).encode()
-
-
-def parse_marker(data: bytes, journal_id: str) -> JournalMarker | None:
-    """The marker in `data` if it is a sound one for `journal_id`, else None (ignored)."""
-    try:
-        doc = json.loads(data)
-        if not isinstance(doc, dict) or doc.get("journal_id") != journal_id:
-            return None
-        return JournalMarker(
-            appliance_id=str(doc.get("appliance_id", "")),
-            journal_id=journal_id,
-            first_seen=parse_ts(str(doc["first_seen"])),
-            last_seen=parse_ts(str(doc["last_seen"])),
-        )
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def next_marker(
-    appliance_id: str, journal_id: str, first_seen: datetime | None, now: datetime
-) -> JournalMarker:
-    """Our marker refreshed to `now`, keeping the first sighting already recorded (if any)."""
-    first = now if first_seen is None else min(first_seen, now)
-    return JournalMarker(appliance_id, journal_id, first, now)
-
-
-def live_alongside(
-    ours: JournalMarker, others: Iterable[JournalMarker], now: datetime, quiet_s: float
-) -> list[JournalMarker]:
-    """The other journals live alongside ours: seen since ours first appeared, and recently.
-    A journal that stopped before ours appeared is one ours replaced, never a collision."""
-    horizon = now - timedelta(seconds=quiet_s)
-    return sorted(
-        (
-            other
-            for other in others
-            if other.journal_id != ours.journal_id
-            and other.last_seen >= ours.first_seen
-            and other.last_seen >= horizon
-        ),
-        key=lambda marker: marker.journal_id,
-    )
-
-
-def collision_for(
-    ours: JournalMarker, live: list[JournalMarker], where: str
-) -> JournalCollision | None:
-    """The warning for the engine when journals other than ours are live, else None."""
-    if not live:
-        return None
-    journals = tuple(sorted([ours.journal_id, *(other.journal_id for other in live)]))
-    seen = ", ".join(
-        f"{other.journal_id} (last seen {format_ts(other.last_seen)})" for other in live
-    )
-    detail = (
-        f"appliance id {ours.appliance_id!r} has {len(journals)} live journals at {where}: "
-        f"this one {ours.journal_id} (first seen {format_ts(ours.first_seen)}) and {seen}; "
-        "two boxes share one id: give each its own appliance.id"
-    )
-    return JournalCollision(journals=journals, detail=detail)
-
-
-def flag_json(ours: JournalMarker, collision: JournalCollision, now: datetime) -> bytes:
-    """The `concurrent-journals.json` flag: the collision, for whoever reads the destination."""
-    doc = {
-        "appliance_id": ours.appliance_id,
-        "journals": list(collision.journals),
-        "detected_by": ours.journal_id,
-        "detected_at": format_ts(now),
-        "detail": collision.detail,
-    }
-    return json.dumps(doc, indent=1).encode()
-
-
-class MarkerClock:
-    """When a destination's marker for one journal is due again (monotonic, per process)."""
-
-    def __init__(self, refresh_s: float) -> None:
-        self.refresh_s = refresh_s
-        self.journal_id: str | None = None
-        self.first_seen: datetime | None = None  # ours, once read or written in this process
-        self._last: float | None = None
-        self._problem: str | None = None
-
-    def due(self, journal_id: str) -> bool:
-        if journal_id != self.journal_id:
-            self.journal_id, self.first_seen, self._last = journal_id, None, None
-        return self._last is None or time.monotonic() - self._last >= self.refresh_s
-
-    def done(self) -> None:
-        self._last = time.monotonic()
-        self._problem = None
-
-    def failed(self, destination: str, problem: str) -> None:
-        """Markers only warn: a failure never fails the batch. Tried again when next due,
-        logged once per distinct problem."""
-        self._last = time.monotonic()
-        if problem != self._problem:
-            self._problem = problem
-            log.warning(
-                "journal marker not kept up to date; concurrent journals go unnoticed",
-                extra={"fields": {"destination": destination, "problem": problem}},
-            )
-
-
-def markers_from(entries: Mapping[str, bytes | None], ours: str) -> list[JournalMarker]:
-    """The sound markers among `journal id -> marker bytes` (None: not there), ours left out."""
-    found = []
-    for journal_id, data in entries.items():
-        if journal_id == ours or data is None:
-            continue
-        marker = parse_marker(data, journal_id)
-        if marker is not None:
-            found.append(marker)
-    return found
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
@@ -287,7 +152,9 @@ class DirectoryTarget:
             raise self._error(f"batch {batch.batch_id} not written", exc) from exc
         if batch.journal_id is not None and self._markers.due(batch.journal_id):
             try:
-                await asyncio.to_thread(self._keep_marker, batch.appliance_id, batch.journal_id)
+                await asyncio.to_thread(
+                    self._keep_marker, batch.appliance_id, batch.journal_id, batch.follows
+                )
             except OSError as exc:
                 self._markers.failed(self.name, f"{exc.strerror} ({exc.filename})")
 
@@ -296,7 +163,14 @@ class DirectoryTarget:
             raise OSError(errno.ENOENT, "destination directory is not there", str(self.root))
         folder = self.batch_folder(batch)
         stem = f"{batch.first_seq:012d}-{batch.last_seq:012d}"
-        _write_atomically(folder / f"{stem}.ndjson.gz", batch.body)
+        stored = folder / f"{stem}.ndjson.gz"
+        if (folder / f"{stem}.manifest.json").exists() and stored.exists():
+            conflicts = conflicting_seqs(stored.read_bytes(), batch)
+            if conflicts == []:
+                return  # landed before a crash, never acknowledged: already complete here
+            if conflicts:
+                raise conflict_error(self.name, batch, str(stored), conflicts)
+        _write_atomically(stored, batch.body)
         manifest: dict[str, object] = {
             "batch_id": batch.batch_id,
             "appliance_id": batch.appliance_id,
@@ -317,7 +191,7 @@ class DirectoryTarget:
 
     # ------------------------------------------------------------------------- markers
 
-    def _keep_marker(self, appliance_id: str, journal_id: str) -> None:
+    def _keep_marker(self, appliance_id: str, journal_id: str, follows: str | None = None) -> None:
         """Write our journal's marker, then compare it with the other journals' markers under
         the same appliance id: set `collision` and the flag file, or clear both."""
         now = datetime.now(UTC)
@@ -326,7 +200,7 @@ class DirectoryTarget:
         if first_seen is None:  # the first time in this process: keep what the disk says
             existing = _read_marker(path, journal_id)
             first_seen = None if existing is None else existing.first_seen
-        ours = next_marker(appliance_id, journal_id, first_seen, now)
+        ours = next_marker(appliance_id, journal_id, first_seen, now, follows)
         _write_atomically(path, ours.to_json())
         self._markers.first_seen = ours.first_seen
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -328,12 +329,15 @@ class SyncEngine:
             return None
         identity = self.journal.identity
         journal_id = identity.shipped_as(records[0].seq)
-        if journal_id is None:
-            # Records journalled before identities ship in batches of their own, as they did.
-            records = [r for r in records if r.seq <= identity.legacy_high_water]
-        return await asyncio.to_thread(
+        end = identity.epoch_end(records[0].seq)
+        if end is not None:
+            # Records of an earlier identity (journalled before identities, or before a fork)
+            # ship in batches of their own, under the id they always had.
+            records = [r for r in records if r.seq <= end]
+        batch = await asyncio.to_thread(
             encode_batch, self.journal.appliance_id, priority, records, journal_id
         )
+        return dataclasses.replace(batch, follows=identity.follows(journal_id))
 
     async def _commit(
         self,

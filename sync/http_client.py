@@ -170,9 +170,12 @@ class HttpTarget:
             return False
 
     @staticmethod
-    def _journal_header(journal_id: str | None) -> dict[str, str]:
+    def _journal_header(journal_id: str | None, follows: str | None = None) -> dict[str, str]:
         # None: records journalled before identities, shipped exactly as they were then.
-        return {} if journal_id is None else {"Journal-Id": journal_id}
+        headers = {} if journal_id is None else {"Journal-Id": journal_id}
+        if journal_id is not None and follows is not None:
+            headers["Journal-Follows"] = follows
+        return headers
 
     async def send_batch(self, batch: Batch, limiter: RateLimiter) -> None:
         await limiter.consume(len(batch.body))
@@ -184,7 +187,7 @@ class HttpTarget:
                 {
                     "Content-Encoding": "gzip",
                     "Content-Type": "application/x-ndjson",
-                    **self._journal_header(batch.journal_id),
+                    **self._journal_header(batch.journal_id, batch.follows),
                 }
             ),
         )

@@ -29,7 +29,13 @@ from typing import Any, Self, TypeVar
 
 from config import JournalSection
 from sync.errors import JournalClosed, JournalLocked, PayloadError, StorageFull, SyncError
-from sync.identity import JournalIdentity, ensure_identity, read_identity
+from sync.identity import (
+    JournalIdentity,
+    ensure_identity,
+    new_journal_id,
+    read_identity,
+    write_identity,
+)
 from sync.migrations import migrate
 from sync.payloads import PayloadStore, fsync_dir
 from sync.reader import JOURNAL_FILE, JournalReader, connect
@@ -439,6 +445,45 @@ class Journal:
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put(_Call(fn, future, transaction))
         return await future
+
+    async def fork(self, after: int | None = None) -> tuple[JournalIdentity, JournalIdentity]:
+        """Give this journal a new identity for its records after seq `after` (default: the
+        last seq handed out); the records up to it keep shipping under the id they had. For a
+        journal restored from a backup older than what it shipped, or copied onto a second box
+        (docs/operations.md, "Journal conflicts"). Returns (before, after) and journals a
+        `journal_fork` record. Raises ValueError for an `after` outside the journal's history."""
+
+        def apply(conn: sqlite3.Connection) -> tuple[JournalIdentity, JournalIdentity]:
+            high = self._next_seq - 1
+            point = high if after is None else after
+            if point > high:
+                raise ValueError(f"seq {point} is past the last seq of this journal ({high})")
+            before = read_identity(conn) or self.identity
+            forked = before.forked(point, new_journal_id())
+            write_identity(conn, forked)
+            return before, forked
+
+        before, forked = await self.execute_write(apply)
+        self.identity = forked
+        last = forked.earlier[-1][0] if forked.earlier else forked.legacy_high_water
+        log.warning(
+            "journal forked",
+            extra={"fields": {"from": before.journal_id, "to": forked.journal_id, "after": last}},
+        )
+        await self.append(
+            NewRecord(
+                source="journal",
+                kind="journal_fork",
+                priority=Priority.EVENT,
+                body={
+                    "previous_journal_id": before.journal_id,
+                    "journal_id": forked.journal_id,
+                    "after_seq": last,
+                },
+            ),
+            force=True,
+        )
+        return before, forked
 
     async def acknowledge(
         self,

@@ -37,7 +37,9 @@ from typing import Any, NoReturn, TypeVar, cast
 
 from aiohttp import ClientPayloadError, web
 
-from sync.identity import valid_journal_id
+# LEGACY_JOURNAL: the journal of records shipped without a Journal-Id: by appliances of a version
+# before journal identities, and by upgraded ones for what they journalled before the upgrade.
+from sync.identity import LEGACY_JOURNAL, valid_journal_id
 from sync.payloads import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,6 @@ DEFAULT_MAX_CHUNK_BYTES = 8 * MiB
 # A batch may inflate to this many times the compressed limit; past it the body is a bomb or a bug.
 DECOMPRESSED_FACTOR = 4
 RECEIVER_DB = "receiver.db"
-# The journal of records shipped without a Journal-Id: by appliances of a version before journal
-# identities, and by upgraded ones for what they journalled before the upgrade.
-LEGACY_JOURNAL = "legacy"
 # Two journals of one appliance id both shipping within this long of each other are two boxes
 # sharing an id, not a replaced disk; the flag clears once all but one have been quiet this long.
 DEFAULT_CONCURRENT_QUIET_S = 86400.0
@@ -379,6 +378,7 @@ _MIGRATIONS: tuple[tuple[str, str], ...] = (
             payload_bytes INTEGER NOT NULL DEFAULT 0,
             first_seen_ts TEXT NOT NULL,
             last_seen_ts TEXT NOT NULL,
+            follows TEXT,
             PRIMARY KEY (appliance_id, journal_id)
         ) WITHOUT ROWID;
         INSERT INTO journals (appliance_id, journal_id, records, max_seq, duplicates_ignored,
@@ -418,6 +418,7 @@ class IncomingBatch:
     first_seq: int
     last_seq: int
     records: list[BatchRecord]
+    follows: str | None = None  # the journal whose history this one continues (Journal-Follows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +435,7 @@ class JournalSpan:
     journal_id: str
     first_seen_s: float
     last_seen_s: float
+    follows: str | None = None
 
 
 def concurrent_journals(spans: Sequence[JournalSpan], now_s: float, quiet_s: float) -> list[str]:
@@ -441,26 +443,27 @@ def concurrent_journals(spans: Sequence[JournalSpan], now_s: float, quiet_s: flo
 
     A replaced disk is a new journal that starts after the old one stopped: their spans (first
     to last batch) do not overlap, so they are epochs, not a collision. Two boxes under one id
-    keep shipping, so their spans overlap. The legacy journal (records shipped before journals
-    had identities) is left out: it is the past of an upgraded journal, which ships both."""
-    live = [
-        span
-        for span in spans
-        if span.journal_id != LEGACY_JOURNAL and span.last_seen_s >= now_s - quiet_s
-    ]
+    keep shipping, so their spans overlap. A journal and the one it follows (an upgraded journal
+    and `legacy`, a fork and its origin) are one box's history, which ships both in one drain."""
+    live = [span for span in spans if span.last_seen_s >= now_s - quiet_s]
     flagged: set[str] = set()
     for index, one in enumerate(live):
         for other in live[index + 1 :]:
-            if one.last_seen_s >= other.first_seen_s and other.last_seen_s >= one.first_seen_s:
+            lineage = one.follows == other.journal_id or other.follows == one.journal_id
+            overlap = (
+                one.last_seen_s >= other.first_seen_s and other.last_seen_s >= one.first_seen_s
+            )
+            if overlap and not lineage:
                 flagged.update((one.journal_id, other.journal_id))
     return sorted(flagged)
 
 
 def _journal_spans(conn: sqlite3.Connection, appliance_id: str) -> list[JournalSpan]:
     return [
-        JournalSpan(journal_id, _parse_ts(first), _parse_ts(last))
-        for journal_id, first, last in conn.execute(
-            "SELECT journal_id, first_seen_ts, last_seen_ts FROM journals WHERE appliance_id = ?",
+        JournalSpan(journal_id, _parse_ts(first), _parse_ts(last), follows)
+        for journal_id, first, last, follows in conn.execute(
+            "SELECT journal_id, first_seen_ts, last_seen_ts, follows FROM journals "
+            "WHERE appliance_id = ?",
             (appliance_id,),
         )
     ]
@@ -474,12 +477,19 @@ def _parse_ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def _ensure_journal(conn: sqlite3.Connection, appliance_id: str, journal_id: str, now: str) -> None:
+def _ensure_journal(
+    conn: sqlite3.Connection,
+    appliance_id: str,
+    journal_id: str,
+    now: str,
+    follows: str | None = None,
+) -> None:
     conn.execute(
-        "INSERT INTO journals (appliance_id, journal_id, first_seen_ts, last_seen_ts) "
-        "VALUES (?, ?, ?, ?) ON CONFLICT(appliance_id, journal_id) "
-        "DO UPDATE SET last_seen_ts = excluded.last_seen_ts",
-        (appliance_id, journal_id, now, now),
+        "INSERT INTO journals (appliance_id, journal_id, first_seen_ts, last_seen_ts, follows) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(appliance_id, journal_id) "
+        "DO UPDATE SET last_seen_ts = excluded.last_seen_ts, "
+        "follows = COALESCE(follows, excluded.follows)",
+        (appliance_id, journal_id, now, now, follows),
     )
 
 
@@ -648,7 +658,7 @@ class ReceiverStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             _ensure_appliance(conn, appliance_id, now)
-            _ensure_journal(conn, appliance_id, journal_id, now)
+            _ensure_journal(conn, appliance_id, journal_id, now, batch.follows)
             for record in batch.records:
                 cursor = conn.execute(
                     "INSERT INTO records (appliance_id, journal_id, seq, priority, kind, ts, "
@@ -819,6 +829,7 @@ class ReceiverStore:
                 "journal_id": journal_id,
                 "first_seen": first_seen,
                 "last_seen": last_seen,
+                "follows": follows,
                 "records": count,
                 "max_seq": max_seq,
                 "batches": journal_batches,
@@ -831,6 +842,7 @@ class ReceiverStore:
                 journal_id,
                 first_seen,
                 last_seen,
+                follows,
                 count,
                 max_seq,
                 journal_batches,
@@ -839,8 +851,9 @@ class ReceiverStore:
                 journal_payloads,
                 journal_payload_bytes,
             ) in conn.execute(
-                "SELECT journal_id, first_seen_ts, last_seen_ts, records, max_seq, batches, "
-                "duplicates_ignored, conflicts_refused, payloads, payload_bytes FROM journals "
+                "SELECT journal_id, first_seen_ts, last_seen_ts, follows, records, max_seq, "
+                "batches, duplicates_ignored, conflicts_refused, payloads, payload_bytes "
+                "FROM journals "
                 "WHERE appliance_id = ? ORDER BY first_seen_ts, journal_id",
                 (appliance_id,),
             )
@@ -1123,6 +1136,23 @@ def journal_of(request: web.Request) -> str:
     return value
 
 
+def _follows_of(request: web.Request, journal_id: str) -> str | None:
+    """Journal-Follows: the journal (or `legacy`) this one continues; only beside a Journal-Id."""
+    value = request.headers.get("Journal-Follows")
+    if value is None:
+        return None
+    value = value.strip()
+    if journal_id == LEGACY_JOURNAL or value == journal_id:
+        raise Refusal(
+            400, "bad journal follows", "Journal-Follows needs a Journal-Id of another journal"
+        )
+    if value != LEGACY_JOURNAL and not valid_journal_id(value):
+        raise Refusal(
+            400, "bad journal follows", "Journal-Follows is 32 lowercase hex digits or legacy"
+        )
+    return value
+
+
 def concurrent_warning(appliance_id: str, journals: Sequence[str]) -> dict[str, Any]:
     """The warning every batch answer of an appliance id with concurrent journals carries."""
     return {
@@ -1304,6 +1334,7 @@ class _Receiver:
     async def put_batch(self, request: web.Request) -> web.Response:
         appliance_id = self.authorize(request)
         journal_id = journal_of(request)
+        follows = _follows_of(request, journal_id)
         batch_id = request.match_info["batch_id"]
         parsed = parse_batch_id(batch_id)
         if parsed is None:
@@ -1320,7 +1351,7 @@ class _Receiver:
         )
         del body
         batch = IncomingBatch(
-            appliance_id, journal_id, batch_id, priority, first_seq, last_seq, records
+            appliance_id, journal_id, batch_id, priority, first_seq, last_seq, records, follows
         )
         fields: dict[str, Any] = {
             "appliance_id": appliance_id,

@@ -25,6 +25,7 @@ import asyncio
 import gzip
 import io
 import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,8 +35,16 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from config.models import S3Destination
-from sync.destination import Batch, DestinationError, JournalCollision, RateLimiter
-from sync.directory import (
+from sync.destination import (
+    Batch,
+    DestinationError,
+    JournalCollision,
+    RateLimiter,
+    conflict_error,
+    conflicting_seqs,
+)
+from sync.identity import valid_journal_id
+from sync.journal_markers import (
     COLLISION_QUIET_S,
     FLAG_NAME,
     MARKER_NAME,
@@ -48,11 +57,12 @@ from sync.directory import (
     next_marker,
     parse_marker,
 )
-from sync.identity import valid_journal_id
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+log = logging.getLogger(__name__)
 
 # S3 refuses parts under 5 MiB (except the last one of an upload).
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -114,6 +124,7 @@ class S3Target:
         self.bucket = cfg.bucket
         self.collision_quiet_s = collision_quiet_s
         self.collision: JournalCollision | None = None
+        self._warned_unreadable = False
         self._markers = MarkerClock(marker_refresh_s)
         self._client: S3Client | None = None
         self._client_cm: Any = None
@@ -245,26 +256,52 @@ class S3Target:
         }
         if batch.journal_id is not None:
             metadata["journal-id"] = batch.journal_id
+        key = self.batch_key(batch)
         try:
-            await self.client.put_object(
-                Bucket=self.bucket,
-                Key=self.batch_key(batch),
-                Body=batch.body,
-                ContentType="application/x-ndjson",
-                ContentEncoding="gzip",
-                Metadata=metadata,
-            )
+            # Never overwrite other records under the same name (a reused seq); a resend of what
+            # landed before a crash is already complete. One small GET, only when it exists.
+            stored = await self._stored_batch(key)
+            conflicts = None if stored is None else conflicting_seqs(stored, batch)
+            if conflicts:
+                raise conflict_error(self.name, batch, f"s3://{self.bucket}/{key}", conflicts)
+            if conflicts is None:
+                await self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=batch.body,
+                    ContentType="application/x-ndjson",
+                    ContentEncoding="gzip",
+                    Metadata=metadata,
+                )
         except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
             raise self._error(f"batch {batch.batch_id} not stored", exc) from exc
         if batch.journal_id is not None and self._markers.due(batch.journal_id):
             try:
-                await self._keep_marker(batch.appliance_id, batch.journal_id)
+                await self._keep_marker(batch.appliance_id, batch.journal_id, batch.follows)
             except (ClientError, BotoCoreError, OSError, TimeoutError) as exc:
                 # Markers only warn: a key allowed to write batches but not to list the bucket
                 # still delivers everything.
                 self._markers.failed(self.name, str(self._error("journal marker", exc)))
 
     # ------------------------------------------------------------------------- markers
+
+    async def _stored_batch(self, key: str) -> bytes | None:
+        """What the bucket holds under a batch's name, or None. A key allowed to write but not
+        to read (a common least-privilege policy) cannot check: it writes as before, and says
+        so once."""
+        try:
+            return await self._get_or_none(key)
+        except ClientError as exc:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if status != 403:
+                raise
+            if not self._warned_unreadable:
+                self._warned_unreadable = True
+                log.warning(
+                    "s3 key may not read batches back: a reused seq would overwrite unseen",
+                    extra={"fields": {"destination": self.name, "bucket": self.bucket}},
+                )
+            return None
 
     async def _get_or_none(self, key: str) -> bytes | None:
         try:
@@ -278,7 +315,9 @@ class S3Target:
                 return None
             raise
 
-    async def _keep_marker(self, appliance_id: str, journal_id: str) -> None:
+    async def _keep_marker(
+        self, appliance_id: str, journal_id: str, follows: str | None = None
+    ) -> None:
         """Write our journal's marker, then compare it with the other journals' markers under
         the same appliance id: set `collision` and the flag object, or clear both."""
         now = datetime.now(UTC)
@@ -288,7 +327,7 @@ class S3Target:
             data = await self._get_or_none(key)
             existing = None if data is None else parse_marker(data, journal_id)
             first_seen = None if existing is None else existing.first_seen
-        ours = next_marker(appliance_id, journal_id, first_seen, now)
+        ours = next_marker(appliance_id, journal_id, first_seen, now, follows)
         await self.client.put_object(
             Bucket=self.bucket, Key=key, Body=ours.to_json(), ContentType="application/json"
         )

@@ -23,7 +23,8 @@ import pytest
 from config.models import DirectoryDestination, S3Destination, SyncSection
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority, StoredRecord
 from sync.destination import Destination, RateLimiter, encode_batch
-from sync.directory import COLLISION_QUIET_S, DirectoryTarget
+from sync.directory import DirectoryTarget
+from sync.journal_markers import COLLISION_QUIET_S
 from sync.engine import SyncEngine
 from sync.identity import valid_journal_id
 from sync.records import format_ts, parse_ts

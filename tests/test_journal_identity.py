@@ -24,7 +24,12 @@ import pytest
 import yaml
 
 from sync import Journal, JournalReader, NewRecord, Priority
-from sync.identity import APPLIANCE_ID_FILE, JOURNAL_ID_KEY, LEGACY_HIGH_WATER_KEY
+from sync.identity import (
+    APPLIANCE_ID_FILE,
+    JOURNAL_ID_KEY,
+    LEGACY_HIGH_WATER_KEY,
+    JournalIdentity,
+)
 from sync.receiver import RECEIVER_DB
 from tests.helpers import (
     ROOT,
@@ -230,6 +235,77 @@ def test_a_restored_backup_reusing_shipped_seqs_is_refused_with_409(
     assert "409" in refusals[0]["body"]["error"]
     refused_log = [e for e in log_events(receiver.log) if e["msg"].startswith("batch refused")]
     assert refused_log and refused_log[0]["journal_id"] == journal_id
+    # The daemon is stopped: `journal fork` after the last seq upstream and the backup share.
+    fork = run_cli("journal", "fork", "-c", str(config), "--after", "6")
+    assert fork.returncode == 0, fork.stderr
+    forked = fork.stdout.split()[-1]
+    assert f"up to seq 6 ship as {journal_id}" in fork.stdout
+    result = sync_now(config)
+    assert result.returncode == 0, result.stderr
+    stored = receiver.stored()
+    # What upstream had is untouched; what the restored box wrote arrived under the new id.
+    assert [stored[journal_id][seq]["body"]["box"] for seq in range(7, 13)] == ["after backup"] * 6
+    assert {r["body"]["box"] for seq, r in stored[forked].items() if seq <= 12} == {"after restore"}
+    records = {r["seq"]: r for r in exported(config)}
+    assert stored[forked] == {seq: r for seq, r in records.items() if seq > 6}
+    summary = receiver.summary()
+    journal = {j["journal_id"]: j for j in summary["journals"]}
+    assert journal[forked]["follows"] == journal_id
+    # One box's history, shipped in one drain: not two boxes.
+    assert summary["concurrent_journals"] == []
+
+
+def test_a_directory_destination_never_overwrites_a_reused_seq(tmp_path: Path) -> None:
+    # A `directory` destination names batch files by their seqs: a restored backup reusing seqs
+    # is refused rather than overwriting what the disk holds, and a fork resolves it.
+    data_dir, outbox = tmp_path / "data", tmp_path / "usb"
+    outbox.mkdir()
+    config = tmp_path / "a.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "appliance": {"id": APPLIANCE, "data_dir": str(data_dir)},
+                "sync": {
+                    "destinations": [{"name": "usb", "type": "directory", "path": str(outbox)}]
+                },
+            }
+        )
+    )
+    journal_id = journal_records(data_dir, APPLIANCE, "before backup", 6)
+    backup = tmp_path / "backup"
+    shutil.copytree(data_dir, backup)
+    journal_records(data_dir, APPLIANCE, "after backup", 6)
+    assert sync_now(config).returncode == 0
+    shipped = sorted(p.relative_to(outbox) for p in outbox.rglob("*.ndjson.gz"))
+
+    shutil.rmtree(data_dir)
+    shutil.copytree(backup, data_dir)
+    # Without the fork the same seqs would name the same files with other records: refused.
+    journal_records(data_dir, APPLIANCE, "after restore", 6)
+    refused = sync_now(config)
+    assert refused.returncode == 1
+    assert "conflicts" in refused.stderr and "nothing was overwritten" in refused.stderr
+    assert sorted(p.relative_to(outbox) for p in outbox.rglob("*.ndjson.gz")) == shipped
+
+    assert run_cli("journal", "fork", "-c", str(config), "--after", "6").returncode == 0
+    assert sync_now(config).returncode == 0
+    found: dict[tuple[str, int], dict[str, Any]] = {}
+    for path in outbox.rglob("*.ndjson.gz"):
+        for line in gzip.decompress(path.read_bytes()).splitlines():
+            record = json.loads(line)
+            key = (record["journal_id"], record["seq"])
+            assert found.setdefault(key, record) == record  # a resend may repeat, never differ
+    by_journal: dict[str, dict[int, str]] = {}
+    for (journal, seq), record in found.items():
+        if record["source"] == "deck":  # beside them: the refusal alert, the fork record
+            by_journal.setdefault(journal, {})[seq] = record["body"]["box"]
+    forked = next(j for j in by_journal if j != journal_id)
+    assert by_journal[journal_id] == {
+        **{seq: "before backup" for seq in range(1, 7)},
+        **{seq: "after backup" for seq in range(7, 13)},
+    }
+    assert by_journal[forked] == {seq: "after restore" for seq in range(7, 13)}
+    assert not (outbox / "records" / APPLIANCE / "concurrent-journals.json").exists()
 
 
 # -------------------------------------------------------------- two live boxes under one id
@@ -458,3 +534,21 @@ def test_journal_of_the_previous_version_keeps_shipping_its_records_as_before(
     legacy = next(j for j in summary["journals"] if j["journal_id"] == "legacy")
     assert legacy["duplicates_ignored"] == len(alerts)
     assert summary["concurrent_journals"] == []
+
+
+def test_identity_epochs_and_forks() -> None:
+    identity = JournalIdentity("a" * 32, legacy_high_water=5)
+    assert [identity.shipped_as(seq) for seq in (1, 5, 6)] == [None, None, "a" * 32]
+    assert (identity.epoch_end(3), identity.epoch_end(6)) == (5, None)
+    assert identity.follows("a" * 32) == "legacy"
+    forked = identity.forked(9, "b" * 32)
+    assert [forked.shipped_as(seq) for seq in (5, 6, 9, 10)] == [None, "a" * 32, "a" * 32, "b" * 32]
+    assert (forked.epoch_end(7), forked.epoch_end(10)) == (9, None)
+    assert forked.follows("b" * 32) == "a" * 32
+    assert forked.follows(None) is None
+    with pytest.raises(ValueError, match="fork after it"):
+        forked.forked(8, "c" * 32)
+    # Forked again at the same seq: the empty identity in between is dropped.
+    again = forked.forked(9, "c" * 32)
+    assert again.earlier == ((9, "a" * 32),)
+    assert again.follows("c" * 32) == "a" * 32

@@ -810,3 +810,109 @@ def test_cli_receiver_serves_until_sigterm(tmp_path: Path) -> None:
             proc.wait()
     messages = [event["msg"] for event in log_events(err)]
     assert "receiver listening" in messages and messages[-1] == "receiver stopped"
+
+
+# ------------------------------------------------------------------------------ journals
+
+JOURNAL_A = "a" * 32
+JOURNAL_B = "b" * 32
+
+
+def journal_headers(journal_id: str, appliance_id: str = "ship-1", **extra: str) -> dict[str, str]:
+    return {**bearer(appliance_id), "Journal-Id": journal_id, **extra}
+
+
+def journal_record(seq: int, journal_id: str, **extra: Any) -> dict[str, Any]:
+    return record(seq, journal_id=journal_id, **extra)
+
+
+async def test_a_conflicting_batch_is_refused_whole_with_409(client: Client) -> None:
+    first = [journal_record(seq, JOURNAL_A) for seq in (1, 2, 3)]
+    status, _ = await client.put_batch(
+        "event-1-3", ndjson(first), headers=journal_headers(JOURNAL_A)
+    )
+    assert status == 200
+    # Seq 2 again with other content, seq 4 new: nothing of it may be stored.
+    second = [journal_record(2, JOURNAL_A, body={"other": True}), journal_record(4, JOURNAL_A)]
+    status, body = await client.put_batch(
+        "event-2-4", ndjson(second), headers=journal_headers(JOURNAL_A)
+    )
+    assert status == 409, body
+    assert body["error"] == "conflicting records"
+    assert (body["conflicting_seqs"], body["conflicts"]) == ([2], 1)
+    assert "seqs 2 of journal " + JOURNAL_A in body["detail"]
+    summary = await client.summary()
+    assert (summary["records"], summary["max_seq"]) == (3, 3)
+    assert summary["journals"][0]["conflicts_refused"] == 1
+    assert db_rows(client.data_dir, "SELECT seq FROM records ORDER BY seq") == [(1,), (2,), (3,)]
+    # The same seqs in another journal of the same appliance are simply another epoch.
+    other = [journal_record(seq, JOURNAL_B) for seq in (2, 4)]
+    status, body = await client.put_batch(
+        "event-2-4", ndjson(other), headers=journal_headers(JOURNAL_B)
+    )
+    assert (status, body["stored"], body["journal_id"]) == (200, 2, JOURNAL_B)
+
+
+async def test_journal_headers_and_lines_must_agree(client: Client) -> None:
+    line = ndjson([journal_record(1, JOURNAL_A)])
+    status, body = await client.put_batch(
+        "event-1-1", line, headers=journal_headers("NOT-A-JOURNAL")
+    )
+    assert_error(status, body, 400)
+    status, body = await client.put_batch("event-1-1", line, headers=journal_headers(JOURNAL_B))
+    assert_error(status, body, 422)
+    assert body["error"] == "wrong journal_id"
+    status, body = await client.put_batch("event-1-1", line)  # no header: a legacy batch
+    assert_error(status, body, 422)
+    status, body = await client.put_batch(
+        "event-1-1", line, headers=journal_headers(JOURNAL_A, **{"Journal-Follows": JOURNAL_A})
+    )
+    assert_error(status, body, 400)
+    assert db_rows(client.data_dir, "SELECT COUNT(*) FROM records") == [(0,)]
+
+
+async def test_concurrent_journals_flag_and_clear(data_dir: Path) -> None:
+    now = [1_000_000.0]
+    app = build_receiver_app(data_dir, TOKENS, concurrent_quiet=3600.0, clock=lambda: now[0])
+    async with (
+        serve_receiver(app, "127.0.0.1", 0) as addresses,
+        aiohttp.ClientSession() as session,
+    ):
+        client = Client(f"http://{addresses[0][0]}:{addresses[0][1]}", session, data_dir)
+
+        async def ship(journal_id: str, seq: int, **headers: str) -> dict[str, Any]:
+            now[0] += 60
+            status, body = await client.put_batch(
+                f"event-{seq}-{seq}",
+                ndjson([journal_record(seq, journal_id)]),
+                headers=journal_headers(journal_id, **headers),
+            )
+            assert status == 200, body
+            result: dict[str, Any] = body
+            return result
+
+        # A replaced disk: A stops, then B starts. Epochs, never a collision.
+        assert "warnings" not in await ship(JOURNAL_A, 1)
+        assert "warnings" not in await ship(JOURNAL_A, 2)
+        assert "warnings" not in await ship(JOURNAL_B, 1)
+        assert "warnings" not in await ship(JOURNAL_B, 2)
+        assert (await client.summary())["concurrent_journals"] == []
+        # A ships again after B appeared: two boxes under one id, told to both.
+        answer = await ship(JOURNAL_A, 3)
+        [warning] = answer["warnings"]
+        assert warning["code"] == "concurrent_journals"
+        assert warning["journals"] == [JOURNAL_A, JOURNAL_B]
+        assert (await ship(JOURNAL_B, 3))["warnings"] == [warning]
+        assert (await client.summary())["concurrent_journals"] == [JOURNAL_A, JOURNAL_B]
+        # A is switched off; once it has been quiet for an hour, B ships without the warning.
+        now[0] += 3600
+        assert "warnings" not in await ship(JOURNAL_B, 4)
+        assert (await client.summary())["concurrent_journals"] == []
+        # A journal that follows another (a fork after a restore) is one box's history.
+        journal_c = "c" * 32
+        await ship(JOURNAL_B, 5)
+        await ship(journal_c, 6, **{"Journal-Follows": JOURNAL_B})
+        assert "warnings" not in await ship(JOURNAL_B, 5)
+        assert "warnings" not in await ship(journal_c, 7, **{"Journal-Follows": JOURNAL_B})
+        journals = {j["journal_id"]: j for j in (await client.summary())["journals"]}
+        assert journals[journal_c]["follows"] == JOURNAL_B

@@ -82,6 +82,9 @@ async def test_corrupt_pages_are_quarantined_and_records_salvaged(data_dir: Path
     high = await write_records(data_dir)
     reserved = read_seq_reservation(data_dir)
     assert reserved >= high
+    with JournalReader.open(data_dir) as reader:
+        identity = reader.identity()
+    assert identity is not None
     db = data_dir / "journal.db"
     with closing(sqlite3.connect(db)) as conn:
         page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
@@ -98,6 +101,9 @@ async def test_corrupt_pages_are_quarantined_and_records_salvaged(data_dir: Path
     async with journal:
         salvaged = journal.recovery.salvaged
         assert salvaged is not None
+        # The meta table was readable: the salvaged journal is the same journal upstream.
+        assert journal.journal_id == identity.journal_id == salvaged.journal_id
+        assert salvaged.journal_continued
         nxt = await journal.append(
             NewRecord(source="gearbox", kind="reading", priority=Priority.EVENT, body={})
         )
@@ -153,6 +159,10 @@ async def test_file_of_garbage_is_quarantined_and_a_fresh_journal_opens(data_dir
     async with journal:
         assert journal.recovery.salvaged is not None
         assert journal.recovery.salvaged.records_salvaged == 0
+        # Nothing proves continuity: a new journal upstream, and the report says so.
+        assert not journal.recovery.salvaged.journal_continued
+        assert journal.recovery.salvaged.journal_id == journal.journal_id
+        assert "new journal" in journal.recovery.salvaged.journal_note
         seq = await journal.append(
             NewRecord(source="gearbox", kind="reading", priority=Priority.ALERT, body={"ok": 1})
         )
