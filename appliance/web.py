@@ -252,15 +252,29 @@ class _ReportCollector(Collector):
             "1 when the destination answered its last probe, 0 when not (absent: unknown).",
             labels=["destination"],
         )
+        refused = GaugeMetricFamily(
+            "appliance_sync_refused",
+            "1 while the destination refuses the backlog permanently (its cursor is held).",
+            labels=["destination"],
+        )
+        collision = GaugeMetricFamily(
+            "appliance_sync_journal_collision",
+            "1 while the destination reports another journal shipping under this appliance id.",
+            labels=["destination"],
+        )
         for name, dest in report["destinations"].items():
             for priority, figures in dest["backlog"].items():
                 backlog_records.add_metric([name, priority], figures["records"])
                 backlog_bytes.add_metric([name, priority], figures["bytes"])
             if dest["reachable"] is not None:
                 reachable.add_metric([name], 1.0 if dest["reachable"] else 0.0)
+            refused.add_metric([name], 1.0 if dest.get("refused") else 0.0)
+            collision.add_metric([name], 1.0 if dest.get("collision") else 0.0)
         yield backlog_records
         yield backlog_bytes
         yield reachable
+        yield refused
+        yield collision
         yield GaugeMetricFamily(
             "appliance_sync_oldest_unsynced_seconds",
             "Age of the oldest record some destination has not acknowledged (0: none).",

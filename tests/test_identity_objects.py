@@ -24,9 +24,9 @@ from config.models import DirectoryDestination, S3Destination, SyncSection
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority, StoredRecord
 from sync.destination import Destination, RateLimiter, encode_batch
 from sync.directory import DirectoryTarget
-from sync.journal_markers import COLLISION_QUIET_S
 from sync.engine import SyncEngine
 from sync.identity import valid_journal_id
+from sync.journal_markers import COLLISION_QUIET_S
 from sync.records import format_ts, parse_ts
 from sync.s3 import S3Target
 from sync.targets import make_target

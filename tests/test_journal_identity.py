@@ -381,6 +381,10 @@ def test_running_daemons_show_a_collision_until_it_clears(tmp_path: Path) -> Non
             assert "journal_collision:shore" in json.loads(caught.value.read())["reasons"]
             with urllib.request.urlopen(f"{url}/") as page:
                 assert "Another journal ships under this appliance id" in page.read().decode()
+            with urllib.request.urlopen(f"{url}/metrics") as metrics:
+                text = metrics.read().decode()
+            assert 'appliance_sync_journal_collision{destination="shore"} 1.0' in text
+            assert 'appliance_sync_refused{destination="shore"} 0.0' in text
             human = run_cli("status", "-c", str(configs[box]))
             assert "JOURNAL COLLISION" in human.stdout
         assert len(receiver.summary()["concurrent_journals"]) == 2
