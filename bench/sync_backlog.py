@@ -155,6 +155,8 @@ def engine_batches(
 ) -> list[Batch]:
     """The batches SyncEngine._drain_records would build, in its order, without shipping them."""
     batches: list[Batch] = []
+    identity = reader.identity()
+    journal_id = None if identity is None else identity.journal_id
     for priority in priorities:
         after = 0
         while True:
@@ -163,7 +165,7 @@ def engine_batches(
             )
             if not records:
                 break
-            batches.append(encode_batch(appliance_id, priority, records))
+            batches.append(encode_batch(appliance_id, priority, records, journal_id))
             after = records[-1].seq
     return batches
 
@@ -268,6 +270,9 @@ def compression_set(
     records = sum(batch.records for batch in batches)
 
     # The engine's whole per-batch CPU (records -> to_dict -> JSON -> gzip-6), for scale.
+    identity = reader.identity()
+    journal_id = None if identity is None else identity.journal_id
+
     def encode_all() -> None:
         for priority in priorities:
             after = 0
@@ -275,7 +280,7 @@ def compression_set(
                 found = reader.records_after(priority, after, limit=limit, max_bytes=max_bytes)
                 if not found:
                     break
-                encode_batch(appliance_id, priority, found)
+                encode_batch(appliance_id, priority, found, journal_id)
                 after = found[-1].seq
 
     def read_all() -> None:

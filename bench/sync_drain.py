@@ -259,6 +259,7 @@ class Plan:
     steps: list[BatchStep | PayloadStep]
     bodies: Path
     seconds: float
+    journal_id: str | None = None  # sent as Journal-Id, as the engine does
 
     @property
     def batches(self) -> int:
@@ -281,6 +282,8 @@ def encode_plan(backlog: Backlog, bodies: Path, settings: SyncSection) -> Plan:
     store = PayloadStore(backlog.data_dir / "payloads")
     steps: list[BatchStep | PayloadStep] = []
     with JournalReader.open(backlog.data_dir) as reader, bodies.open("wb") as out:
+        identity = reader.identity()
+        journal_id = None if identity is None else identity.journal_id
         for priority in Priority:
             after = 0
             carried: list[str] = []
@@ -293,14 +296,14 @@ def encode_plan(backlog: Backlog, bodies: Path, settings: SyncSection) -> Plan:
                 )
                 if not records:
                     break
-                batch = encode_batch(APPLIANCE_ID, priority, records)
+                batch = encode_batch(APPLIANCE_ID, priority, records, journal_id)
                 steps.append(BatchStep(batch.batch_id, out.tell(), len(batch.body), batch.records))
                 out.write(batch.body)
                 carried.extend(batch.payloads)
                 after = batch.last_seq
             for sha256 in dict.fromkeys(carried):
                 steps.append(PayloadStep(sha256, backlog.payloads[sha256], store.path_for(sha256)))
-    return Plan(steps, bodies, time.perf_counter() - start)
+    return Plan(steps, bodies, time.perf_counter() - start, journal_id)
 
 
 # ----------------------------------------------------------------------------- the drains
@@ -333,8 +336,10 @@ def check_summary(summary: dict[str, Any], backlog: Backlog) -> dict[str, bool]:
 async def run_baseline(url: str, plan: Plan, chunk_size: int, clock: Clock) -> None:
     """The bare client: the pre-encoded bodies and the payload files, one request at a time."""
     base = f"{url}/v1/appliances/{APPLIANCE_ID}"
+    journal = {} if plan.journal_id is None else {"Journal-Id": plan.journal_id}
     batch_headers = {
         **_auth(),
+        **journal,
         "Content-Encoding": "gzip",
         "Content-Type": "application/x-ndjson",
     }
@@ -359,6 +364,7 @@ async def run_baseline(url: str, plan: Plan, chunk_size: int, clock: Clock) -> N
                         chunk = handle.read(chunk_size)
                         headers = {
                             **_auth(),
+                            **journal,
                             "Upload-Offset": str(offset),
                             "Upload-Length": str(step.size),
                             "Content-Type": "application/offset+octet-stream",
