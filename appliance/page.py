@@ -36,7 +36,7 @@ def _state(state: Any) -> str:
     return f'<span class="{"good" if good else "bad"}">{_e(state)}</span>'
 
 
-def _destination_alarms(destinations: dict[str, Any]) -> str:
+def destination_alarms(destinations: dict[str, Any]) -> str:
     """What an operator must act on about shipping: a destination that refuses the backlog (its
     cursor is held) and another journal shipping under this appliance's id."""
     lines = []
@@ -444,7 +444,7 @@ def render_live(
             name="data-quality",
         )
     )
-    alarms = _destination_alarms(report["destinations"])
+    alarms = destination_alarms(report["destinations"])
     if alarms:
         parts.append(f'<div class="alarm" role="alert" data-name="sync-alarms">{alarms}</div>')
     parts.append("<h2>Destinations</h2>")

@@ -56,11 +56,13 @@ def encode_batch(
     records: Sequence[StoredRecord],
     journal_id: str | None = None,
 ) -> Batch:
-    """NDJSON in the shape `appliance export` writes, gzip level 6 (see docs/sync-protocol.md)."""
+    """NDJSON in the shape `appliance export` writes, gzip level 6 (see docs/sync-protocol.md).
+    The journal is the batch's (`Journal-Id`, the object key), not repeated in every line: 47
+    bytes a record cost an eighth more raw bytes to encode and compress."""
     lines = []
     payloads: list[str] = []
     for record in records:
-        lines.append(record.to_json_line(journal_id))
+        lines.append(record.to_json_line())
         payloads.extend(record.payloads)
     raw = ("\n".join(lines) + "\n").encode()
     return Batch(

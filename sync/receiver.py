@@ -999,7 +999,8 @@ def decode_batch(
 ) -> list[BatchRecord]:
     """Parse and check an NDJSON batch (CPU work: run it off the loop). Raises Refusal.
 
-    Records of a journal carry its `journal_id`; legacy records (no Journal-Id) carry none."""
+    A record may carry `journal_id` (as `appliance export` writes it): then it must be the
+    header's, and none for a legacy batch (no Journal-Id)."""
     expected_journal = None if journal_id == LEGACY_JOURNAL else journal_id
     records: list[BatchRecord] = []
     # bytearray lines behave as bytes here; the cast spares a copy of up to 64 MiB.
@@ -1025,7 +1026,7 @@ def decode_batch(
                 f"line {number} (seq {seq}): appliance_id {value.get('appliance_id')!r} "
                 f"is not the path's {appliance_id!r}",
             )
-        if value.get("journal_id") != expected_journal:
+        if "journal_id" in value and value["journal_id"] != expected_journal:
             raise Refusal(
                 422,
                 "wrong journal_id",

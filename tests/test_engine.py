@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 import sync.directory as directory_module
-from config.models import DirectoryDestination, SyncSection
-from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
+from appliance.health import HealthMonitor
+from appliance.page import destination_alarms as render_alarms
+from config.models import DirectoryDestination, StorageSection, SyncSection
+from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority, StorageGuard
 from sync.destination import Batch, DestinationError, MemoryDestination, RateLimiter
 from sync.directory import DirectoryTarget
 from sync.engine import SyncEngine, in_windows, inflight_key
@@ -440,3 +442,37 @@ async def test_a_receiver_that_dedups_by_sequence_costs_no_journal_write_per_bat
     second = SyncEngine(journal, payload_store, other, dest_cfg(tmp_path, name="usb2"), settings())
     assert await second.drain() is True
     assert await journal.read(lambda r: r.meta(inflight_key("usb2", Priority.EVENT))) == "15-20"
+
+
+async def test_a_permanent_refusal_holds_the_cursor_alerts_once_and_degrades_health(
+    journal: Journal, payload_store: PayloadStore, tmp_path: Path
+) -> None:
+    await fill(journal, payload_store, per_priority=3)
+    memory = MemoryDestination(name="usb")
+    delivered = memory.send_batch
+
+    async def refuse(batch: Batch, limiter: RateLimiter) -> None:
+        raise DestinationError("usb", "batch alert-1-9 refused with 409: conflict", retryable=False)
+
+    memory.send_batch = refuse  # type: ignore[method-assign]
+    engine = SyncEngine(journal, payload_store, memory, dest_cfg(tmp_path), settings())
+    async with StorageGuard(journal, payload_store, StorageSection()) as guard:
+        monitor = HealthMonitor(journal, guard, mode="run")
+        monitor.destinations["usb"] = engine.state
+        for _ in range(2):  # retried: one alert for one refusal, not one per attempt
+            with pytest.raises(DestinationError, match="409"):
+                await engine.drain()
+        assert engine.state.refused is not None and "409" in engine.state.refused
+        assert "sync_refused:usb" in monitor.reasons()
+        cursors = await journal.read(lambda r: {p: r.cursor("usb", p) for p in Priority})
+        assert set(cursors.values()) == {0}
+        alerts = await journal.read(lambda r: list(r.iter_records(kind="sync_refused")))
+        assert [(a.priority, a.body["destination"]) for a in alerts] == [(Priority.ALERT, "usb")]
+        page = render_alarms({"usb": engine.state.to_dict()})
+        assert "usb refuses the backlog" in page and "409" in page
+        # Resolved upstream: the next drain ships everything and health recovers.
+        memory.send_batch = delivered  # type: ignore[method-assign]
+        assert await engine.drain() is True
+        assert engine.state.refused is None
+        assert "sync_refused:usb" not in monitor.reasons()
+        assert render_alarms({"usb": engine.state.to_dict()}) == ""
