@@ -68,8 +68,9 @@ def test_daemon_ships_everything_to_a_directory(tmp_path: Path) -> None:
     assert set(shipped) == set(journalled)
     assert all(json.loads(journalled[s]) == shipped[s]["body"] for s in journalled)
     assert waiting == 0 and payloads
-    # One journal, in every record and in the layout: records/APPLIANCE/JOURNAL/PRIORITY/...
-    (journal_id,) = {str(record["journal_id"]) for record in shipped.values()}
+    # One journal, in the layout: records/APPLIANCE/JOURNAL/PRIORITY/..., payloads likewise.
+    (journal_id,) = {p.relative_to(outbox).parts[2] for p in outbox.glob("records/*/*/*/*.gz")}
+    assert journal_id == status_json(config)["journal_id"]
     for sha in payloads:
         copy = outbox / "payloads" / "test-01" / journal_id / sha[:2] / sha
         original = data / "payloads" / sha[:2] / sha
