@@ -34,6 +34,7 @@ COPY config/ config/
 COPY inference/ inference/
 COPY sensors/ sensors/
 COPY sync/ sync/
+COPY receiver/ receiver/
 
 # The project as a wheel (not editable), with its runtime dependencies only (no test extras).
 RUN python3 -m venv /opt/venv \

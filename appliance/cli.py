@@ -21,17 +21,17 @@ from appliance.syncnow import sync_now
 from config import ApplianceConfig, ConfigError, config_schema, load_config
 from config.models import AUTO_APPLIANCE_ID
 from config.units import parse_duration
-from sync import Journal, JournalReader, SyncError
-from sync.identity import JournalIdentity, data_dir_appliance_id
-from sync.model_feed import PublishError, publish_package
-from sync.reader import JOURNAL_FILE
-from sync.receiver import (
+from receiver import (
     parse_admin_tokens_file,
     parse_listen,
     parse_tokens_file,
     run_receiver,
     server_tls_context,
 )
+from receiver.model_feed import PublishError, publish_package
+from sync import Journal, JournalReader, SyncError
+from sync.identity import JournalIdentity, data_dir_appliance_id
+from sync.reader import JOURNAL_FILE
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -121,7 +121,10 @@ def code_fingerprint() -> dict[str, str]:
         "sync/http_client.py",
         "sync/destination.py",
         "sync/payloads.py",
-        "sync/receiver.py",
+        "receiver/app.py",
+        "receiver/batches.py",
+        "receiver/store.py",
+        "receiver/uploads.py",
     )
 
 

@@ -2,7 +2,7 @@
 `journal.json` saying when it first and last shipped there, and comparing the markers under one
 appliance id tells a journal that replaced another (never a problem) from two that ship at the
 same time (two boxes share one id: a collision, flagged in `concurrent-journals.json` and handed
-to the engine). The receiver applies the same rule to its own records (sync/receiver.py)."""
+to the engine). The receiver applies the same rule to its own records (receiver/store.py)."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from receiver import RECEIVER_DB
 from sync import Journal, JournalReader, NewRecord, Priority
 from sync.identity import (
     APPLIANCE_ID_FILE,
@@ -30,7 +31,6 @@ from sync.identity import (
     LEGACY_HIGH_WATER_KEY,
     JournalIdentity,
 )
-from sync.receiver import RECEIVER_DB
 from tests.helpers import (
     ROOT,
     cli_env,

@@ -1,4 +1,4 @@
-"""The receiver's model package routes (sync/model_feed.py, docs/sync-protocol.md "Model
+"""The receiver's model package routes (receiver/model_feed.py, docs/sync-protocol.md "Model
 packages"): a real receiver on 127.0.0.1 port 0 with its own receiver.db, real signed packages,
 real HTTP; publishing with an admin token, listings per appliance and group, Range downloads, and
 `appliance receiver publish` against `appliance receiver` in a subprocess."""
@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.cli import main as cli_main
 from inference.packages import Thresholds, build_package
-from sync.model_feed import (
+from receiver import build_receiver_app, parse_admin_tokens_file, serve_receiver
+from receiver.model_feed import (
     MODELS_DIR,
     PublishError,
     publish_package,
     read_package_identity,
 )
-from sync.receiver import build_receiver_app, parse_admin_tokens_file, serve_receiver
 from tests.helpers import ROOT, cli_env, wait_for
 
 TOKENS = {"boat-7": "token-boat-7", "boat-8": "token-boat-8", "tug-1": "token-tug-1"}

@@ -18,9 +18,9 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from config import ApplianceConfig
-from sync.model_feed import publish_package
+from receiver import build_receiver_app, serve_receiver
+from receiver.model_feed import publish_package
 from sync.reader import JournalReader
-from sync.receiver import build_receiver_app, serve_receiver
 from tests.test_canary import APPLIANCE, install, key, make_config, package_status, publish, running
 
 __all__ = ["key"]  # the module-scoped signing key fixture of tests/test_canary.py

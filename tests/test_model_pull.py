@@ -24,9 +24,10 @@ from appliance.model_store import ModelStore, packages_dir
 from appliance.model_updates import KEEP_REJECTED, MAX_MISMATCHES, Feed, ModelUpdates
 from config.models import HttpDestination, S3Destination
 from inference.packages import TrustedKeys, public_key_text
+from receiver import build_receiver_app, serve_receiver
+from receiver.model_feed import MODELS_DIR, publish_package
 from sync import Journal, JournalMissing, JournalReader
 from sync.destination import RateLimiter
-from sync.model_feed import MODELS_DIR, publish_package
 from sync.model_pull import (
     HttpModelSource,
     ModelSource,
@@ -34,7 +35,6 @@ from sync.model_pull import (
     S3ModelSource,
     download,
 )
-from sync.receiver import build_receiver_app, serve_receiver
 from tests.conftest import APPLIANCE_ID
 from tests.faultproxy import FaultProxy
 from tests.helpers import ROOT, cli_env, fast_sensor, write_config

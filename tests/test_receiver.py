@@ -1,4 +1,4 @@
-"""Tests of sync.receiver against docs/sync-protocol.md: a real server on 127.0.0.1 port 0, a real
+"""Tests of the receiver package against docs/sync-protocol.md: a real server on 127.0.0.1 port 0, a real
 receiver.db in tmp_path, real HTTP from aiohttp.ClientSession."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 from yarl import URL
 
 from appliance.cli import main as cli_main
-from sync.receiver import (
+from receiver import (
     PARTIAL_DIR,
     PAYLOADS_DIR,
     RECEIVER_DB,
@@ -729,7 +729,7 @@ def test_parse_listen() -> None:
 
 @pytest.fixture
 def receiver_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    caplog.set_level(logging.INFO, logger="sync.receiver")
+    caplog.set_level(logging.INFO, logger="receiver")
     yield caplog
 
 

@@ -17,11 +17,11 @@ import pytest
 from aiohttp import web
 
 from config.models import HttpDestination, SyncSection
+from receiver import build_receiver_app, serve_receiver
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
 from sync.destination import DestinationError
 from sync.engine import SyncEngine
 from sync.http_client import HttpTarget
-from sync.receiver import build_receiver_app, serve_receiver
 from tests.conftest import APPLIANCE_ID
 from tests.faultproxy import FaultProxy
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from sync.receiver import build_receiver_app, serve_receiver
+from receiver import build_receiver_app, serve_receiver
 from tests.faultproxy import FaultProxy
 from tests.helpers import fast_sensor, start_daemon, status_json, write_config
 

@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from config.models import HttpDestination, SyncSection
+from receiver import build_receiver_app, serve_receiver, server_tls_context
 from sync import Journal, NewRecord, PayloadStore, Priority
 from sync.destination import DestinationError
 from sync.engine import SyncEngine
 from sync.http_client import HttpTarget
-from sync.receiver import build_receiver_app, serve_receiver, server_tls_context
 from tests.conftest import APPLIANCE_ID
 from tests.helpers import run_cli
 

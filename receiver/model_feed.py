@@ -37,8 +37,9 @@ from typing import IO, Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from receiver.protocol import Refusal, valid_appliance_id
+from receiver.store import ReceiverStore
 from sync.payloads import fsync_dir
-from sync.receiver import ReceiverStore, Refusal, valid_appliance_id
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ DEFAULT_MAX_PACKAGE_BYTES = 4 * 1024**3
 # The same patterns as the package format (inference/packages.py), which sync may not import.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
-_READ_CHUNK = 64 * 1024
+READ_CHUNK = 64 * 1024
 _SPOOL_CHUNK = 1024 * 1024
 _SEND_CHUNK = 256 * 1024
 
@@ -233,7 +234,7 @@ def _save_package(conn: sqlite3.Connection, package: PublishedPackage) -> Publis
 
 
 class ApplianceAuthority(Protocol):
-    """What the model routes need of the receiver (sync/receiver.py `_Receiver`)."""
+    """What the model routes need of the receiver (receiver/app.py `_Receiver`)."""
 
     data_dir: Path
 
@@ -396,7 +397,7 @@ class ModelFeed:
         if encoding != "identity":
             raise Refusal(415, "unsupported content-encoding", "send the package file as is")
         if request.content_length is not None and request.content_length > self.max_package_bytes:
-            raise _too_large(self.max_package_bytes)
+            raise too_large(self.max_package_bytes)
         async with self._publishing:
             spool = _Spool(self.root / INCOMING_DIR / f"{uuid.uuid4().hex}.part")
             try:
@@ -437,10 +438,10 @@ class ModelFeed:
 
     async def _receive(self, request: web.Request, spool: _Spool) -> str:
         pending = bytearray()
-        async for piece in request.content.iter_chunked(_READ_CHUNK):
+        async for piece in request.content.iter_chunked(READ_CHUNK):
             pending += piece
             if spool.size + len(pending) > self.max_package_bytes:
-                raise _too_large(self.max_package_bytes)
+                raise too_large(self.max_package_bytes)
             if len(pending) >= _SPOOL_CHUNK:
                 await spool.write(pending)
                 pending = bytearray()
@@ -488,7 +489,7 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _too_large(limit: int) -> Refusal:
+def too_large(limit: int) -> Refusal:
     return Refusal(413, "package too large", f"a package may be at most {limit} bytes")
 
 

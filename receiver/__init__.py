@@ -1,0 +1,37 @@
+"""The shore side: the reference receiver that a fleet's appliances ship to (docs/sync-protocol.md)
+and the model feed that publishes model packages to them. Embedded on SQLite and local files.
+
+Rooms: `protocol` (limits, identifiers, tokens files, refusals), `batches` (reading and decoding
+batch bodies), `store` (receiver.db), `uploads` (payload files), `app` (the aiohttp handlers and
+serving), `model_feed` (model packages). Imports `sync` for its identities and file helpers; only
+the CLI, tests and benchmarks import this package (tests/test_layering.py)."""
+
+from receiver.app import (
+    RECEIVER_KEY,
+    build_receiver_app,
+    run_receiver,
+    serve_receiver,
+    server_tls_context,
+)
+from receiver.protocol import (
+    PARTIAL_DIR,
+    PAYLOADS_DIR,
+    RECEIVER_DB,
+    parse_admin_tokens_file,
+    parse_listen,
+    parse_tokens_file,
+)
+
+__all__ = [
+    "PARTIAL_DIR",
+    "PAYLOADS_DIR",
+    "RECEIVER_DB",
+    "RECEIVER_KEY",
+    "build_receiver_app",
+    "parse_admin_tokens_file",
+    "parse_listen",
+    "parse_tokens_file",
+    "run_receiver",
+    "serve_receiver",
+    "server_tls_context",
+]

@@ -1,0 +1,649 @@
+"""receiver.db: its named migrations, the store behind one worker thread (records by appliance,
+journal and seq; batches; payload rows; per-appliance and per-journal counters), and the rule
+that tells two boxes under one appliance id from a replaced disk."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from receiver.batches import IncomingBatch
+from receiver.protocol import (
+    PARTIAL_DIR,
+    PAYLOADS_DIR,
+    RECEIVER_DB,
+    SHA256_RE,
+    Refusal,
+    valid_appliance_id,
+)
+from receiver.uploads import ensure_dir
+
+# LEGACY_JOURNAL: the journal of records shipped without a Journal-Id: by appliances of a version
+# before journal identities, and by upgraded ones for what they journalled before the upgrade.
+from sync.identity import LEGACY_JOURNAL
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Two journals of one appliance id both shipping within this long of each other are two boxes
+# sharing an id, not a replaced disk; the flag clears once all but one have been quiet this long.
+DEFAULT_CONCURRENT_QUIET_S = 86400.0
+# Most conflicting seqs named in a 409 (the count is always given).
+_CONFLICTS_NAMED = 20
+
+
+_MIGRATIONS: tuple[tuple[str, str], ...] = (
+    (
+        "0001_initial",
+        """
+        CREATE TABLE records (
+            appliance_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            priority TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            ts TEXT NOT NULL,
+            batch_id TEXT NOT NULL,
+            received_ts TEXT NOT NULL,
+            line TEXT NOT NULL,
+            PRIMARY KEY (appliance_id, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE batches (
+            appliance_id TEXT NOT NULL,
+            batch_id TEXT NOT NULL,
+            priority TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            times_received INTEGER NOT NULL,
+            stored INTEGER NOT NULL,
+            duplicates INTEGER NOT NULL,
+            first_received_ts TEXT NOT NULL,
+            last_received_ts TEXT NOT NULL,
+            PRIMARY KEY (appliance_id, batch_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE payloads (
+            appliance_id TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            completed_ts TEXT NOT NULL,
+            PRIMARY KEY (appliance_id, sha256)
+        ) WITHOUT ROWID;
+        CREATE TABLE appliances (
+            appliance_id TEXT PRIMARY KEY,
+            records INTEGER NOT NULL DEFAULT 0,
+            duplicates_ignored INTEGER NOT NULL DEFAULT 0,
+            batches INTEGER NOT NULL DEFAULT 0,
+            payloads INTEGER NOT NULL DEFAULT 0,
+            payload_bytes INTEGER NOT NULL DEFAULT 0,
+            first_seen_ts TEXT NOT NULL,
+            last_seen_ts TEXT NOT NULL
+        );
+        """,
+    ),
+    (
+        # Published model packages (receiver/model_feed.py); `appliances` and `groups` are JSON lists,
+        # both empty: addressed to every appliance.
+        "0002_model_packages",
+        """
+        CREATE TABLE model_packages (
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            sha256 TEXT NOT NULL UNIQUE,
+            size INTEGER NOT NULL,
+            appliances TEXT NOT NULL,
+            groups TEXT NOT NULL,
+            published_ts TEXT NOT NULL,
+            PRIMARY KEY (name, version)
+        ) WITHOUT ROWID;
+        """,
+    ),
+    (
+        # Journal identities (docs/sync-protocol.md, "Journals"): records and batches are keyed
+        # by (appliance, journal, seq). Everything stored before belongs to the appliance's
+        # legacy journal, which is where its appliances keep shipping their older records.
+        "0003_journals",
+        f"""
+        CREATE TABLE records_by_journal (
+            appliance_id TEXT NOT NULL,
+            journal_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            priority TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            ts TEXT NOT NULL,
+            batch_id TEXT NOT NULL,
+            received_ts TEXT NOT NULL,
+            line TEXT NOT NULL,
+            PRIMARY KEY (appliance_id, journal_id, seq)
+        ) WITHOUT ROWID;
+        INSERT INTO records_by_journal SELECT appliance_id, '{LEGACY_JOURNAL}', seq, priority, kind,
+            ts, batch_id, received_ts, line FROM records;
+        DROP TABLE records;
+        ALTER TABLE records_by_journal RENAME TO records;
+        CREATE TABLE batches_by_journal (
+            appliance_id TEXT NOT NULL,
+            journal_id TEXT NOT NULL,
+            batch_id TEXT NOT NULL,
+            priority TEXT NOT NULL,
+            first_seq INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL,
+            times_received INTEGER NOT NULL,
+            stored INTEGER NOT NULL,
+            duplicates INTEGER NOT NULL,
+            first_received_ts TEXT NOT NULL,
+            last_received_ts TEXT NOT NULL,
+            PRIMARY KEY (appliance_id, journal_id, batch_id)
+        ) WITHOUT ROWID;
+        INSERT INTO batches_by_journal SELECT appliance_id, '{LEGACY_JOURNAL}', batch_id, priority,
+            first_seq, last_seq, times_received, stored, duplicates, first_received_ts,
+            last_received_ts FROM batches;
+        DROP TABLE batches;
+        ALTER TABLE batches_by_journal RENAME TO batches;
+        ALTER TABLE payloads ADD COLUMN journal_id TEXT NOT NULL DEFAULT '{LEGACY_JOURNAL}';
+        ALTER TABLE appliances ADD COLUMN concurrent_journals TEXT;
+        CREATE TABLE journals (
+            appliance_id TEXT NOT NULL,
+            journal_id TEXT NOT NULL,
+            records INTEGER NOT NULL DEFAULT 0,
+            max_seq INTEGER,
+            duplicates_ignored INTEGER NOT NULL DEFAULT 0,
+            conflicts_refused INTEGER NOT NULL DEFAULT 0,
+            batches INTEGER NOT NULL DEFAULT 0,
+            payloads INTEGER NOT NULL DEFAULT 0,
+            payload_bytes INTEGER NOT NULL DEFAULT 0,
+            first_seen_ts TEXT NOT NULL,
+            last_seen_ts TEXT NOT NULL,
+            follows TEXT,
+            PRIMARY KEY (appliance_id, journal_id)
+        ) WITHOUT ROWID;
+        INSERT INTO journals (appliance_id, journal_id, records, max_seq, duplicates_ignored,
+            batches, payloads, payload_bytes, first_seen_ts, last_seen_ts)
+            SELECT a.appliance_id, '{LEGACY_JOURNAL}', a.records,
+                (SELECT MAX(seq) FROM records r WHERE r.appliance_id = a.appliance_id),
+                a.duplicates_ignored, a.batches, a.payloads, a.payload_bytes, a.first_seen_ts,
+                a.last_seen_ts
+            FROM appliances a;
+        """,
+    ),
+)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    stored: int
+    duplicates: int
+    # The journals of this appliance id that are live at once (two boxes, one id), if any.
+    concurrent_journals: list[str]
+    concurrency_changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class JournalSpan:
+    journal_id: str
+    first_seen_s: float
+    last_seen_s: float
+    follows: str | None = None
+
+
+def concurrent_journals(spans: Sequence[JournalSpan], now_s: float, quiet_s: float) -> list[str]:
+    """The journals of one appliance id that shipped interleaved with another within `quiet_s`.
+
+    A replaced disk is a new journal that starts after the old one stopped: their spans (first
+    to last batch) do not overlap, so they are epochs, not a collision. Two boxes under one id
+    keep shipping, so their spans overlap. A journal and the one it follows (an upgraded journal
+    and `legacy`, a fork and its origin) are one box's history, which ships both in one drain."""
+    live = [span for span in spans if span.last_seen_s >= now_s - quiet_s]
+    flagged: set[str] = set()
+    for index, one in enumerate(live):
+        for other in live[index + 1 :]:
+            lineage = one.follows == other.journal_id or other.follows == one.journal_id
+            overlap = (
+                one.last_seen_s >= other.first_seen_s and other.last_seen_s >= one.first_seen_s
+            )
+            if overlap and not lineage:
+                flagged.update((one.journal_id, other.journal_id))
+    return sorted(flagged)
+
+
+def _journal_spans(conn: sqlite3.Connection, appliance_id: str) -> list[JournalSpan]:
+    return [
+        JournalSpan(journal_id, _parse_ts(first), _parse_ts(last), follows)
+        for journal_id, first, last, follows in conn.execute(
+            "SELECT journal_id, first_seen_ts, last_seen_ts, follows FROM journals "
+            "WHERE appliance_id = ?",
+            (appliance_id,),
+        )
+    ]
+
+
+def _format_ts(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_ts(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _ensure_journal(
+    conn: sqlite3.Connection,
+    appliance_id: str,
+    journal_id: str,
+    now: str,
+    follows: str | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO journals (appliance_id, journal_id, first_seen_ts, last_seen_ts, follows) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(appliance_id, journal_id) "
+        "DO UPDATE SET last_seen_ts = excluded.last_seen_ts, "
+        "follows = COALESCE(follows, excluded.follows)",
+        (appliance_id, journal_id, now, now, follows),
+    )
+
+
+def _conflict_refusal(batch: IncomingBatch, seqs: list[int]) -> Refusal:
+    named = ", ".join(str(seq) for seq in seqs[:_CONFLICTS_NAMED])
+    more = f" and {len(seqs) - _CONFLICTS_NAMED} more" if len(seqs) > _CONFLICTS_NAMED else ""
+    journal = (
+        "the legacy journal (records shipped without a journal id)"
+        if batch.journal_id == LEGACY_JOURNAL
+        else f"journal {batch.journal_id}"
+    )
+    return Refusal(
+        409,
+        "conflicting records",
+        f"batch {batch.batch_id} of appliance {batch.appliance_id}: seqs {named}{more} of "
+        f"{journal} are already stored with other content ({len(seqs)} in all); nothing of "
+        "this batch was stored. A journal restored from an old backup, or one tampered with, "
+        "reuses seqs it already shipped: see docs/operations.md, 'Journal conflicts'",
+        extra={"conflicting_seqs": seqs[:_CONFLICTS_NAMED], "conflicts": len(seqs)},
+    )
+
+
+def _ensure_appliance(conn: sqlite3.Connection, appliance_id: str, now: str) -> None:
+    conn.execute(
+        "INSERT INTO appliances (appliance_id, first_seen_ts, last_seen_ts) VALUES (?, ?, ?) "
+        "ON CONFLICT(appliance_id) DO UPDATE SET last_seen_ts = excluded.last_seen_ts",
+        (appliance_id, now, now),
+    )
+
+
+def _same_record(stored_line: str, line: str) -> bool:
+    if stored_line == line:
+        return True
+    try:
+        return bool(json.loads(stored_line) == json.loads(line))
+    except ValueError:
+        return False
+
+
+class ReceiverStore:
+    """receiver.db behind one worker thread. `close()` is idempotent and runs after queued work."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.data_dir = data_dir
+        self.concurrent_quiet = concurrent_quiet
+        # Wall-clock seconds for first/last seen; injectable so tests can age a journal.
+        self.clock = clock
+        self.path = data_dir / RECEIVER_DB
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receiver-db")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        data_dir: Path,
+        *,
+        concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
+        clock: Callable[[], float] = time.time,
+    ) -> ReceiverStore:
+        store = cls(data_dir, concurrent_quiet=concurrent_quiet, clock=clock)
+        try:
+            await store._run(store._open)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close_conn)
+        finally:
+            await asyncio.to_thread(self._executor.shutdown, True)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise RuntimeError("receiver store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the store's thread, after the work queued before it (for
+        handlers kept in other modules: receiver/model_feed.py)."""
+        return await self._run(lambda: fn(self._db()))
+
+    # Everything below runs on the store's thread.
+
+    def _db(self) -> sqlite3.Connection:
+        assert self._conn is not None, "receiver store is not open"
+        return self._conn
+
+    def _open(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for name in (PAYLOADS_DIR, PARTIAL_DIR):
+            ensure_dir(self.data_dir / name)
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        self._conn = conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_ts TEXT NOT NULL)"
+        )
+        applied = {row[0] for row in conn.execute("SELECT name FROM migrations")}
+        for name, script in _MIGRATIONS:
+            if name in applied:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, _now()))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            log.info("receiver migration applied", extra={"fields": {"name": name}})
+        self._reconcile_payloads()
+
+    def _reconcile_payloads(self) -> None:
+        """Count verified payload files a crash left between their rename and their row."""
+        root = self.data_dir / PAYLOADS_DIR
+        conn = self._db()
+        for app_dir in root.iterdir():
+            if not app_dir.is_dir() or not valid_appliance_id(app_dir.name):
+                continue
+            known = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT sha256 FROM payloads WHERE appliance_id = ?", (app_dir.name,)
+                )
+            }
+            for file in app_dir.iterdir():
+                if SHA256_RE.fullmatch(file.name) and file.name not in known:
+                    # Which journal uploaded it was in the row the crash lost.
+                    self._record_payload(app_dir.name, file.name, file.stat().st_size, None)
+                    log.info(
+                        "payload counted after restart",
+                        extra={"fields": {"appliance_id": app_dir.name, "sha256": file.name}},
+                    )
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+
+    def _store_batch(self, batch: IncomingBatch, now_s: float) -> BatchResult:
+        """Store a batch whole or not at all: a record already held under the same (appliance,
+        journal, seq) with other content refuses the batch with 409 (after a rollback)."""
+        conn = self._db()
+        now = _format_ts(now_s)
+        appliance_id, journal_id = batch.appliance_id, batch.journal_id
+        stored = duplicates = 0
+        conflicts: list[int] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _ensure_appliance(conn, appliance_id, now)
+            _ensure_journal(conn, appliance_id, journal_id, now, batch.follows)
+            for record in batch.records:
+                cursor = conn.execute(
+                    "INSERT INTO records (appliance_id, journal_id, seq, priority, kind, ts, "
+                    "batch_id, received_ts, line) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(appliance_id, journal_id, seq) DO NOTHING",
+                    (
+                        appliance_id,
+                        journal_id,
+                        record.seq,
+                        batch.priority,
+                        record.kind,
+                        record.ts,
+                        batch.batch_id,
+                        now,
+                        record.line,
+                    ),
+                )
+                if cursor.rowcount == 1:
+                    stored += 1
+                    continue
+                duplicates += 1
+                (stored_line,) = conn.execute(
+                    "SELECT line FROM records WHERE appliance_id = ? AND journal_id = ? "
+                    "AND seq = ?",
+                    (appliance_id, journal_id, record.seq),
+                ).fetchone()
+                if not _same_record(stored_line, record.line):
+                    conflicts.append(record.seq)
+            if conflicts:
+                conn.execute("ROLLBACK")
+                self._count_conflicts(appliance_id, journal_id, len(conflicts), now)
+                raise _conflict_refusal(batch, conflicts)
+            new_batch = (
+                conn.execute(
+                    "SELECT 1 FROM batches WHERE appliance_id = ? AND journal_id = ? "
+                    "AND batch_id = ?",
+                    (appliance_id, journal_id, batch.batch_id),
+                ).fetchone()
+                is None
+            )
+            conn.execute(
+                "INSERT INTO batches (appliance_id, journal_id, batch_id, priority, first_seq, "
+                "last_seq, times_received, stored, duplicates, first_received_ts, "
+                "last_received_ts) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?) "
+                "ON CONFLICT(appliance_id, journal_id, batch_id) DO UPDATE SET "
+                "times_received = times_received + 1, stored = stored + excluded.stored, "
+                "duplicates = duplicates + excluded.duplicates, "
+                "last_received_ts = excluded.last_received_ts",
+                (
+                    appliance_id,
+                    journal_id,
+                    batch.batch_id,
+                    batch.priority,
+                    batch.first_seq,
+                    batch.last_seq,
+                    stored,
+                    duplicates,
+                    now,
+                    now,
+                ),
+            )
+            conn.execute(
+                "UPDATE appliances SET records = records + ?, "
+                "duplicates_ignored = duplicates_ignored + ?, batches = batches + ? "
+                "WHERE appliance_id = ?",
+                (stored, duplicates, int(new_batch), appliance_id),
+            )
+            conn.execute(
+                "UPDATE journals SET records = records + ?, "
+                "duplicates_ignored = duplicates_ignored + ?, batches = batches + ?, "
+                "max_seq = MAX(COALESCE(max_seq, 0), ?) "
+                "WHERE appliance_id = ? AND journal_id = ?",
+                (stored, duplicates, int(new_batch), batch.last_seq, appliance_id, journal_id),
+            )
+            concurrent, changed = self._judge_concurrency(appliance_id, now_s)
+            # synchronous=FULL: COMMIT returns after the WAL is fsync'd.
+            conn.execute("COMMIT")
+        except Refusal:
+            raise
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return BatchResult(
+            stored=stored,
+            duplicates=duplicates,
+            concurrent_journals=concurrent,
+            concurrency_changed=changed,
+        )
+
+    def _count_conflicts(self, appliance_id: str, journal_id: str, count: int, now: str) -> None:
+        """A refused batch stores nothing, but the refusal is counted for the summary."""
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _ensure_appliance(conn, appliance_id, now)
+            _ensure_journal(conn, appliance_id, journal_id, now)
+            conn.execute(
+                "UPDATE journals SET conflicts_refused = conflicts_refused + ? "
+                "WHERE appliance_id = ? AND journal_id = ?",
+                (count, appliance_id, journal_id),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _judge_concurrency(self, appliance_id: str, now_s: float) -> tuple[list[str], bool]:
+        """(journals of this appliance id live at once, whether that set changed), kept in the
+        appliances row so a change is logged once. Runs inside the caller's transaction."""
+        conn = self._db()
+        concurrent = concurrent_journals(
+            _journal_spans(conn, appliance_id), now_s, self.concurrent_quiet
+        )
+        (before,) = conn.execute(
+            "SELECT concurrent_journals FROM appliances WHERE appliance_id = ?", (appliance_id,)
+        ).fetchone()
+        after = json.dumps(concurrent) if concurrent else None
+        if before != after:
+            conn.execute(
+                "UPDATE appliances SET concurrent_journals = ? WHERE appliance_id = ?",
+                (after, appliance_id),
+            )
+        return concurrent, before != after
+
+    def _record_payload(
+        self, appliance_id: str, sha256: str, size: int, journal_id: str | None
+    ) -> None:
+        conn = self._db()
+        now = _now()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cursor = conn.execute(
+                "INSERT INTO payloads (appliance_id, sha256, size, completed_ts, journal_id) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(appliance_id, sha256) DO NOTHING",
+                (appliance_id, sha256, size, now, journal_id or ""),
+            )
+            if cursor.rowcount == 1:
+                _ensure_appliance(conn, appliance_id, now)
+                conn.execute(
+                    "UPDATE appliances SET payloads = payloads + 1, "
+                    "payload_bytes = payload_bytes + ? WHERE appliance_id = ?",
+                    (size, appliance_id),
+                )
+                if journal_id is not None:
+                    _ensure_journal(conn, appliance_id, journal_id, now)
+                    conn.execute(
+                        "UPDATE journals SET payloads = payloads + 1, "
+                        "payload_bytes = payload_bytes + ? "
+                        "WHERE appliance_id = ? AND journal_id = ?",
+                        (size, appliance_id, journal_id),
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _summary(self, appliance_id: str, now_s: float) -> dict[str, Any]:
+        conn = self._db()
+        row = conn.execute(
+            "SELECT records, duplicates_ignored, payloads, payload_bytes, batches "
+            "FROM appliances WHERE appliance_id = ?",
+            (appliance_id,),
+        ).fetchone()
+        records, duplicates, payloads, payload_bytes, batches = row or (0, 0, 0, 0, 0)
+        journals = [
+            {
+                "journal_id": journal_id,
+                "first_seen": first_seen,
+                "last_seen": last_seen,
+                "follows": follows,
+                "records": count,
+                "max_seq": max_seq,
+                "batches": journal_batches,
+                "duplicates_ignored": journal_duplicates,
+                "conflicts_refused": conflicts,
+                "payloads": journal_payloads,
+                "payload_bytes": journal_payload_bytes,
+            }
+            for (
+                journal_id,
+                first_seen,
+                last_seen,
+                follows,
+                count,
+                max_seq,
+                journal_batches,
+                journal_duplicates,
+                conflicts,
+                journal_payloads,
+                journal_payload_bytes,
+            ) in conn.execute(
+                "SELECT journal_id, first_seen_ts, last_seen_ts, follows, records, max_seq, "
+                "batches, duplicates_ignored, conflicts_refused, payloads, payload_bytes "
+                "FROM journals "
+                "WHERE appliance_id = ? ORDER BY first_seen_ts, journal_id",
+                (appliance_id,),
+            )
+        ]
+        seqs = [j["max_seq"] for j in journals if j["max_seq"] is not None]
+        return {
+            "records": records,
+            "max_seq": max(seqs) if seqs else None,
+            "duplicates_ignored": duplicates,
+            "payloads": payloads,
+            "payload_bytes": payload_bytes,
+            "batches": batches,
+            "journals": journals,
+            "concurrent_journals": concurrent_journals(
+                _journal_spans(conn, appliance_id), now_s, self.concurrent_quiet
+            ),
+        }
+
+    # Loop-side API.
+
+    async def store_batch(self, batch: IncomingBatch) -> BatchResult:
+        """Store new records, count the rest as duplicates; durable when this returns. Raises
+        Refusal (409) when a record conflicts with one already stored: nothing is stored then."""
+        now_s = self.clock()
+        return await self._run(lambda: self._store_batch(batch, now_s))
+
+    async def record_payload(
+        self, appliance_id: str, sha256: str, size: int, journal_id: str | None
+    ) -> None:
+        await self._run(lambda: self._record_payload(appliance_id, sha256, size, journal_id))
+
+    async def summary(self, appliance_id: str) -> dict[str, Any]:
+        now_s = self.clock()
+        return await self._run(lambda: self._summary(appliance_id, now_s))
