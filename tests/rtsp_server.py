@@ -15,6 +15,8 @@ from typing import Self
 
 import pytest
 
+from tests.helpers import component_missing
+
 SYSTEM_PYTHON = "/usr/bin/python3"
 MOUNT = "test"
 # What each GStreamer element used by the server comes from (Debian package names).
@@ -110,9 +112,7 @@ def require_rtsp_server() -> None:
     problem = missing_requirements()
     if problem is None:
         return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"RTSP test server unavailable: {problem}")
-    pytest.skip(f"RTSP test server unavailable: {problem}")
+    component_missing(f"what the RTSP test server needs ({problem})")
 
 
 def free_port() -> int:

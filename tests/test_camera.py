@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import statistics
 import threading
 import time
@@ -30,6 +29,7 @@ from sensors.camera import (
     parse_camera_url,
     redact_url,
 )
+from tests.helpers import component_missing
 from tests.rtsp_server import RtspServer, require_rtsp_server
 
 VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")  # 795 frames, 10 fps, 768x576
@@ -40,10 +40,7 @@ BIKES_FRAMES = 250  # 25 fps, 640x272, H.264, its 'moov' index at the end of the
 def _need(path: Path | None, what: str) -> Path:
     if path is not None and path.is_file():
         return path
-    message = f"{what} is missing"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+    component_missing(what)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import struct
 import threading
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from inference.builtin import (
     prepare_builtin_models,
 )
 from inference.darknet import DarknetError, convert_darknet, save_model
+from tests.helpers import component_missing
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -45,9 +45,7 @@ OPENCV_YOLO_THRESH = 0.2
 
 def _missing(what: str) -> None:
     """A missing test asset fails under CI (it must be installed there) and skips elsewhere."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is missing")
-    pytest.skip(f"{what} is missing")
+    component_missing(what)
 
 
 def _package_file(package: str, *parts: str) -> Path | None:

@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import importlib.util
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ from inference.detect import (
 )
 from inference.detections import Detection, Detector
 from inference.session import InferenceError, ModelError, ModelSession
+from tests.helpers import component_missing
 from tests.onnx_graphs import (
     Box,
     Head,
@@ -59,9 +59,7 @@ TOLERANCE_PX = 0.01  # the letterbox maps below are exact; only float32 rounding
 
 def _missing(what: str) -> None:
     """A missing test asset fails under CI (it must be installed there) and skips elsewhere."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is missing")
-    pytest.skip(f"{what} is missing")
+    component_missing(what)
 
 
 @pytest.fixture(scope="module")

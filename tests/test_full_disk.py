@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
+    component_missing,
     fast_sensor,
     start_daemon,
     status_json,
@@ -33,9 +34,7 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real, tiny file system (tmpfs) mounted for this test only. Needs root; CI runs as root,
     and under CI=true a missing capability is a failure, not a skip."""
     if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the full-disk test needs root to mount a tmpfs (CI runs as root)")
-        pytest.skip("needs root to mount a small file system")
+        component_missing("root, to mount a tmpfs for the full-disk test (CI runs as root),")
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     subprocess.run(

