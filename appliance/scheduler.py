@@ -15,9 +15,27 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    """What the jobs measure intervals with: monotonic seconds and a sleep on the same clock."""
+
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class LoopClock:
+    """The event loop's monotonic clock (never the wall clock: it steps)."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 class Jobs:
@@ -25,7 +43,9 @@ class Jobs:
     overlaps itself: a run that outlasts its interval is followed at once by the next one, and
     missed runs are not made up (one run, not a burst)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
+        # Injectable so tests run the jobs on a fake clock instead of counting ticks in wall time.
+        self.clock: Clock = clock or LoopClock()
         self._jobs: dict[str, tuple[float, Callable[[], Awaitable[Any]], bool]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
@@ -48,12 +68,12 @@ class Jobs:
 
     async def _loop(self, name: str) -> None:
         seconds, job, run_now = self._jobs[name]
-        loop = asyncio.get_running_loop()
-        next_at = loop.time() + (0.0 if run_now else seconds)
+        clock = self.clock
+        next_at = clock.now() + (0.0 if run_now else seconds)
         while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            await clock.sleep(max(0.0, next_at - clock.now()))
             await self._guarded(name, job)
-            next_at = max(next_at + seconds, loop.time())
+            next_at = max(next_at + seconds, clock.now())
 
     async def _guarded(self, name: str, job: Callable[[], Awaitable[Any]]) -> None:
         try:
