@@ -35,10 +35,11 @@ from typing import Any
 from appliance.model_store import ModelStore, StoreError
 from config import ApplianceConfig
 from config.models import HttpDestination, S3Destination
+from config.units import in_windows
 from inference.packages import PackageError
 from sync import Journal, NewRecord, Priority, StorageFull
 from sync.destination import DestinationError, RateLimiter
-from sync.engine import SyncEngine, in_windows
+from sync.engine import SyncEngine
 from sync.model_pull import (
     INCOMING_DIR,
     ModelSource,

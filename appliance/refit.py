@@ -6,7 +6,7 @@ after, with a rollback of its own. Every step is a `model` record that ships lik
 When. The daemon's `refit` job (`Jobs`, on the monotonic clock: `appliance/scheduler.py` says why
 not APScheduler) wakes every `CHECK_INTERVAL_S`; a source's refit starts when `refit.enabled`,
 its current baseline is at least `refit.every` old, the UTC time is in one of `refit.windows`
-(`sync.engine.in_windows`), and no attempt of it ran in the last day (or `every`, if shorter).
+(`config.units.in_windows`), and no attempt of it ran in the last day (or `every`, if shorter).
 
 Data. The source's own `reading` records of the last `refit.data` of data time (ending at its
 newest reading), less windows with bad input (a `quality` list, a non-finite feature) and windows
@@ -62,11 +62,10 @@ from appliance.baselines import BaselineStore
 from appliance.pipeline import SourcePipeline
 from config import ApplianceConfig
 from config.models import AnomalySettings
-from config.units import format_duration
+from config.units import format_duration, in_windows
 from inference.anomaly import AnomalyDetector, Baseline, BaselineError, fit_baseline
 from inference.features import feature_vector
 from sync import Journal, NewRecord, Priority, StorageFull
-from sync.engine import in_windows
 from sync.errors import JournalMissing
 from sync.reader import JournalReader
 from sync.records import format_ts, parse_ts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _SIZE_UNITS = {
@@ -78,6 +79,19 @@ def parse_window(value: object) -> tuple[int, int]:
     if any(m >= 24 * 60 for m in minutes) or minutes[0] == minutes[1]:
         raise ValueError(f"invalid time window {value!r}: hours 00-23, minutes 00-59, start != end")
     return minutes[0], minutes[1]
+
+
+def in_windows(windows: list[str], now: datetime) -> bool:
+    """Whether `now` (UTC) falls in any HH:MM-HH:MM window; no windows means always. Used by
+    both sides of a window setting: the sync engine, baseline refits, model package pulls."""
+    if not windows:
+        return True
+    minute = now.hour * 60 + now.minute
+    for text in windows:
+        start, end = parse_window(text)
+        if (start <= minute < end) if start < end else (minute >= start or minute < end):
+            return True
+    return False
 
 
 _WINDOW_RE = re.compile(r"^\d\d:[0-5]\d-\d\d:[0-5]\d$")

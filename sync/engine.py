@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from config.models import DirectoryDestination, HttpDestination, S3Destination, SyncSection
-from config.units import parse_window
+from config.units import in_windows
 from sync.destination import (
     Batch,
     Destination,
@@ -94,18 +94,6 @@ def parse_bounds(text: str | None) -> tuple[int, int] | None:
     if not sep or not first.isdigit() or not last.isdigit() or int(first) > int(last):
         return None
     return int(first), int(last)
-
-
-def in_windows(windows: list[str], now: datetime) -> bool:
-    """Whether `now` (UTC) falls in any HH:MM-HH:MM window; no windows means always."""
-    if not windows:
-        return True
-    minute = now.hour * 60 + now.minute
-    for text in windows:
-        start, end = parse_window(text)
-        if (start <= minute < end) if start < end else (minute >= start or minute < end):
-            return True
-    return False
 
 
 class SyncEngine:

@@ -17,10 +17,11 @@ import sync.directory as directory_module
 from appliance.health import HealthMonitor
 from appliance.page import destination_alarms as render_alarms
 from config.models import DirectoryDestination, StorageSection, SyncSection
+from config.units import in_windows
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority, StorageGuard
 from sync.destination import Batch, DestinationError, MemoryDestination, RateLimiter
 from sync.directory import DirectoryTarget
-from sync.engine import SyncEngine, in_windows, inflight_key
+from sync.engine import SyncEngine, inflight_key
 
 
 def dest_cfg(tmp: Path, **extra: object) -> DirectoryDestination:
