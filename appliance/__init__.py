@@ -1,5 +1,8 @@
-"""The appliance: the `appliance` command, the daemon (the composition root), its scheduler,
-supervision, health and the operator's commands. Imports every other package."""
+"""The appliance: the `appliance` command (`cli`), the daemon that wires everything together
+(`daemon`, the composition root) and `sync --now`. Its rooms, each importing only those below:
+`runtime` (the floor: logs, supervisor, scheduler, control socket) < `stages` (records in) <
+`models` (the model lifecycle) < `status` (what the operator sees) < this root. Imports every
+other package."""
 
 import os
 

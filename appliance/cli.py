@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from appliance.export import export_records, parse_since
-from appliance.logs import setup_logging
-from appliance.models_cli import add_models_parser, run_models
-from appliance.status import collect_status, render_status
+from appliance.models.cli import add_models_parser, run_models
+from appliance.runtime.logs import setup_logging
+from appliance.status.export import export_records
+from appliance.status.report import collect_status, render_status
 from appliance.syncnow import sync_now
 from config import ApplianceConfig, ConfigError, config_schema, load_config
 from config.models import AUTO_APPLIANCE_ID
@@ -32,6 +32,7 @@ from receiver.model_feed import PublishError, publish_package
 from sync import Journal, JournalReader, SyncError
 from sync.identity import JournalIdentity, data_dir_appliance_id
 from sync.reader import JOURNAL_FILE
+from sync.records import parse_since
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -15,18 +15,19 @@ from contextlib import AsyncExitStack
 from dataclasses import asdict
 from typing import Any, Literal
 
-from appliance.canary import ModelCanaries
-from appliance.control import ControlServer
-from appliance.health import HEARTBEAT_INTERVAL_S, HealthMonitor, app_version
-from appliance.model_updates import ModelUpdates
-from appliance.pipeline import SourcePipeline
-from appliance.recorder import Recorder
-from appliance.refit import CHECK_INTERVAL_S as REFIT_CHECK_S
-from appliance.refit import BaselineRefits
-from appliance.scheduler import Jobs
-from appliance.supervisor import ComponentHealth, Supervised
-from appliance.vision import CameraPipeline, DetectorPool, quiet_opencv
-from appliance.web import StatusServer, read_status_token
+from appliance.models.canary import ModelCanaries
+from appliance.models.refit import CHECK_INTERVAL_S as REFIT_CHECK_S
+from appliance.models.refit import BaselineRefits
+from appliance.models.store import ModelStore
+from appliance.models.updates import ModelUpdates
+from appliance.runtime.control import ControlServer
+from appliance.runtime.scheduler import Jobs
+from appliance.runtime.supervisor import ComponentHealth, Supervised
+from appliance.stages.pipeline import SourcePipeline
+from appliance.stages.recorder import Recorder
+from appliance.stages.vision import CameraPipeline, DetectorPool, quiet_opencv
+from appliance.status.health import HEARTBEAT_INTERVAL_S, HealthMonitor, app_version
+from appliance.status.web import StatusServer, read_status_token
 from config import ApplianceConfig, Camera, ConfigError, LiveSensorCommon, SimulatedSensor
 from sensors import SensorConfig, open_source
 from sensors.camera import CameraSource, parse_camera_url
@@ -180,9 +181,12 @@ class Daemon:
             guard = await stack.enter_async_context(StorageGuard(journal, store, cfg.storage))
             if cfg.cameras:
                 quiet_opencv()
-            detectors = DetectorPool(cfg)
+            model_store = ModelStore.from_config(cfg)
+            detectors = DetectorPool(cfg, model_store)
             stack.push_async_callback(detectors.aclose)
-            monitor = self.monitor = HealthMonitor(journal, guard, mode=self.mode)
+            monitor = self.monitor = HealthMonitor(
+                journal, guard, mode=self.mode, camera_names=[c.name for c in cfg.cameras]
+            )
             engines: list[SyncEngine] = []
             if self.mode == "run":  # replay is backtesting: it journals, it does not ship
                 for dest in cfg.sync.destinations:
@@ -203,7 +207,7 @@ class Daemon:
                 monitor.models = self.model_updates.describe
                 await stack.enter_async_context(self.model_updates)
             if self.mode == "run":  # replay backtests: it never changes the active models
-                canaries = ModelCanaries(cfg, detectors, journal)
+                canaries = ModelCanaries(cfg, detectors, journal, store=model_store)
                 self.canaries = await stack.enter_async_context(canaries)
                 monitor.canaries.update(canaries.describers())
                 if self.model_updates is not None:

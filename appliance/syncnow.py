@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any, TextIO
 
-from appliance.control import CONTROL_SOCKET, ask_daemon, drain_engines
+from appliance.runtime.control import CONTROL_SOCKET, ask_daemon, drain_engines
 from config import ApplianceConfig, ConfigError
 from config.units import format_duration, format_size
 from sync import Journal, PayloadStore

@@ -819,8 +819,8 @@ def code_fingerprint() -> dict[str, str]:
     return source_fingerprint(
         "inference/anomaly.py",
         "inference/features.py",
-        "appliance/anomalies.py",
-        "appliance/pipeline.py",
+        "appliance/stages/anomalies.py",
+        "appliance/stages/pipeline.py",
         "sensors/csv_replay.py",
         "config/models.py",
     )

@@ -76,7 +76,7 @@ import yaml
 
 import appliance.daemon
 from appliance.daemon import Daemon
-from appliance.logs import setup_logging
+from appliance.runtime.logs import setup_logging
 from bench.common import (
     base_parser,
     emit,
@@ -1097,9 +1097,9 @@ def table_rows(name: str, profile: Mapping[str, Any]) -> list[dict[str, Any]]:
 def code_fingerprint() -> dict[str, str]:
     """The journal's files (bench.common) and the stages that decide what a record holds."""
     return source_fingerprint(
-        "appliance/pipeline.py",
-        "appliance/anomalies.py",
-        "appliance/vision.py",
+        "appliance/stages/pipeline.py",
+        "appliance/stages/anomalies.py",
+        "appliance/stages/vision.py",
         "inference/features.py",
         "inference/sampling.py",
         "inference/media.py",

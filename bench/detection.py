@@ -74,9 +74,9 @@ import yaml
 from pydantic import ValidationError
 
 from appliance.daemon import Daemon
-from appliance.logs import setup_logging
-from appliance.recorder import Recorder
-from appliance.vision import CameraPipeline
+from appliance.runtime.logs import setup_logging
+from appliance.stages.recorder import Recorder
+from appliance.stages.vision import CameraPipeline
 from bench.common import (
     base_parser,
     emit,
@@ -125,9 +125,9 @@ def load_average() -> list[float]:
 def code_fingerprint(model: Path | None) -> dict[str, str]:
     """bench.common's journal fingerprint plus the camera pipeline's files and the model's."""
     out = source_fingerprint(
-        "appliance/vision.py",
+        "appliance/stages/vision.py",
         "appliance/daemon.py",
-        "appliance/recorder.py",
+        "appliance/stages/recorder.py",
         "inference/detect.py",
         "inference/session.py",
         "inference/motion.py",

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from appliance.pipeline import SourcePipeline
+from appliance.stages.pipeline import SourcePipeline
 from bench.common import (
     MIB,
     base_parser,

@@ -2,7 +2,7 @@
 this appliance or its group, and downloading each into DATA_DIR/models/incoming/SHA256.part,
 resumed from the part's size with Range requests after a cut, checked against the listed sha256
 and renamed to SHA256.tar when whole. Verifying and installing a package is the appliance's
-(appliance/model_updates.py); this module moves bytes only.
+(appliance/models/updates.py); this module moves bytes only.
 
 S3 layout (under the destination's `prefix`; objects named by the sha256 of their bytes):
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from typing import Any
+
+from config.units import parse_duration
 
 
 class Priority(IntEnum):
@@ -132,3 +134,18 @@ class StoredRecord:
             "body": self.body,
             "payloads": list(self.payloads),
         }
+
+
+def parse_since(text: str, option: str = "--since") -> str:
+    """`--since` (or `option`): an ISO-8601 time or date (UTC if no zone), or an age such as
+    `30m` or `2d`."""
+    try:
+        return format_ts(datetime.now(UTC) - timedelta(seconds=parse_duration(text)))
+    except ValueError:
+        pass
+    try:
+        return format_ts(parse_ts(text))
+    except ValueError:
+        raise ValueError(
+            f"{option} {text!r}: expected an ISO-8601 time such as 2026-11-01T00:00:00Z or an age such as 2h"
+        ) from None

@@ -1,4 +1,4 @@
-"""The shadow canary, activation and watch of staged detector packages (appliance/canary.py): the
+"""The shadow canary, activation and watch of staged detector packages (appliance/models/canary.py): the
 real daemon in this process with a real camera on real footage (builtin:bikes), real signed
 packages in a real model store, real ONNX detectors whose outputs are known boxes, the real
 journal, status page and a directory destination that ships the records.
@@ -27,9 +27,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from appliance.canary import Limits, ModelCanaries, frame_agreement
 from appliance.daemon import Daemon
-from appliance.model_store import ModelStore, StoreError
+from appliance.models.canary import ModelCanaries
+from appliance.models.shadow import Limits, frame_agreement
+from appliance.models.store import ModelStore, StoreError
 from config import ApplianceConfig
 from config.models import CanarySettings
 from inference.detections import Detection

@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from appliance.drift import INPUTS_MODEL
-from appliance.health import HealthMonitor
-from appliance.history import HISTORY_FILE, History
-from appliance.pipeline import SourcePipeline
-from appliance.web import StatusServer
+from appliance.stages.drift import INPUTS_MODEL
+from appliance.stages.pipeline import SourcePipeline
+from appliance.status.health import HealthMonitor
+from appliance.status.history import HISTORY_FILE, History
+from appliance.status.web import StatusServer
 from config import ApplianceConfig, SamplingSettings, SimulatedSensor
 from config.models import DriftSettings
 from inference.detections import Detection

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import sync.directory as directory_module
-from appliance.health import HealthMonitor
-from appliance.page import destination_alarms as render_alarms
+from appliance.status.health import HealthMonitor, live_destination
+from appliance.status.page import destination_alarms as render_alarms
 from config.models import DirectoryDestination, StorageSection, SyncSection
 from config.units import in_windows
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority, StorageGuard
@@ -469,11 +469,11 @@ async def test_a_permanent_refusal_holds_the_cursor_alerts_once_and_degrades_hea
         assert set(cursors.values()) == {0}
         alerts = await journal.read(lambda r: list(r.iter_records(kind="sync_refused")))
         assert [(a.priority, a.body["destination"]) for a in alerts] == [(Priority.ALERT, "usb")]
-        page = render_alarms({"usb": engine.state.to_dict()})
+        page = render_alarms({"usb": live_destination(engine.state)})
         assert "usb refuses the backlog" in page and "409" in page
         # Resolved upstream: the next drain ships everything and health recovers.
         memory.send_batch = delivered  # type: ignore[method-assign]
         assert await engine.drain() is True
         assert engine.state.refused is None
         assert "sync_refused:usb" not in monitor.reasons()
-        assert render_alarms({"usb": engine.state.to_dict()}) == ""
+        assert render_alarms({"usb": live_destination(engine.state)}) == ""

@@ -19,6 +19,30 @@ ALLOWED = {
 }
 
 
+# The rooms inside `appliance/`, lowest first: a room imports only the rooms below it (and its
+# own modules); the modules at `appliance/`'s root (daemon, cli) may import every room.
+APPLIANCE_ROOMS = ("runtime", "stages", "models", "status")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports by absolute name, deferred imports included."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def room_of(module: str) -> str | None:
+    """The appliance room `module` lives in; None for the root and for other packages."""
+    parts = module.split(".")
+    if parts[0] != "appliance" or len(parts) < 2 or parts[1] not in APPLIANCE_ROOMS:
+        return None
+    return parts[1]
+
+
 def imported_packages(path: Path) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -38,6 +62,36 @@ def test_packages_import_along_the_data_flow() -> None:
             for imported in imported_packages(path) - allowed - {package}:
                 violations.append(f"{path.relative_to(ROOT)} imports {imported}")
     assert violations == []
+
+
+def test_appliance_rooms_import_only_downward() -> None:
+    violations = []
+    for room in APPLIANCE_ROOMS:
+        files = sorted((ROOT / "appliance" / room).rglob("*.py"))
+        assert files, f"room appliance/{room} has no modules"
+        allowed = set(APPLIANCE_ROOMS[: APPLIANCE_ROOMS.index(room) + 1])
+        for path in files:
+            for module in sorted(imported_modules(path)):
+                if module.split(".")[0] != "appliance":
+                    continue
+                target = room_of(module)
+                if target not in allowed:
+                    where = target or "the root (daemon, cli)"
+                    violations.append(f"{path.relative_to(ROOT)} imports {module} ({where})")
+    assert violations == []
+
+
+def test_appliance_root_keeps_only_the_daemon_and_the_command() -> None:
+    """New modules go into a room; the root holds what wires the rooms together."""
+    root_modules = {p.name for p in (ROOT / "appliance").glob("*.py")}
+    assert root_modules == {"__init__.py", "__main__.py", "cli.py", "daemon.py", "syncnow.py"}
+
+
+def test_the_room_checker_sees_an_upward_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from appliance.status.web import StatusServer\n")
+    assert room_of(next(iter(imported_modules(bad)))) == "status"
+    assert room_of("appliance.daemon") is None
 
 
 def test_no_import_circle_between_modules_of_a_package() -> None:

@@ -1,4 +1,4 @@
-"""Model packages over the air (sync/model_pull.py, appliance/model_updates.py): the real
+"""Model packages over the air (sync/model_pull.py, appliance/models/updates.py): the real
 receiver on 127.0.0.1 behind the fault proxy, SeaweedFS for S3, real signed packages, a real
 journal and model store; cuts resume, tampered and foreign packages are refused with a journalled
 record and never touch the active model, and a running daemon stages what is published."""
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.model_store import ModelStore, packages_dir
-from appliance.model_updates import KEEP_REJECTED, MAX_MISMATCHES, Feed, ModelUpdates
+from appliance.models.store import ModelStore, packages_dir
+from appliance.models.updates import KEEP_REJECTED, MAX_MISMATCHES, Feed, ModelUpdates
 from config.models import HttpDestination, S3Destination
 from inference.packages import TrustedKeys, public_key_text
 from receiver import build_receiver_app, serve_receiver

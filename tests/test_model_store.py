@@ -1,4 +1,4 @@
-"""The on-device model store (appliance/model_store.py) and `appliance models ...` for packages:
+"""The on-device model store (appliance/models/store.py) and `appliance models ...` for packages:
 real keys, real ONNX files, real flocks, real kills; a refused package never touches the active
 model, and a `package:NAME` camera model detects through the real onnxruntime session."""
 
@@ -23,7 +23,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.cli import main
-from appliance.model_store import ModelStore, StoreError, UnknownPackage, packages_dir
+from appliance.models.store import ModelStore, StoreError, UnknownPackage, packages_dir
 from config import ConfigError, DetectorModel, load_config
 from inference.detect import open_detector
 from inference.packages import PackageError, Thresholds, TrustedKeys, build_package, public_key_text
@@ -372,7 +372,7 @@ def test_rename_failures_at_every_step(
 _KILLER = """
 import os, signal, sys
 from pathlib import Path
-from appliance.model_store import ModelStore
+from appliance.models.store import ModelStore
 from config import load_config
 
 when = sys.argv[2]

@@ -1,4 +1,4 @@
-"""Refitting anomaly baselines on the device (appliance/refit.py), end to end on a real journal
+"""Refitting anomaly baselines on the device (appliance/models/refit.py), end to end on a real journal
 with a real simulated machine through the real pipeline: a healthy refit validated, canaried,
 activated and watched; candidates refused by validation, by their canary, and rolled back by the
 watch; too few clean windows; the schedule and a stop in the middle of a fit; and a heavy refit
@@ -25,13 +25,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.baselines import BaselineStore
-from appliance.control import ControlServer
-from appliance.pipeline import SourcePipeline
-from appliance.recorder import Recorder
-from appliance.refit import BaselineRefit, BaselineRefits, Prepared, RefitJob, prepare_candidate
-from appliance.refit import run_in_child as refit_in_child
-from appliance.vision import CameraPipeline, quiet_opencv
+from appliance.models.refit import (
+    BaselineRefit,
+    BaselineRefits,
+    Prepared,
+    RefitJob,
+    prepare_candidate,
+)
+from appliance.models.refit import run_in_child as refit_in_child
+from appliance.runtime.control import ControlServer
+from appliance.stages.baselines import BaselineStore
+from appliance.stages.pipeline import SourcePipeline
+from appliance.stages.recorder import Recorder
+from appliance.stages.vision import CameraPipeline, quiet_opencv
 from config import ApplianceConfig, Camera, DetectorModel
 from config.models import AnomalySettings, SimulatedSensor
 from inference.anomaly import Baseline, fit_baseline

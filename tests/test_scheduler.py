@@ -1,4 +1,4 @@
-"""Tests of appliance.scheduler: interval jobs on a fake monotonic clock (exact counts, no wall
+"""Tests of appliance.runtime.scheduler: interval jobs on a fake monotonic clock (exact counts, no wall
 time), failures retried, no overlap, a clean stop, and a real clock that ignores the wall clock."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from appliance.scheduler import Jobs, LoopClock
+from appliance.runtime.scheduler import Jobs, LoopClock
 
 
 class FakeClock:

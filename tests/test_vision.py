@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from appliance.vision import FrameClock
+from appliance.stages.vision import FrameClock
 from config import DetectorModel, SamplingSettings
 from inference.detect import open_detector
 from inference.detections import Detection, iou

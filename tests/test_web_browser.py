@@ -22,7 +22,7 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 
-from appliance.history import HISTORY_FILE
+from appliance.status.history import HISTORY_FILE
 from tests.helpers import (
     ROOT,
     component_missing,

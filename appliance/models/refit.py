@@ -3,7 +3,7 @@ in the journal, fitting and validating a candidate in a niced child process, try
 beside the current baseline (the canary), activating it between two windows, and watching it
 after, with a rollback of its own. Every step is a `model` record that ships like any other.
 
-When. The daemon's `refit` job (`Jobs`, on the monotonic clock: `appliance/scheduler.py` says why
+When. The daemon's `refit` job (`Jobs`, on the monotonic clock: `appliance/runtime/scheduler.py` says why
 not APScheduler) wakes every `CHECK_INTERVAL_S`; a source's refit starts when `refit.enabled`,
 its current baseline is at least `refit.every` old, the UTC time is in one of `refit.windows`
 (`config.units.in_windows`), and no attempt of it ran in the last day (or `every`, if shorter).
@@ -52,20 +52,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from appliance.anomalies import AnomalyStage, feature_names_of
-from appliance.baselines import BaselineStore
-from appliance.pipeline import SourcePipeline
+from appliance.models.trial import ModelRecords, ModelTrial, Step, TrialOver
+from appliance.stages.anomalies import AnomalyStage, feature_names_of
+from appliance.stages.baselines import BaselineStore
+from appliance.stages.pipeline import SourcePipeline
 from config import ApplianceConfig
 from config.models import AnomalySettings
 from config.units import format_duration, in_windows
 from inference.anomaly import AnomalyDetector, Baseline, BaselineError, fit_baseline
 from inference.features import feature_vector
-from sync import Journal, NewRecord, Priority, StorageFull
+from sync import Journal, Priority
 from sync.errors import JournalMissing
 from sync.reader import JournalReader
 from sync.records import format_ts, parse_ts
@@ -75,8 +76,6 @@ log = logging.getLogger(__name__)
 FloatArray = npt.NDArray[np.float64]
 T = TypeVar("T")
 
-RECORD_SOURCE = "models"
-RECORD_KIND = "model"
 CHECK_INTERVAL_S = 300.0
 """How often the daemon's job looks whether a refit is due."""
 RETRY_AFTER_S = 86400.0
@@ -571,10 +570,10 @@ class BaselineRefit:
         self.journal = journal
         self.store = store
         self.stage_of = stage_of
-        self.state = "idle"
-        self.candidate: str | None = None
-        self.canary: Canary | None = None
-        self.watch: Watch | None = None
+        self.records = ModelRecords(
+            journal, fields={"source": source, "model": self.model}, model=self.model
+        )
+        self.trial: BaselineTrial | None = None
         self.last_result: dict[str, Any] | None = None
         self.last_attempt_mono: float | None = None
 
@@ -582,14 +581,34 @@ class BaselineRefit:
     def model(self) -> str:
         return f"{self.source}-baseline"
 
+    @property
+    def state(self) -> str:
+        """idle, fitting, canary, activating or watching."""
+        if self.trial is None:
+            return "idle"
+        return TRIAL_STATES.get(self.trial.phase, self.trial.phase)
+
+    @property
+    def candidate(self) -> str | None:
+        return None if self.trial is None else self.trial.candidate_version
+
+    @property
+    def canary(self) -> Canary | None:
+        return None if self.trial is None else self.trial.canary
+
+    @property
+    def watch(self) -> Watch | None:
+        return None if self.trial is None else self.trial.watch_
+
     def describe(self) -> dict[str, Any]:
         """For the source's `anomaly` entry in health: `refit`."""
-        until = None if self.watch is None else self.watch.until
+        canary, watch = self.canary, self.watch
+        until = None if watch is None else watch.until
         return {
             "state": self.state,
             "candidate": self.candidate,
-            "canary": None if self.canary is None else self.canary.figures(),
-            "watch": None if self.watch is None else self.watch.figures(),
+            "canary": None if canary is None else canary.figures(),
+            "watch": None if watch is None else watch.figures(),
             "watch_until": None if until is None else format_ts(until),
             "last_result": self.last_result,
         }
@@ -615,148 +634,18 @@ class BaselineRefit:
     async def run(self, trigger: str = "scheduled") -> Event:
         """One refit from start to its end (a watch included); its last record's event."""
         self.last_attempt_mono = time.monotonic()
+        self.trial = BaselineTrial(self, trigger)
         try:
-            return await self._run(trigger)
+            last = await self.trial.run()
         finally:
-            self.state, self.candidate, self.canary, self.watch = "idle", None, None, None
+            self.trial = None
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(self.store.prune, self.source, KEEP_VERSIONS)
+        assert last is not None, "a refit always ends with a record"
+        log.info("refit of %s: %s", self.source, last.event)
+        return cast(Event, last.event)
 
-    async def _run(self, trigger: str) -> Event:
-        stage = self.stage_of()
-        if stage is None or stage.baseline is None:
-            return await self._end("refit_skipped", {"reason": "no baseline scores the source"})
-        current = stage.baseline
-        base: dict[str, Any] = {"previous": current.version, "trigger": trigger}
-        self.state = "fitting"
-        await self._record(
-            "refit_started",
-            {
-                **base,
-                "version": None,
-                "method": self.settings.method,
-                "data_s": self.refit.data,
-                "holdout": self.refit.holdout,
-                "nice": self.refit.nice,
-            },
-        )
-        job = RefitJob(
-            data_dir=self.journal.data_dir,
-            baselines=self.store.root,
-            source=self.source,
-            settings=self.settings,
-            names=current.names,
-            current=current.version,
-        )
-        try:
-            prepared = await run_in_child(prepare_candidate, job, nice=self.refit.nice)
-        except Exception as exc:  # the child died (killed, out of memory) or the fit crashed
-            log.exception("refit of %s failed", self.source)
-            return await self._end(
-                "refit_failed",
-                {**base, "version": None, "cause": "fit", "reason": f"{type(exc).__name__}: {exc}"},
-            )
-        if prepared.outcome != "validated" or prepared.version is None:
-            event: Event = "refit_skipped" if prepared.outcome == "skipped" else "refit_rejected"
-            version = prepared.figures.get("version")
-            return await self._end(
-                event,
-                {**base, "version": version, "reason": prepared.reason, **prepared.figures},
-            )
-        version = prepared.version
-        base["version"] = self.candidate = version
-        try:
-            candidate = await asyncio.to_thread(self.store.load, self.source, version)
-            canary = self.canary = Canary(self.settings, candidate)
-        except (OSError, BaselineError, ValueError) as exc:  # ValueError: it does not fit the stage
-            return await self._end("refit_failed", {**base, "cause": "load", "reason": str(exc)})
-        return await self._try(base, current, candidate, canary, prepared.figures)
-
-    async def _try(
-        self,
-        base: dict[str, Any],
-        current: Baseline,
-        candidate: Baseline,
-        canary: Canary,
-        validation: dict[str, Any],
-    ) -> Event:
-        """Canary, activation, watch."""
-        self.state = "canary"
-        await self._record(
-            "canary_started",
-            {
-                **base,
-                "validation": validation,
-                "canary_s": self.refit.canary,
-                "min_windows": canary.judged_after,
-                "max_alarm_ratio": self.refit.max_alarm_ratio,
-            },
-        )
-        wall_limit = self.refit.canary * CANARY_WALL_FACTOR
-        judged = await self._observe(canary, canary.done, current.version, wall_limit)
-        self._detach(canary)
-        verdict = canary.verdict()
-        if not judged:
-            verdict = (
-                "too_few_windows",
-                f"no verdict after {format_duration(wall_limit)}: {canary.tried.scored} windows "
-                f"scored in shadow by then (the source was quiet, or stopped)",
-            )
-        figures = canary.figures()
-        if verdict is not None:
-            cause, reason = verdict
-            return await self._end(
-                "canary_failed", {**base, "cause": cause, "reason": reason, "canary": figures}
-            )
-        await self._record("canary_passed", {**base, "canary": figures})
-        self.state = "activating"
-        try:
-            await asyncio.to_thread(self.store.activate, self.source, candidate.version)
-        except (OSError, BaselineError) as exc:
-            return await self._end(
-                "canary_failed",
-                {**base, "cause": "activation", "reason": str(exc), "canary": figures},
-            )
-        watch = Watch(
-            limit=self.refit.max_alarm_ratio * (canary.current.share or 0.0) + ALARM_SHARE_FLOOR,
-            duration_s=self.refit.watch,
-            judged_after=canary.judged_after,
-            min_windows=self.settings.min_windows,
-        )
-        await self._swap(candidate, watch if self.refit.watch else None, "refit")
-        if not self.refit.watch:
-            return await self._end("activated", {**base, "canary": figures, "watch_s": 0})
-        self.watch = watch
-        await self._record(
-            "activated",
-            {**base, "canary": figures, "watch_s": self.refit.watch, "limit_share": watch.limit},
-        )
-        self.state = "watching"
-        await self._observe(watch, watch.done, candidate.version, None)
-        self._detach(watch)
-        if watch.tripped is None:
-            return await self._end("watch_ended", {**base, "watch": watch.figures()})
-        return await self._roll_back(base, current, watch)
-
-    async def _roll_back(self, base: dict[str, Any], current: Baseline, watch: Watch) -> Event:
-        assert watch.tripped is not None
-        cause, reason = watch.tripped
-        figures = {"cause": cause, "reason": reason, "watch": watch.figures()}
-        try:
-            restored = await asyncio.to_thread(self.store.rollback, self.source)
-            previous = await asyncio.to_thread(self.store.load, self.source, restored)
-        except (OSError, BaselineError) as exc:
-            return await self._end(
-                "rollback_failed", {**base, **figures, "error": str(exc)}, priority=Priority.ALERT
-            )
-        await self._swap(previous, None, "rolled_back")
-        return await self._end(
-            "rolled_back",
-            {**base, **figures, "active": previous.version},
-            priority=Priority.ALERT,
-        )
-
-    async def _swap(self, baseline: Baseline, watch: Watch | None, cause: str) -> None:
+    async def swap(self, baseline: Baseline, watch: Watch | None, cause: str) -> None:
         """Until the source's stage scores with `baseline`: asked to swap at its next window (a
         stage restarted meanwhile loads it from the store by itself)."""
         while True:
@@ -771,61 +660,196 @@ class BaselineRefit:
             while not done.is_set() and self.stage_of() is stage:
                 await _wait(done, FOLLOW_INTERVAL_S)
 
-    async def _observe(
+    async def observe(
         self, observer: Canary | Watch, done: asyncio.Event, version: str, wall_limit: float | None
     ) -> bool:
         """Keep `observer` on the source's stage (re-attached to a restarted stage scoring with
-        `version`) until it is done; False when `wall_limit` seconds ran out first."""
+        `version`) until it is done, then take it off; False when `wall_limit` seconds ran out
+        first."""
         deadline = None if wall_limit is None else time.monotonic() + wall_limit
-        while not done.is_set():
-            stage = self.stage_of()
-            if (
-                stage is not None
-                and stage.observer is not observer
-                and stage.baseline is not None
-                and stage.baseline.version == version
-            ):
-                stage.observe_with(observer)
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            await _wait(done, FOLLOW_INTERVAL_S)
-        return True
-
-    def _detach(self, observer: Canary | Watch) -> None:
-        stage = self.stage_of()
-        if stage is not None and stage.observer is observer:
-            stage.observe_with(None)
-
-    async def _end(
-        self, event: Event, body: dict[str, Any], *, priority: Priority = Priority.EVENT
-    ) -> Event:
-        await self._record(event, body, priority=priority)
-        self.last_result = {
-            "event": event,
-            "at": format_ts(datetime.now(UTC)),
-            "version": body.get("version"),
-            "reason": body.get("reason"),
-        }
-        return event
-
-    async def _record(
-        self, event: Event, body: dict[str, Any], *, priority: Priority = Priority.EVENT
-    ) -> None:
-        version = body.get("version")
-        full = {"event": event, "source": self.source, "model": self.model, **body}
         try:
-            await self.journal.append(
-                NewRecord(
-                    source=RECORD_SOURCE,
-                    kind=RECORD_KIND,
-                    priority=priority,
-                    body=full,
-                    model=f"{self.model}@{version}" if version else None,
-                )
+            while not done.is_set():
+                stage = self.stage_of()
+                if (
+                    stage is not None
+                    and stage.observer is not observer
+                    and stage.baseline is not None
+                    and stage.baseline.version == version
+                ):
+                    stage.observe_with(observer)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                await _wait(done, FOLLOW_INTERVAL_S)
+            return True
+        finally:
+            stage = self.stage_of()
+            if stage is not None and stage.observer is observer:
+                stage.observe_with(None)
+
+
+TRIAL_STATES = {"preparing": "fitting", "rolling_back": "watching"}
+"""The refit's names for the lifecycle's phases, as the status page shows them."""
+
+
+class BaselineTrial(ModelTrial):
+    """One refit of a source's baseline through the model-trial lifecycle (`trial.py`): the
+    candidate is fitted and validated in a child process, judged by its alarm share beside the
+    current baseline, and swapped in (and back) between two windows of the source's stage."""
+
+    def __init__(self, refit: BaselineRefit, trigger: str) -> None:
+        super().__init__(refit.records)
+        self.refit = refit
+        self.settings = refit.settings
+        self.trigger = trigger
+        self.base: dict[str, Any] = {}
+        self.current: Baseline | None = None
+        self.candidate: Baseline | None = None
+        self.candidate_version: str | None = None
+        self.canary: Canary | None = None
+        self.watch_: Watch | None = None
+        self.canary_figures: dict[str, Any] = {}
+
+    @property
+    def watch_s(self) -> float:
+        return self.settings.refit.watch
+
+    async def prepare(self) -> dict[str, Any]:
+        refit, settings = self.refit, self.settings
+        stage = refit.stage_of()
+        if stage is None or stage.baseline is None:
+            raise TrialOver(Step("refit_skipped", {"reason": "no baseline scores the source"}))
+        current = self.current = stage.baseline
+        base = self.base = {"previous": current.version, "trigger": self.trigger}
+        await self.records.write(
+            Step(
+                "refit_started",
+                {
+                    **base,
+                    "version": None,
+                    "method": settings.method,
+                    "data_s": settings.refit.data,
+                    "holdout": settings.refit.holdout,
+                    "nice": settings.refit.nice,
+                },
             )
-        except StorageFull:
-            log.warning("refit record %s of %s not journalled: storage full", event, self.source)
-        log.info("refit of %s: %s", self.source, event)
+        )
+        job = RefitJob(
+            data_dir=refit.journal.data_dir,
+            baselines=refit.store.root,
+            source=refit.source,
+            settings=settings,
+            names=current.names,
+            current=current.version,
+        )
+        try:
+            prepared = await run_in_child(prepare_candidate, job, nice=settings.refit.nice)
+        except Exception as exc:  # the child died (killed, out of memory) or the fit crashed
+            log.exception("refit of %s failed", refit.source)
+            reason = f"{type(exc).__name__}: {exc}"
+            body = {**base, "version": None, "cause": "fit", "reason": reason}
+            raise TrialOver(Step("refit_failed", body)) from None
+        if prepared.outcome != "validated" or prepared.version is None:
+            event = "refit_skipped" if prepared.outcome == "skipped" else "refit_rejected"
+            version = prepared.figures.get("version")
+            body = {**base, "version": version, "reason": prepared.reason, **prepared.figures}
+            raise TrialOver(Step(event, body))
+        version = prepared.version
+        base["version"] = self.candidate_version = version
+        try:
+            self.candidate = await asyncio.to_thread(refit.store.load, refit.source, version)
+            self.canary = Canary(settings, self.candidate)
+        except (OSError, BaselineError, ValueError) as exc:  # ValueError: it does not fit the stage
+            body = {**base, "cause": "load", "reason": str(exc)}
+            raise TrialOver(Step("refit_failed", body)) from None
+        return {
+            **base,
+            "validation": prepared.figures,
+            "canary_s": settings.refit.canary,
+            "min_windows": self.canary.judged_after,
+            "max_alarm_ratio": settings.refit.max_alarm_ratio,
+        }
+
+    async def shadow(self) -> dict[str, Any]:
+        canary, current = self.canary, self.current
+        assert canary is not None and current is not None
+        wall_limit = self.settings.refit.canary * CANARY_WALL_FACTOR
+        judged = await self.refit.observe(canary, canary.done, current.version, wall_limit)
+        verdict = canary.verdict()
+        if not judged:
+            verdict = (
+                "too_few_windows",
+                f"no verdict after {format_duration(wall_limit)}: {canary.tried.scored} windows "
+                f"scored in shadow by then (the source was quiet, or stopped)",
+            )
+        figures = self.canary_figures = canary.figures()
+        if verdict is not None:
+            cause, reason = verdict
+            body = {**self.base, "cause": cause, "reason": reason, "canary": figures}
+            raise TrialOver(Step("canary_failed", body))
+        return {**self.base, "canary": figures}
+
+    async def activate(self) -> dict[str, Any]:
+        refit, canary, candidate = self.refit, self.canary, self.candidate
+        assert canary is not None and candidate is not None
+        figures, settings = self.canary_figures, self.settings.refit
+        try:
+            await asyncio.to_thread(refit.store.activate, refit.source, candidate.version)
+        except (OSError, BaselineError) as exc:
+            body = {**self.base, "cause": "activation", "reason": str(exc), "canary": figures}
+            raise TrialOver(Step("canary_failed", body)) from None
+        watch = Watch(
+            limit=settings.max_alarm_ratio * (canary.current.share or 0.0) + ALARM_SHARE_FLOOR,
+            duration_s=settings.watch,
+            judged_after=canary.judged_after,
+            min_windows=self.settings.min_windows,
+        )
+        await refit.swap(candidate, watch if settings.watch else None, "refit")
+        if not settings.watch:
+            return {**self.base, "canary": figures, "watch_s": 0}
+        self.watch_ = watch
+        return {
+            **self.base,
+            "canary": figures,
+            "watch_s": settings.watch,
+            "limit_share": watch.limit,
+        }
+
+    async def watch(self) -> tuple[str, str] | None:
+        watch, candidate = self.watch_, self.candidate
+        assert watch is not None and candidate is not None
+        await self.refit.observe(watch, watch.done, candidate.version, None)
+        return watch.tripped
+
+    def watch_ended(self) -> dict[str, Any]:
+        assert self.watch_ is not None
+        return {**self.base, "watch": self.watch_.figures()}
+
+    async def roll_back(self, cause: str, detail: str) -> Step:
+        refit, watch = self.refit, self.watch_
+        assert watch is not None
+        figures = {"cause": cause, "reason": detail, "watch": watch.figures()}
+        try:
+            restored = await asyncio.to_thread(refit.store.rollback, refit.source)
+            previous = await asyncio.to_thread(refit.store.load, refit.source, restored)
+        except (OSError, BaselineError) as exc:
+            body = {**self.base, **figures, "error": str(exc)}
+            return Step("rollback_failed", body, Priority.ALERT)
+        await refit.swap(previous, None, "rolled_back")
+        return Step(
+            "rolled_back", {**self.base, **figures, "active": previous.version}, Priority.ALERT
+        )
+
+    def ended(self, last: Step | None) -> None:
+        if last is not None:
+            self.refit.last_result = {
+                "event": last.event,
+                "at": format_ts(datetime.now(UTC)),
+                "version": last.body.get("version"),
+                "reason": last.body.get("reason"),
+            }
+
+    async def close(self) -> None:
+        """Nothing to release: the candidate is a file in the store, the stage owns its baseline."""
 
 
 # -- the daemon's refits ---------------------------------------------------------------------------

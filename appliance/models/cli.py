@@ -17,11 +17,10 @@ import aiohttp
 import numpy as np
 from pydantic import ValidationError
 
-from appliance.baselines import BaselineStore
-from appliance.control import CONTROL_SOCKET, ask_refit
-from appliance.export import parse_since
-from appliance.model_store import ModelStore, StoreError, UnknownPackage
-from appliance.refit import recorded_windows
+from appliance.models.refit import recorded_windows
+from appliance.models.store import ModelStore, StoreError, UnknownPackage
+from appliance.runtime.control import CONTROL_SOCKET, ask_refit
+from appliance.stages.baselines import BaselineStore
 from config import load_config
 from inference.anomaly import fit_baseline
 from inference.builtin import BUILTIN_MODELS, prepare_builtin_models
@@ -43,6 +42,7 @@ from inference.packages import (
 from inference.session import ModelError
 from sync.errors import JournalMissing
 from sync.reader import JournalReader
+from sync.records import parse_since
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -1,7 +1,7 @@
 """The daemon's local control socket (`control.sock` in the data directory, a Unix socket only
 the appliance's user can open). `appliance sync --now` asks the running daemon through it instead
 of opening a second writer; the answer streams progress as NDJSON lines. `appliance models refit`
-asks it to start a source's baseline refit now (appliance/refit.py)."""
+asks it to start a source's baseline refit now (appliance/models/refit.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The local web status page's server and its HTTP API (aiohttp): routes (`/`, `/healthz`,
 `/api/status`, `/api/events`, `/api/history`, the `/api/stream` event stream, `/metrics`,
 `POST /api/sync`, image payloads), the token rules and the security headers every response
-carries, and the sampling of the 24-hour history. The HTML is `appliance.page`'s.
+carries, and the sampling of the 24-hour history. The HTML is `appliance.status.page`'s.
 Contract: docs/status-api.md."""
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from appliance.control import drain_engines
-from appliance.health import HealthMonitor
-from appliance.history import HISTORY_FILE, Figures, History
-from appliance.page import SCRIPT, STYLE, render_live, render_page
-from appliance.status import collect_status
+from appliance.runtime.control import drain_engines
+from appliance.status.health import HealthMonitor
+from appliance.status.history import HISTORY_FILE, Figures, History
+from appliance.status.metrics import render_metrics
+from appliance.status.page import SCRIPT, STYLE, render_live, render_page
+from appliance.status.report import collect_status, live_report
+from appliance.status.schema import StatusFigures, StatusReport
 from config import ApplianceConfig, ConfigError, StatusSection
 from sync import Journal, JournalReader, PayloadStore, Priority, StorageFull
 from sync.engine import SyncEngine
@@ -36,9 +36,6 @@ from sync.errors import PayloadError
 
 log = logging.getLogger(__name__)
 
-# A source failed or reconnecting for longer than this makes /healthz answer 503; shorter
-# outages (a broker restart, a camera's reopen) are normal and only show on the page.
-SOURCE_GRACE_S = 15.0
 _WATCH_INTERVAL_S = 1.0
 # Journal figures (the same queries as `appliance status`) are shared by requests for this long,
 # so several open pages polling every few seconds cost one set of reads, not one each.
@@ -50,7 +47,6 @@ COOKIE_NAME = "appliance_status"
 # Raster formats only: an SVG is a document that can carry script.
 SERVED_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_BAD_SOURCE_STATES = ("failed", "reconnecting")
 # The event stream: a fresh fragment this often, at once when a new alert or event is journalled
 # (looked for this often, and only while a stream is open), and a comment line when the
 # fragment has not changed, so the browser, proxies and this server see a live link.
@@ -196,7 +192,7 @@ def payload_media_type(reader: JournalReader, sha256: str) -> str | None:
     return size_type_state[1]
 
 
-def history_figures(report: dict[str, Any]) -> Figures:
+def history_figures(report: StatusReport) -> Figures:
     """What the history samples, out of one /api/status report."""
     destinations = report["destinations"]
     return Figures(
@@ -218,159 +214,6 @@ def server_sent_event(event: str, data: str) -> bytes:
     return f"event: {event}\n{lines}\n".encode()
 
 
-# ------------------------------------------------------------------------------------- metrics
-
-
-class _ReportCollector(Collector):
-    """Turns one /api/status report into Prometheus metric families."""
-
-    def __init__(self, report: dict[str, Any]) -> None:
-        self.report = report
-
-    def collect(self) -> Iterable[Metric]:
-        report = self.report
-        records = GaugeMetricFamily(
-            "appliance_records_total",
-            "Records in the journal now, by priority and kind (falls when records are evicted).",
-            labels=["priority", "kind"],
-        )
-        for entry in report["records"]["by_priority_and_kind"]:
-            records.add_metric([entry["priority"], entry["kind"]], entry["records"])
-        yield records
-        backlog_records = GaugeMetricFamily(
-            "appliance_sync_backlog_records",
-            "Records not yet acknowledged by a destination.",
-            labels=["destination", "priority"],
-        )
-        backlog_bytes = GaugeMetricFamily(
-            "appliance_sync_backlog_bytes",
-            "Estimated bytes of records not yet acknowledged by a destination.",
-            labels=["destination", "priority"],
-        )
-        reachable = GaugeMetricFamily(
-            "appliance_sync_reachable",
-            "1 when the destination answered its last probe, 0 when not (absent: unknown).",
-            labels=["destination"],
-        )
-        refused = GaugeMetricFamily(
-            "appliance_sync_refused",
-            "1 while the destination refuses the backlog permanently (its cursor is held).",
-            labels=["destination"],
-        )
-        collision = GaugeMetricFamily(
-            "appliance_sync_journal_collision",
-            "1 while the destination reports another journal shipping under this appliance id.",
-            labels=["destination"],
-        )
-        for name, dest in report["destinations"].items():
-            for priority, figures in dest["backlog"].items():
-                backlog_records.add_metric([name, priority], figures["records"])
-                backlog_bytes.add_metric([name, priority], figures["bytes"])
-            if dest["reachable"] is not None:
-                reachable.add_metric([name], 1.0 if dest["reachable"] else 0.0)
-            refused.add_metric([name], 1.0 if dest.get("refused") else 0.0)
-            collision.add_metric([name], 1.0 if dest.get("collision") else 0.0)
-        yield backlog_records
-        yield backlog_bytes
-        yield reachable
-        yield refused
-        yield collision
-        yield GaugeMetricFamily(
-            "appliance_sync_oldest_unsynced_seconds",
-            "Age of the oldest record some destination has not acknowledged (0: none).",
-            value=report["oldest_unsynced_age_s"] or 0.0,
-        )
-        evictions = CounterMetricFamily(
-            "appliance_evictions",
-            "Records evicted by retention, by priority and reason.",
-            labels=["priority", "reason"],
-        )
-        for entry in report["evictions"]:
-            evictions.add_metric([entry["priority"], entry["reason"]], entry["records"])
-        yield evictions
-        drops = CounterMetricFamily(
-            "appliance_drops",
-            "Records refused before reaching the journal (full disk, shedding), by reason.",
-            labels=["priority", "reason"],
-        )
-        for entry in report["drops"]:
-            drops.add_metric([entry["priority"], entry["reason"]], entry["records"])
-        yield drops
-        quality = CounterMetricFamily(
-            "appliance_data_quality",
-            "Bad input counted per source and reason (NaN, malformed, out of range, ...).",
-            labels=["source", "reason"],
-        )
-        for entry in report["data_quality"]:
-            quality.add_metric([entry["source"], entry["reason"]], entry["count"])
-        yield quality
-        up = GaugeMetricFamily(
-            "appliance_source_up", "1 when the source is running, else 0.", labels=["source"]
-        )
-        reconnects = CounterMetricFamily(
-            "appliance_source_reconnects",
-            "Successful reconnects of a source since the daemon started.",
-            labels=["source"],
-        )
-        for name, source in report["daemon"]["sources"].items():
-            up.add_metric([name], 1.0 if source["state"] == "running" else 0.0)
-            reconnects.add_metric([name], source["reconnects"])
-        yield up
-        yield reconnects
-        psi = GaugeMetricFamily(
-            "appliance_drift_psi",
-            "Population stability index of a quantity's last window against its reference.",
-            labels=["source", "quantity"],
-        )
-        drifting = GaugeMetricFamily(
-            "appliance_drift_active",
-            "1 while any quantity of the source drifts from its reference, else 0.",
-            labels=["source"],
-        )
-        daemon = report["daemon"]
-        entries = [*daemon["sources"].items(), *daemon["cameras"].items()]
-        for name, drift in ((n, e.get("drift")) for n, e in entries):
-            if drift is None:
-                continue  # a camera's is in `cameras`; its entry in `sources` has none
-            drifting.add_metric([name], 1.0 if drift["state"] == "drift" else 0.0)
-            for quantity, figures in drift["quantities"].items():
-                if figures["psi"] is not None:
-                    psi.add_metric([name, quantity], figures["psi"])
-        yield psi
-        yield drifting
-        disk = report["disk"]
-        yield GaugeMetricFamily(
-            "appliance_disk_used_bytes",
-            "Bytes the journal and payloads use (what the disk budget counts).",
-            value=disk["used_bytes"],
-        )
-        yield GaugeMetricFamily(
-            "appliance_disk_budget_bytes", "storage.disk_budget.", value=disk["budget_bytes"]
-        )
-        yield GaugeMetricFamily(
-            "appliance_uptime_seconds",
-            "Seconds since the daemon started.",
-            value=report["uptime_s"],
-        )
-        yield GaugeMetricFamily(
-            "appliance_healthy", "1 when /healthz answers 200, else 0.", value=report["healthy"]
-        )
-        info = GaugeMetricFamily(
-            "appliance_info",
-            "The appliance's identity; always 1.",
-            labels=["version", "appliance_id"],
-        )
-        info.add_metric([report["version"], report["appliance_id"]], 1.0)
-        yield info
-
-
-def render_metrics(report: dict[str, Any]) -> bytes:
-    """Prometheus text for one report, from a registry of its own (never the global one)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ReportCollector(report))
-    return generate_latest(registry)
-
-
 # ---------------------------------------------------------------------------------- the server
 
 
@@ -386,7 +229,6 @@ class StatusServer:
         engines: list[SyncEngine],
         *,
         token: str | None,
-        grace_s: float = SOURCE_GRACE_S,
         history: History | None = None,
         stream_interval_s: float = STREAM_INTERVAL_S,
     ) -> None:
@@ -399,7 +241,6 @@ class StatusServer:
         self.host, self.port = split_listen(cfg.status.listen)
         # Beyond loopback every route needs the token, not only POST /api/sync.
         self.protected = not is_loopback(self.host)
-        self.grace_s = grace_s
         self.history = history or History(
             cfg.appliance.data_dir / HISTORY_FILE,
             appliance_id=cfg.appliance.id,
@@ -407,13 +248,11 @@ class StatusServer:
         )
         self.stream_interval_s = stream_interval_s
         self.url: str | None = None
-        self._camera_names = {camera.name for camera in cfg.cameras}
         self._runner: web.AppRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._syncs: dict[str, asyncio.Task[None]] = {}
-        self._bad_since: dict[str, float] = {}
         self._windows: dict[str, deque[tuple[float, int]]] = {}
-        self._figures: tuple[float, dict[str, Any]] | None = None
+        self._figures: tuple[float, StatusFigures] | None = None
         self._figures_lock = asyncio.Lock()
         self._sampler: asyncio.Task[None] | None = None
         self._news_watcher: asyncio.Task[None] | None = None
@@ -509,31 +348,17 @@ class StatusServer:
             await asyncio.sleep(_WATCH_INTERVAL_S)
 
     def _observe(self) -> None:
-        """Note since when each source has been down and each camera not running, and keep the
-        last few window counts for a rate."""
+        """Let the health judge note sources going down (so a grace period ends on time), and
+        keep the last few window counts of each source for a rate."""
+        self.monitor.observe()
         now = time.monotonic()
-        bad: set[str] = set()
         for name, health in self.monitor.sources.items():
-            state = health.state
-            if name in self._camera_names:
-                if state != "running":
-                    bad.add(f"camera_not_running:{name}")
-            elif state in _BAD_SOURCE_STATES:
-                bad.add(f"source_{state}:{name}")
             counts = self._windows.setdefault(name, deque(maxlen=6))
             counts.append((now, int(health.windows)))
-        for reason in bad:
-            self._bad_since.setdefault(reason, now)
-        for reason in set(self._bad_since) - bad:
-            del self._bad_since[reason]
 
     def reasons(self) -> list[str]:
-        """Why the appliance is degraded: the monitor's reasons, and sources down (cameras not
-        running) for longer than the grace period. Empty when healthy."""
-        self._observe()
-        now = time.monotonic()
-        late = [r for r, since in sorted(self._bad_since.items()) if now - since >= self.grace_s]
-        return [*self.monitor.reasons(), *late]
+        """Why the appliance is degraded (the health judge's reasons); empty when healthy."""
+        return self.monitor.reasons()
 
     def _window_rate(self, name: str) -> float | None:
         counts = self._windows.get(name)
@@ -636,7 +461,7 @@ class StatusServer:
 
     # ----------------------------------------------------------------------------- reports
 
-    async def _journal_figures(self) -> dict[str, Any]:
+    async def _journal_figures(self) -> StatusFigures:
         async with self._figures_lock:
             if self._figures is not None and time.monotonic() - self._figures[0] < _FIGURES_TTL_S:
                 return self._figures[1]
@@ -644,32 +469,13 @@ class StatusServer:
             self._figures = (time.monotonic(), figures)
             return figures
 
-    async def status_report(self) -> dict[str, Any]:
+    async def status_report(self) -> StatusReport:
         """`appliance status --json`'s figures with the live snapshot in place of the heartbeat."""
         figures = await self._journal_figures()
         snapshot = self.monitor.snapshot()
-        reasons = self.reasons()
         for name, source in snapshot["sources"].items():
             source["windows_per_s"] = self._window_rate(name)
-        destinations: dict[str, Any] = {}
-        for name, dest in figures["destinations"].items():
-            live = snapshot["destinations"].get(name, {})
-            merged = {**dest, **{k: live[k] for k in _LIVE_DESTINATION_KEYS if k in live}}
-            pending = merged["backlog_bytes"] + merged["payload_bytes_waiting"]
-            rate = merged.get("rate_bytes_per_s") or 0.0
-            merged["eta_s"] = 0.0 if pending == 0 else (round(pending / rate, 1) if rate else None)
-            destinations[name] = merged
-        return {
-            **figures,
-            "state": "degraded" if reasons else "ok",
-            "reasons": reasons,
-            "healthy": not reasons,
-            "version": snapshot["version"],
-            "uptime_s": snapshot["uptime_s"],
-            "status_url": self.url,
-            "daemon": {**snapshot, "running": True, "state": snapshot["state"]},
-            "destinations": destinations,
-        }
+        return live_report(figures, snapshot, self.reasons(), status_url=self.url)
 
     async def events(self, limit: int) -> list[dict[str, Any]]:
         return await self.journal.read(functools.partial(recent_events, limit=limit))
@@ -859,18 +665,3 @@ class StatusServer:
 
     async def _style(self, request: web.Request) -> web.Response:
         return web.Response(text=STYLE, content_type="text/css")
-
-
-_LIVE_DESTINATION_KEYS = (
-    "reachable",
-    "draining",
-    "last_success",
-    "last_error",
-    "rate_bytes_per_s",
-    "payload_bytes_today",
-    "records_sent",
-    "bytes_sent",
-    "refused",
-    "refused_since",
-    "collision",
-)

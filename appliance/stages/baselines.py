@@ -1,7 +1,7 @@
 """Where fitted anomaly baselines live on the device: one file per version under
 `<data_dir>/models/baselines/<source>/`, and a `current` file naming the one in use and the one
 before it, so a restart scores with the same baseline instead of fitting a new one and a refit
-(appliance/refit.py) can roll back."""
+(appliance/models/refit.py) can roll back."""
 
 from __future__ import annotations
 

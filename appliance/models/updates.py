@@ -1,7 +1,7 @@
 """Owns pulling, verifying and staging model packages in the running daemon: every
 `model_packages.pull_interval` and right after each drain of a destination with `models: true`,
 list what it offers this appliance, download what is new (sync/model_pull.py), import it into the
-model store (appliance/model_store.py: signature, hashes and addressing checked), journal a
+model store (appliance/models/store.py: signature, hashes and addressing checked), journal a
 `model` record for each package staged or refused, and tell listeners (the canary) what was
 staged. Nothing here activates a model.
 
@@ -32,12 +32,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from appliance.model_store import ModelStore, StoreError
+from appliance.models.store import ModelStore, StoreError
+from appliance.models.trial import ModelRecords, Step
 from config import ApplianceConfig
 from config.models import HttpDestination, S3Destination
 from config.units import in_windows
 from inference.packages import PackageError
-from sync import Journal, NewRecord, Priority, StorageFull
+from sync import Journal
 from sync.destination import DestinationError, RateLimiter
 from sync.engine import SyncEngine
 from sync.model_pull import (
@@ -59,7 +60,6 @@ KEEP_REJECTED = 5
 # A download that does not hash to its listed sha256 is fetched again from zero (a power cut can
 # leave a damaged part) up to this many times; then the package is refused for good.
 MAX_MISMATCHES = 3
-RECORD_SOURCE = "models"
 # How often the loop looks whether a sync engine finished a drain (a field read, nothing more).
 _DRAIN_CHECK_S = 1.0
 
@@ -202,6 +202,7 @@ class ModelUpdates:
     ) -> None:
         self.store = store
         self.journal = journal
+        self.records = ModelRecords(journal)
         self.feeds = list(feeds)
         self.incoming = models_dir / INCOMING_DIR
         self.rejected = models_dir / REJECTED_DIR
@@ -514,10 +515,7 @@ class ModelUpdates:
                 leftover.unlink(missing_ok=True)
 
     async def _journal(self, body: dict[str, Any]) -> None:
-        with contextlib.suppress(StorageFull):
-            await self.journal.append(
-                NewRecord(source=RECORD_SOURCE, kind="model", priority=Priority.EVENT, body=body)
-            )
+        await self.records.write(Step(str(body["event"]), body))
 
 
 __all__ = [

@@ -1,17 +1,27 @@
-"""The daemon's health: one snapshot of components, storage and writer, journalled periodically
-as `health` records and written to the journal's meta table as a heartbeat `appliance status` reads."""
+"""The daemon's health and its one judge: one snapshot of components, sources, storage and writer,
+and the reasons it is degraded (grace periods for sources included). `/healthz`, the status page,
+`/api/status`, the journalled `health` records and the heartbeat in the journal's meta table
+(what `appliance status` reads) all take the judgement from here, so they cannot disagree."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from appliance.supervisor import ComponentHealth
+from appliance.runtime.supervisor import ComponentHealth
+from appliance.status.schema import (
+    ComponentReport,
+    Described,
+    HealthSnapshot,
+    LiveDestination,
+    SourceReport,
+)
+from sensors.base import SourceHealth
 from sync import Journal, NewRecord, Priority, StorageFull, StorageGuard
 from sync.engine import DestinationState
 from sync.records import format_ts
@@ -20,6 +30,10 @@ HEARTBEAT_KEY = "daemon"
 HEARTBEAT_INTERVAL_S = (
     5.0  # how often the daemon writes its heartbeat; status judges staleness by it
 )
+# A source failed or reconnecting (a camera not running) for longer than this degrades health;
+# shorter outages (a broker restart, a camera's reopen) are normal and only show on the page.
+SOURCE_GRACE_S = 15.0
+_BAD_SOURCE_STATES = ("failed", "reconnecting")
 
 
 def app_version() -> str:
@@ -32,14 +46,25 @@ def app_version() -> str:
 class HealthMonitor:
     """Collects health from the parts the daemon wires together."""
 
-    def __init__(self, journal: Journal, guard: StorageGuard, *, mode: str) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        guard: StorageGuard,
+        *,
+        mode: str,
+        camera_names: Iterable[str] = (),
+        grace_s: float = SOURCE_GRACE_S,
+    ) -> None:
         self.journal = journal
         self.guard = guard
         self.mode = mode
+        self.camera_names = set(camera_names)
+        self.grace_s = grace_s
         self.components: dict[str, ComponentHealth] = {}
-        self.sources: dict[str, Any] = {}
+        # Every source's health, cameras' included (those are judged by `camera_names`).
+        self.sources: dict[str, SourceHealth] = {}
         self.anomalies: dict[str, Callable[[], dict[str, Any]]] = {}
-        # Per source with anomaly.refit enabled: its refit (appliance/refit.py), shown in its
+        # Per source with anomaly.refit enabled: its refit (appliance/models/refit.py), shown in its
         # anomaly entry as `refit`.
         self.refits: dict[str, Callable[[], dict[str, Any]]] = {}
         # Sensors' drift states (a camera's is part of its entry in `cameras`).
@@ -47,15 +72,36 @@ class HealthMonitor:
         self.status_url: str | None = None  # where the status page listens, once it does
         self.cameras: dict[str, Callable[[], dict[str, Any]]] = {}
         self.destinations: dict[str, DestinationState] = {}
-        # Model package pulls (appliance/model_updates.py), when a destination has `models: true`.
+        # Model package pulls (appliance/models/updates.py), when a destination has `models: true`.
         self.models: Callable[[], dict[str, Any]] | None = None
         # Per package NAME of a `package:NAME` detector: active, previous, canary and watch
-        # (appliance/canary.py); shown under models.packages.
+        # (appliance/models/canary.py); shown under models.packages.
         self.canaries: dict[str, Callable[[], dict[str, Any]]] = {}
         self.started = datetime.now(UTC)
         self._started_mono = time.monotonic()
+        self._bad_since: dict[str, float] = {}
+
+    def observe(self) -> None:
+        """Note since when each source has been down and each camera not running (called by
+        `reasons`, and each second by the status server so a grace period ends on time)."""
+        now = time.monotonic()
+        bad: set[str] = set()
+        for name, health in self.sources.items():
+            if name in self.camera_names:
+                if health.state != "running":
+                    bad.add(f"camera_not_running:{name}")
+            elif health.state in _BAD_SOURCE_STATES:
+                bad.add(f"source_{health.state}:{name}")
+        for reason in bad:
+            self._bad_since.setdefault(reason, now)
+        for reason in set(self._bad_since) - bad:
+            del self._bad_since[reason]
 
     def reasons(self) -> list[str]:
+        """Why the appliance is degraded; empty when healthy. Storage, components, destinations
+        refused or colliding, and sources down for longer than the grace period."""
+        self.observe()
+        now = time.monotonic()
         reasons = []
         if self.guard.degraded_reason:
             reasons.append(self.guard.degraded_reason)
@@ -67,9 +113,12 @@ class HealthMonitor:
                 reasons.append(f"sync_refused:{name}")
             if destination.collision is not None:
                 reasons.append(f"journal_collision:{name}")
+        reasons += [
+            r for r, since in sorted(self._bad_since.items()) if now - since >= self.grace_s
+        ]
         return reasons
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> HealthSnapshot:
         reasons = self.reasons()
         stats = self.journal.stats
         usage = self.guard.last_usage
@@ -83,10 +132,10 @@ class HealthMonitor:
             "started": format_ts(self.started),
             "uptime_s": round(time.monotonic() - self._started_mono, 1),
             "status_url": self.status_url,
-            "components": {n: c.to_dict() for n, c in sorted(self.components.items())},
+            "components": {n: _component(c) for n, c in sorted(self.components.items())},
             "sources": {name: self._source(name, h) for name, h in sorted(self.sources.items())},
             "cameras": {name: health() for name, health in sorted(self.cameras.items())},
-            "destinations": {n: d.to_dict() for n, d in sorted(self.destinations.items())},
+            "destinations": {n: live_destination(d) for n, d in sorted(self.destinations.items())},
             "models": self._models(),
             "journal": {
                 "commits": stats.commits,
@@ -106,7 +155,7 @@ class HealthMonitor:
             },
         }
 
-    def _models(self) -> dict[str, Any] | None:
+    def _models(self) -> Described | None:
         """Package pulls and, per package, its versions, canary and watch."""
         if self.models is None and not self.canaries:
             return None
@@ -115,9 +164,9 @@ class HealthMonitor:
             models["packages"] = {name: get() for name, get in sorted(self.canaries.items())}
         return models
 
-    def _source(self, name: str, health: Any) -> dict[str, Any]:
+    def _source(self, name: str, health: SourceHealth) -> SourceReport:
         last = health.last_reading_mono_ns
-        entry: dict[str, Any] = {
+        entry: SourceReport = {
             "state": health.state,
             "windows": health.windows,
             "bad_values": health.bad_values,
@@ -164,3 +213,33 @@ class HealthMonitor:
             )
         except StorageFull:
             pass
+
+
+def _component(health: ComponentHealth) -> ComponentReport:
+    return {"state": health.state, "restarts": health.restarts, "last_error": health.last_error}
+
+
+def live_destination(state: DestinationState) -> LiveDestination:
+    """What the daemon shows of a destination's engine now."""
+    collision = state.collision
+    return {
+        "name": state.name,
+        "reachable": state.reachable,
+        "draining": state.draining,
+        "last_success": state.last_success,
+        "last_error": state.last_error,
+        "consecutive_failures": state.consecutive_failures,
+        "records_sent": state.records_sent,
+        "batches_sent": state.batches_sent,
+        "bytes_sent": state.bytes_sent,
+        "payloads_sent": state.payloads_sent,
+        "payloads_skipped": state.payloads_skipped,
+        "payload_bytes_today": state.payload_bytes_today,
+        "day": state.day,
+        "rate_bytes_per_s": state.rate_bytes_per_s,
+        "refused": state.refused,
+        "refused_since": state.refused_since,
+        "collision": None
+        if collision is None
+        else {"journals": list(collision.journals), "detail": collision.detail},
+    }

@@ -9,7 +9,7 @@ the model's reference.
 Every image that leaves the device goes through the camera's blur classes first.
 
 `DetectorPool` holds one `DetectorSlot` per model: the detector its cameras run now. A canary
-(appliance/canary.py) swaps it between two frames and, while it tries a staged model, takes a
+(appliance/models/canary.py) swaps it between two frames and, while it tries a staged model, takes a
 sample of the frames through the slot's `shadow`."""
 
 from __future__ import annotations
@@ -24,16 +24,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from appliance.drift import DriftStage
-from appliance.logs import RateLimitedLog
-from appliance.model_store import ModelStore
-from appliance.recorder import Recorder
+from appliance.runtime.logs import RateLimitedLog
+from appliance.stages.drift import DriftStage
+from appliance.stages.recorder import Recorder
 from config import ApplianceConfig, Camera, DetectorModel
 from inference.detect import OnnxDetector, open_detector
 from inference.detections import Detection, Detector
@@ -52,6 +51,9 @@ from inference.tracking import Tracker, TrackEvent
 from sensors.base import Frame
 from sensors.camera import CameraSource
 from sync import NewRecord, PayloadRef, Priority
+
+if TYPE_CHECKING:
+    from inference.packages import PackageResolver
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +147,7 @@ def quiet_opencv() -> None:
 
 class ShadowSink(Protocol):
     """Takes a sample of a model's frames while a canary tries a staged model beside it
-    (appliance/canary.py). `offer` returns at once: the camera never waits for the shadow."""
+    (appliance/models/canary.py). `offer` returns at once: the camera never waits for the shadow."""
 
     def offer(self, image: Image, found: Sequence[Detection]) -> None:
         """One frame the active model analysed and what it found there (before the camera's
@@ -169,10 +171,11 @@ class DetectorPool:
     worker thread) and closed with the daemon. A model that fails to open fails the camera that
     asked for it (which the supervisor restarts within its budget), not the appliance."""
 
-    def __init__(self, cfg: ApplianceConfig) -> None:
+    def __init__(self, cfg: ApplianceConfig, packages: PackageResolver | None = None) -> None:
         self.cfg = cfg
-        # `package:NAME` detectors resolve to the active version of an installed package.
-        self.packages = ModelStore.from_config(cfg)
+        # `package:NAME` detectors resolve to the active version of an installed package in the
+        # model store the daemon gives (appliance/models/store.py, a room above this one).
+        self.packages = packages
         self._slots: dict[str, DetectorSlot] = {}
         self._shadows: dict[str, ShadowSink] = {}
         self._lock = asyncio.Lock()

@@ -1,4 +1,6 @@
-"""`appliance status`: one report of the journal, disk and daemon, read-only, daemon running or not."""
+"""Owns building the status report: `appliance status` (the journal, disk and the daemon's last
+heartbeat, read-only, daemon running or not) and the status server's live report (the same
+figures with the daemon's live snapshot merged in). The shape is `schema.py`'s."""
 
 from __future__ import annotations
 
@@ -10,7 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from appliance.health import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY
+from appliance.status.health import HEARTBEAT_INTERVAL_S, HEARTBEAT_KEY
+from appliance.status.schema import (
+    DaemonReport,
+    DestinationReport,
+    HealthSnapshot,
+    LiveDestination,
+    SourceReport,
+    StatusFigures,
+    StatusReport,
+    UnsyncedReport,
+)
 from config import ApplianceConfig
 from config.units import format_duration, format_size
 from sync import JOURNAL_FILE, JournalReader, Priority
@@ -31,7 +43,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
+def collect_status(cfg: ApplianceConfig) -> StatusFigures:
     """Everything `appliance status` shows, as a JSON-able dict."""
     data_dir = cfg.appliance.data_dir
     now = datetime.now(UTC)
@@ -58,7 +70,7 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
             journal_file_bytes += (data_dir / f"{JOURNAL_FILE}{suffix}").stat().st_size
     disk = shutil.disk_usage(data_dir)
 
-    daemon: dict[str, Any] = {"running": False}
+    daemon: DaemonReport = {"running": False}
     if heartbeat_raw:
         beat = json.loads(heartbeat_raw)
         age = _age_s(beat.get("heartbeat"), now)
@@ -89,7 +101,7 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
     for priority, kind, records, _bytes in counts:
         by_priority[priority.label] += records
         by_kind[kind] = by_kind.get(kind, 0) + records
-    unsynced_out: dict[str, Any] = {}
+    unsynced_out: dict[str, UnsyncedReport] = {}
     oldest_age: float | None = None
     for priority, (records, oldest) in unsynced.items():
         age = _age_s(oldest, now)
@@ -100,12 +112,12 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
         }
         if age is not None:
             oldest_age = max(oldest_age or 0.0, age)
-    destinations: dict[str, Any] = {}
+    destinations: dict[str, DestinationReport] = {}
     live_states = daemon.get("destinations", {}) if daemon.get("running") else {}
     for dest in cfg.sync.destinations:
         backlog = backlogs[dest.name]
         ages = [a for a in (_age_s(ts, now) for _, _, ts in backlog.values()) if a is not None]
-        live = live_states.get(dest.name, {})
+        live: dict[str, Any] = dict(live_states.get(dest.name, {}))
         destinations[dest.name] = {
             "type": dest.type,
             "backlog": {p.label: {"records": n, "bytes": b} for p, (n, b, _) in backlog.items()},
@@ -161,7 +173,81 @@ def collect_status(cfg: ApplianceConfig) -> dict[str, Any]:
     }
 
 
-def render_status(report: dict[str, Any]) -> str:
+_LIVE_DESTINATION_KEYS = (
+    "reachable",
+    "draining",
+    "last_success",
+    "last_error",
+    "rate_bytes_per_s",
+    "payload_bytes_today",
+    "records_sent",
+    "bytes_sent",
+    "refused",
+    "refused_since",
+    "collision",
+)
+
+
+def live_destination_report(
+    dest: DestinationReport, live: LiveDestination | None
+) -> DestinationReport:
+    """A destination's figures with its engine's live state in place of the heartbeat's, and
+    the time its backlog takes at the current rate."""
+    merged = dest.copy()
+    if live is not None:
+        for key in _LIVE_DESTINATION_KEYS:
+            merged[key] = live[key]  # type: ignore[literal-required]
+    pending = merged["backlog_bytes"] + merged["payload_bytes_waiting"]
+    rate = merged.get("rate_bytes_per_s") or 0.0
+    merged["eta_s"] = 0.0 if pending == 0 else (round(pending / rate, 1) if rate else None)
+    return merged
+
+
+def live_report(
+    figures: StatusFigures,
+    snapshot: HealthSnapshot,
+    reasons: list[str],
+    *,
+    status_url: str | None,
+) -> StatusReport:
+    """`/api/status`: the journal's `figures` with the daemon's live `snapshot` in place of
+    its heartbeat, judged by `reasons` (the health judge's)."""
+    daemon: DaemonReport = {
+        "running": True,
+        "state": snapshot["state"],
+        "reasons": snapshot["reasons"],
+        "pid": snapshot["pid"],
+        "version": snapshot["version"],
+        "mode": snapshot["mode"],
+        "started": snapshot["started"],
+        "boot_id": snapshot["boot_id"],
+        "uptime_s": snapshot["uptime_s"],
+        "status_url": snapshot["status_url"],
+        "components": snapshot["components"],
+        "sources": snapshot["sources"],
+        "cameras": snapshot["cameras"],
+        "destinations": snapshot["destinations"],
+        "models": snapshot["models"],
+        "journal": snapshot["journal"],
+        "storage": snapshot["storage"],
+    }
+    return {
+        **figures,
+        "state": "degraded" if reasons else "ok",
+        "reasons": reasons,
+        "healthy": not reasons,
+        "version": snapshot["version"],
+        "uptime_s": snapshot["uptime_s"],
+        "status_url": status_url,
+        "daemon": daemon,
+        "destinations": {
+            name: live_destination_report(dest, snapshot["destinations"].get(name))
+            for name, dest in figures["destinations"].items()
+        },
+    }
+
+
+def render_status(report: StatusFigures) -> str:
     """The human view of `collect_status`."""
     lines: list[str] = []
     daemon = report["daemon"]
@@ -260,7 +346,7 @@ def render_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _source_line(name: str, source: dict[str, Any]) -> str:
+def _source_line(name: str, source: SourceReport) -> str:
     age = source.get("last_reading_age_s")
     parts = [
         f"source     {name}: {source.get('state')}",

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from appliance.logs import RateLimitedLog
+from appliance.runtime.logs import RateLimitedLog
 from sync import Journal, NewRecord, PayloadError, PayloadRef, PayloadStore, Priority, StorageFull
 
 log = logging.getLogger(__name__)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.history import WINDOW_S, History, Sample
+from appliance.status.history import WINDOW_S, History, Sample
+from appliance.status.schema import DestinationReport, LiveDestination, StatusReport
 from config.units import format_duration, format_size
 
 
@@ -36,7 +37,7 @@ def _state(state: Any) -> str:
     return f'<span class="{"good" if good else "bad"}">{_e(state)}</span>'
 
 
-def destination_alarms(destinations: dict[str, Any]) -> str:
+def destination_alarms(destinations: Mapping[str, DestinationReport | LiveDestination]) -> str:
     """What an operator must act on about shipping: a destination that refuses the backlog (its
     cursor is held) and another journal shipping under this appliance's id."""
     lines = []
@@ -278,7 +279,7 @@ def render_charts(samples: Sequence[Sample], *, now: float, gap_s: float, interv
 
 
 def render_live(
-    report: dict[str, Any], events: list[dict[str, Any]], history: History, *, now: float
+    report: StatusReport, events: list[dict[str, Any]], history: History, *, now: float
 ) -> str:
     """The part of the page that updates (the stream, or /partial when polling): every figure,
     escaped, and the charts."""
@@ -509,7 +510,7 @@ def render_live(
 
 
 def render_page(
-    report: dict[str, Any], events: list[dict[str, Any]], history: History, *, now: float
+    report: StatusReport, events: list[dict[str, Any]], history: History, *, now: float
 ) -> str:
     """The whole page: no build step, one stylesheet and one script from this server."""
     options = "".join(

@@ -1,7 +1,7 @@
 """A sensor source's anomaly stage: fit a baseline from the first healthy running or load the saved
 one, score every window's feature vector, journal anomalies with the raw samples around them,
 stamped with the baseline's name@version; hand every scored window to an observer (a refit's
-canary or watch, appliance/refit.py) and swap baselines between two windows."""
+canary or watch, appliance/models/refit.py) and swap baselines between two windows."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from appliance.baselines import BaselineStore
-from appliance.logs import RateLimitedLog
-from appliance.recorder import Recorder
+from appliance.runtime.logs import RateLimitedLog
+from appliance.stages.baselines import BaselineStore
+from appliance.stages.recorder import Recorder
 from config import AnomalySettings
 from inference.anomaly import AnomalyDetector, AnomalyEvent, Baseline, BaselineCollector
 from inference.features import Summary, feature_vector

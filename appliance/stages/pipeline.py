@@ -1,7 +1,7 @@
 """The pipeline of one sensor source: readings -> features, limits, anomalies, drift checks and
 samples -> journal records.
 
-Cameras have their own in appliance/vision.py; both journal through appliance/recorder.py."""
+Cameras have their own in appliance/stages/vision.py; both journal through appliance/stages/recorder.py."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from appliance.anomalies import AnomalyStage
-from appliance.baselines import BaselineStore
-from appliance.drift import INPUTS_MODEL, DriftStage
-from appliance.recorder import Recorder
+from appliance.stages.anomalies import AnomalyStage
+from appliance.stages.baselines import BaselineStore
+from appliance.stages.drift import INPUTS_MODEL, DriftStage
+from appliance.stages.recorder import Recorder
 from config import Limit
 from inference.features import Summary, summarise
 from inference.sampling import RawWindowSampler

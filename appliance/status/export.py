@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import csv
-from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
-from config.units import parse_duration
 from sync import JournalReader
-from sync.records import format_ts, parse_ts
 
 CSV_COLUMNS = (
     "seq",
@@ -24,21 +21,6 @@ CSV_COLUMNS = (
     "payloads",
     "body",
 )
-
-
-def parse_since(text: str, option: str = "--since") -> str:
-    """`--since` (or `option`): an ISO-8601 time or date (UTC if no zone), or an age such as
-    `30m` or `2d`."""
-    try:
-        return format_ts(datetime.now(UTC) - timedelta(seconds=parse_duration(text)))
-    except ValueError:
-        pass
-    try:
-        return format_ts(parse_ts(text))
-    except ValueError:
-        raise ValueError(
-            f"{option} {text!r}: expected an ISO-8601 time such as 2026-11-01T00:00:00Z or an age such as 2h"
-        ) from None
 
 
 def export_records(

@@ -10,8 +10,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from appliance.logs import RateLimitedLog
-from appliance.recorder import Recorder
+from appliance.runtime.logs import RateLimitedLog
+from appliance.stages.recorder import Recorder
 from config.models import DriftSettings
 from inference.drift import (
     DriftError,

@@ -1,0 +1,165 @@
+"""Owns `/metrics`: one status report as Prometheus metric families (names, types and labels
+follow Prometheus' conventions; docs/status-api.md lists them), from a registry of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from appliance.status.schema import StatusReport
+
+
+class _ReportCollector(Collector):
+    """Turns one /api/status report into Prometheus metric families."""
+
+    def __init__(self, report: StatusReport) -> None:
+        self.report = report
+
+    def collect(self) -> Iterable[Metric]:
+        report = self.report
+        records = GaugeMetricFamily(
+            "appliance_records_total",
+            "Records in the journal now, by priority and kind (falls when records are evicted).",
+            labels=["priority", "kind"],
+        )
+        for entry in report["records"]["by_priority_and_kind"]:
+            records.add_metric([entry["priority"], entry["kind"]], entry["records"])
+        yield records
+        backlog_records = GaugeMetricFamily(
+            "appliance_sync_backlog_records",
+            "Records not yet acknowledged by a destination.",
+            labels=["destination", "priority"],
+        )
+        backlog_bytes = GaugeMetricFamily(
+            "appliance_sync_backlog_bytes",
+            "Estimated bytes of records not yet acknowledged by a destination.",
+            labels=["destination", "priority"],
+        )
+        reachable = GaugeMetricFamily(
+            "appliance_sync_reachable",
+            "1 when the destination answered its last probe, 0 when not (absent: unknown).",
+            labels=["destination"],
+        )
+        refused = GaugeMetricFamily(
+            "appliance_sync_refused",
+            "1 while the destination refuses the backlog permanently (its cursor is held).",
+            labels=["destination"],
+        )
+        collision = GaugeMetricFamily(
+            "appliance_sync_journal_collision",
+            "1 while the destination reports another journal shipping under this appliance id.",
+            labels=["destination"],
+        )
+        for name, dest in report["destinations"].items():
+            for priority, figures in dest["backlog"].items():
+                backlog_records.add_metric([name, priority], figures["records"])
+                backlog_bytes.add_metric([name, priority], figures["bytes"])
+            if dest["reachable"] is not None:
+                reachable.add_metric([name], 1.0 if dest["reachable"] else 0.0)
+            refused.add_metric([name], 1.0 if dest.get("refused") else 0.0)
+            collision.add_metric([name], 1.0 if dest.get("collision") else 0.0)
+        yield backlog_records
+        yield backlog_bytes
+        yield reachable
+        yield refused
+        yield collision
+        yield GaugeMetricFamily(
+            "appliance_sync_oldest_unsynced_seconds",
+            "Age of the oldest record some destination has not acknowledged (0: none).",
+            value=report["oldest_unsynced_age_s"] or 0.0,
+        )
+        evictions = CounterMetricFamily(
+            "appliance_evictions",
+            "Records evicted by retention, by priority and reason.",
+            labels=["priority", "reason"],
+        )
+        for evicted in report["evictions"]:
+            evictions.add_metric([evicted["priority"], evicted["reason"]], evicted["records"])
+        yield evictions
+        drops = CounterMetricFamily(
+            "appliance_drops",
+            "Records refused before reaching the journal (full disk, shedding), by reason.",
+            labels=["priority", "reason"],
+        )
+        for dropped in report["drops"]:
+            drops.add_metric([dropped["priority"], dropped["reason"]], dropped["records"])
+        yield drops
+        quality = CounterMetricFamily(
+            "appliance_data_quality",
+            "Bad input counted per source and reason (NaN, malformed, out of range, ...).",
+            labels=["source", "reason"],
+        )
+        for bad in report["data_quality"]:
+            quality.add_metric([bad["source"], bad["reason"]], bad["count"])
+        yield quality
+        up = GaugeMetricFamily(
+            "appliance_source_up", "1 when the source is running, else 0.", labels=["source"]
+        )
+        reconnects = CounterMetricFamily(
+            "appliance_source_reconnects",
+            "Successful reconnects of a source since the daemon started.",
+            labels=["source"],
+        )
+        for name, source in report["daemon"]["sources"].items():
+            up.add_metric([name], 1.0 if source["state"] == "running" else 0.0)
+            reconnects.add_metric([name], source["reconnects"])
+        yield up
+        yield reconnects
+        psi = GaugeMetricFamily(
+            "appliance_drift_psi",
+            "Population stability index of a quantity's last window against its reference.",
+            labels=["source", "quantity"],
+        )
+        drifting = GaugeMetricFamily(
+            "appliance_drift_active",
+            "1 while any quantity of the source drifts from its reference, else 0.",
+            labels=["source"],
+        )
+        daemon = report["daemon"]
+        entries = [*daemon["sources"].items(), *daemon["cameras"].items()]
+        for name, drift in ((n, e.get("drift")) for n, e in entries):
+            if drift is None:
+                continue  # a camera's is in `cameras`; its entry in `sources` has none
+            drifting.add_metric([name], 1.0 if drift["state"] == "drift" else 0.0)
+            for quantity, figures in drift["quantities"].items():
+                if figures["psi"] is not None:
+                    psi.add_metric([name, quantity], figures["psi"])
+        yield psi
+        yield drifting
+        disk = report["disk"]
+        yield GaugeMetricFamily(
+            "appliance_disk_used_bytes",
+            "Bytes the journal and payloads use (what the disk budget counts).",
+            value=disk["used_bytes"],
+        )
+        yield GaugeMetricFamily(
+            "appliance_disk_budget_bytes", "storage.disk_budget.", value=disk["budget_bytes"]
+        )
+        yield GaugeMetricFamily(
+            "appliance_uptime_seconds",
+            "Seconds since the daemon started.",
+            value=report["uptime_s"],
+        )
+        yield GaugeMetricFamily(
+            "appliance_healthy", "1 when /healthz answers 200, else 0.", value=report["healthy"]
+        )
+        info = GaugeMetricFamily(
+            "appliance_info",
+            "The appliance's identity; always 1.",
+            labels=["version", "appliance_id"],
+        )
+        info.add_metric([report["version"], report["appliance_id"]], 1.0)
+        yield info
+
+
+def render_metrics(report: StatusReport) -> bytes:
+    """Prometheus text for one report, from a registry of its own (never the global one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ReportCollector(report))
+    return generate_latest(registry)
+
+
+__all__ = ["render_metrics"]
