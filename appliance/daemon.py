@@ -123,6 +123,7 @@ class Daemon:
         self.engines: list[SyncEngine] = []
         self.model_updates: ModelUpdates | None = None
         self.canaries: ModelCanaries | None = None
+        self.status_server: StatusServer | None = None
         self._signals = 0
         self._stop_reason = "requested"
         self._status_token: str | None = None
@@ -213,9 +214,11 @@ class Daemon:
                 if self.model_updates is not None:
                     self.model_updates.subscribe(canaries.staged)
             if self.mode == "run" and cfg.status.enabled:
-                await stack.enter_async_context(
-                    StatusServer(cfg, journal, store, monitor, engines, token=self._status_token)
+                # Its loops run under the supervisor with the shippers (`_run_sources`).
+                server = StatusServer(
+                    cfg, journal, store, monitor, engines, token=self._status_token, supervised=True
                 )
+                self.status_server = await stack.enter_async_context(server)
             jobs = Jobs()
             jobs.every("retention", cfg.storage.check_interval, guard.run_once, run_now=True)
             jobs.every("checkpoint", cfg.journal.checkpoint_interval, journal.checkpoint)
@@ -367,6 +370,17 @@ class Daemon:
                     on_event=component_event,
                 )
             )
+        if self.status_server is not None:
+            shippers += [
+                Supervised(
+                    name,
+                    loop,
+                    budget=cfg.appliance.restart_budget,
+                    window_s=cfg.appliance.restart_window,
+                    on_event=component_event,
+                )
+                for name, loop in self.status_server.housekeeping().items()
+            ]
         for component in [*supervised, *shippers]:
             monitor.components[component.name] = component.health
         async with asyncio.TaskGroup() as group:

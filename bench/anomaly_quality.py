@@ -90,7 +90,7 @@ from bench.common import (
     progress,
     source_fingerprint,
 )
-from config.models import AnomalySettings
+from config.analysis import AnomalySettings
 from sync.reader import JournalReader
 from sync.records import parse_ts
 
@@ -125,7 +125,7 @@ SHORT_BASELINE_MARGIN: dict[Method, float] = {
 robust_z is in sigmas, hotelling's T² and the autoencoder's squared error grow with the square of
 a shift, the EWMA of slowly wandering channels is larger than its white-noise sigma assumes, and
 the isolation forest's score levels off near the baseline's most extreme window (see
-inference/anomaly.py). Chosen once, on 16 development runs of the testbed generated with seed
+inference/baseline.py). Chosen once, on 16 development runs of the testbed generated with seed
 SEED + 1 (never scored here), windows of 5 samples, as the smallest margin per method, of 1.5, 2,
 2.5, 3, 4, 5, 6, 8, 10 (isolation_forest: 1.0, 1.05, 1.1, 1.15, 1.2, 1.3), whose development FAR
 was at most 0.15 and whose F1 was within 0.02 of the best such margin's (a larger margin misses
@@ -818,11 +818,14 @@ def code_fingerprint() -> dict[str, str]:
     """bench.common's journal fingerprint plus the files that decide what is detected."""
     return source_fingerprint(
         "inference/anomaly.py",
+        "inference/anomaly_fit.py",
+        "inference/baseline.py",
         "inference/features.py",
         "appliance/stages/anomalies.py",
         "appliance/stages/pipeline.py",
         "sensors/csv_replay.py",
-        "config/models.py",
+        "config/analysis.py",
+        "config/sensors.py",
     )
 
 

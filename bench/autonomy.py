@@ -100,7 +100,7 @@ from config import (
     SimulatedSensor,
     load_config,
 )
-from config.models import SensorCommon
+from config.sensors import SensorCommon
 from sensors.camera import builtin_footage
 from sensors.nmea import NMEA_CHANNELS, Position, next_position, nmea_checksum, parse_sentence
 from sync.journal import Journal

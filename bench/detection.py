@@ -88,7 +88,7 @@ from bench.common import (
     source_fingerprint,
 )
 from config import Camera, DetectorModel, load_config
-from config.models import BUILTIN_DETECTOR, MotionSettings
+from config.cameras import BUILTIN_DETECTOR, MotionSettings
 from inference.builtin import builtin_model_path
 from inference.detect import letterbox, open_detector
 from inference.detections import Detection, Detector

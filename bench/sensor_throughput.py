@@ -52,8 +52,10 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.common import emit, machine, peak_rss_mib, progress
-from config.models import AnomalySettings, FeatureSettings, SimulatedSensor
-from inference.anomaly import AnomalyDetector, fit_baseline
+from config.analysis import AnomalySettings, FeatureSettings
+from config.sensors import SimulatedSensor
+from inference.anomaly import AnomalyDetector
+from inference.anomaly_fit import fit_baseline
 from inference.features import (
     Summary,
     default_bands,

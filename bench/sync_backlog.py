@@ -66,7 +66,7 @@ from bench.journal_growth import fill
 from bench.receiver_proc import ReceiverProcess
 from config import JournalSection, SimulatedSensor
 from config.loader import PROFILES, parse_config, profile_text
-from config.models import HttpDestination, SyncSection
+from config.shipping import HttpDestination, SyncSection
 from sensors import open_source
 from sync import Journal, PayloadStore, Priority, StoredRecord
 from sync.destination import Batch, JournalCollision, RateLimiter, encode_batch

@@ -70,7 +70,7 @@ from bench.common import (
 from bench.journal_growth import fill
 from bench.receiver_proc import ReceiverProcess
 from config import JournalSection
-from config.models import HttpDestination, SyncSection
+from config.shipping import HttpDestination, SyncSection
 from sync.destination import DestinationError, encode_batch
 from sync.engine import Progress, SyncEngine
 from sync.http_client import HttpTarget

@@ -1,5 +1,17 @@
 """Configuration: pydantic models, the YAML loader and the shipped profiles. Imports nothing of ours."""
 
+from config.analysis import AnomalySettings, FeatureSettings, Limit
+from config.cameras import (
+    BUILTIN_DETECTOR,
+    Camera,
+    ClipSettings,
+    DetectorModel,
+    MotionSettings,
+    SamplingSettings,
+    SnapshotSettings,
+    TrackingSettings,
+    Zone,
+)
 from config.errors import ConfigError, ConfigErrors
 from config.loader import (
     PROFILES,
@@ -9,41 +21,29 @@ from config.loader import (
     parse_config,
     profile_text,
 )
-from config.models import (
-    BUILTIN_DETECTOR,
-    AnomalySettings,
-    ApplianceConfig,
-    ApplianceSection,
-    Camera,
-    ClipSettings,
+from config.models import ApplianceConfig, ApplianceSection, StatusSection
+from config.sensors import (
     CsvSensor,
-    DetectorModel,
-    DirectoryDestination,
     Fault,
-    FeatureSettings,
-    HttpDestination,
-    JournalSection,
-    Limit,
     LiveSensorCommon,
     ModbusRegister,
     ModbusSensor,
-    MotionSettings,
     MqttSensor,
     MqttTopic,
     NmeaSensor,
     OpcUaNode,
     OpcUaSensor,
-    S3Destination,
-    SamplingSettings,
     Sensor,
     SimulatedChannel,
     SimulatedSensor,
-    SnapshotSettings,
-    StatusSection,
+)
+from config.shipping import (
+    DirectoryDestination,
+    HttpDestination,
+    JournalSection,
+    S3Destination,
     StorageSection,
     SyncSection,
-    TrackingSettings,
-    Zone,
 )
 
 __all__ = [

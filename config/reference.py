@@ -11,7 +11,9 @@ from typing import Any, get_args
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from config.models import ApplianceConfig, Destination, Sensor
+from config.models import ApplianceConfig
+from config.sensors import Sensor
+from config.shipping import Destination
 
 
 def _members(union: Any) -> tuple[type[BaseModel], ...]:

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.models import DetectorModel
+from config.cameras import DetectorModel
 from inference.detections import Detection
 from inference.session import (
     InferenceError,

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from config.models import DriftSettings
+from config.analysis import DriftSettings
 
 log = logging.getLogger(__name__)
 

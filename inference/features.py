@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from config.models import FeatureSettings
+from config.analysis import FeatureSettings
 from sensors.base import SampleWindow
 
 FeatureKind = Literal["auto", "vibration", "slow"]

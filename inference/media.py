@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.models import ClipSettings, SnapshotSettings
+from config.cameras import ClipSettings, SnapshotSettings
 from inference.detections import Detection
 
 Image = npt.NDArray[np.uint8]

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.models import MotionSettings
+from config.cameras import MotionSettings
 from sensors.base import Frame
 
 Reason = Literal["disabled", "first", "motion", "global", "keepalive", "still"]

@@ -39,7 +39,8 @@ from pydantic import (
     model_validator,
 )
 
-from config.models import DetectorModel
+from config.cameras import DetectorModel
+from config.names import NAME_PATTERN, VERSION_PATTERN
 from inference.session import ModelError
 
 FORMAT_VERSION = 1
@@ -57,8 +58,6 @@ _BLOCK = 512
 _END_MARKER = 2 * _BLOCK
 _COPY_CHUNK = 1 << 20
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
 FILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"
 KEY_ID_PATTERN = r"^[0-9a-f]{16}$"
 # Version folders share NAME/ with the pointer file, so a version may not be called like it.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Literal, get_args
 
-from config.models import SamplingSettings
+from config.cameras import SamplingSettings
 from inference.detections import Detection
 from sensors.base import Frame, utc_now
 

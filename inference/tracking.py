@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.models import TrackingSettings, Zone
+from config.cameras import TrackingSettings, Zone
 from inference.detections import Detection
 from sensors.base import Frame, mono_ns, utc_now
 

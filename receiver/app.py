@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from config.names import NAME_PATTERN
 from receiver.batches import IncomingBatch, decode_batch, read_batch_body, too_large
 from receiver.model_feed import add_model_routes
 from receiver.protocol import (
@@ -234,9 +235,7 @@ class _Receiver:
                 )
         appliance_id = request.match_info["appliance_id"]
         if not valid_appliance_id(appliance_id):
-            raise Refusal(
-                400, "bad appliance id", "APPLIANCE_ID must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-            )
+            raise Refusal(400, "bad appliance id", f"APPLIANCE_ID must match {NAME_PATTERN}")
         if owner is not None and owner != appliance_id:
             raise Refusal(403, "wrong appliance", "the token belongs to another appliance")
         return appliance_id

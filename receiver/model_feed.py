@@ -37,6 +37,7 @@ from typing import IO, Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from config.names import NAME_PATTERN, NAME_RE, VERSION_RE
 from receiver.protocol import Refusal, valid_appliance_id
 from receiver.store import ReceiverStore
 from sync.payloads import fsync_dir
@@ -50,8 +51,6 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 # The package format allows 16 files of up to 4 GiB; a real model package is far smaller.
 DEFAULT_MAX_PACKAGE_BYTES = 4 * 1024**3
 # The same patterns as the package format (inference/packages.py), which sync may not import.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 READ_CHUNK = 64 * 1024
 _SPOOL_CHUNK = 1024 * 1024
 _SEND_CHUNK = 256 * 1024
@@ -364,7 +363,7 @@ class ModelFeed:
         if len(groups) > 1:
             raise Refusal(400, "bad group", "an appliance has one group: send ?group=G once")
         if groups and not NAME_RE.fullmatch(groups[0]):
-            raise Refusal(400, "bad group", "GROUP must match ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+            raise Refusal(400, "bad group", f"GROUP must match {NAME_PATTERN}")
         return groups[0] if groups else None
 
     @staticmethod

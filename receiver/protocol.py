@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import ClientPayloadError, web
 
+from config.names import NAME_RE
+
 log = logging.getLogger(__name__)
 
 
@@ -30,7 +32,7 @@ PRIORITIES = ("alert", "event", "sample", "telemetry")
 DEFAULT_PARTIAL_TTL_S = 30 * 86400.0
 
 # fullmatch, not `$`: `$` also matches before a trailing newline ("a\n" from `a%0A`).
-APPLIANCE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+APPLIANCE_ID_RE = NAME_RE  # an appliance id is a name like any other (config.names)
 # Decimal seqs without leading zeros: the batch id is an identity, so one range has one spelling.
 _SEQ = r"(?:0|[1-9][0-9]{0,18})"
 BATCH_ID_RE = re.compile(

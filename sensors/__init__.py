@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from config.models import (
+from config.sensors import (
     CsvSensor,
     ModbusSensor,
     MqttSensor,

@@ -105,6 +105,8 @@ class SourceHealth:
     last_reading_mono_ns: int | None = None
     error: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    # Readings a consumer that fell behind never got (a live source's bounded queue, oldest first).
+    readings_dropped: int = 0
 
 
 class SourceError(Exception):

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from config.models import Camera
+from config.cameras import Camera
 from sensors.base import Frame, SourceError, SourceHealth, utc_now
 
 log = logging.getLogger(__name__)

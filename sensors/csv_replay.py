@@ -15,7 +15,7 @@ from typing import IO
 
 import numpy as np
 
-from config.models import CsvSensor
+from config.sensors import CsvSensor
 from sensors.base import (
     QualityIssue,
     QualityReport,

@@ -4,6 +4,12 @@ windows with their value checks, counting bad input, and reconnecting with jitte
 A live source subclasses `LiveSource` and implements `_session()`: connect, call `_connected()`,
 then hand every message, poll or sentence to `_publish()` until the link fails. The base turns
 that into the `Source` protocol: windows on the wall-clock grid, data-quality reports, health.
+
+Between the source and its consumer (the daemon's pipeline) sits one bounded queue of
+`QUEUE_MAX` readings. A consumer that stalls for longer than that many windows loses the oldest
+(newest data wins, as with a camera's frames): each one lost is counted in the source's
+`health.readings_dropped`, which the status page, `appliance status` and `/metrics`
+(`appliance_source_readings_dropped_total`) show. Memory stays bounded whatever the consumer does.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from config.models import LiveSensorCommon
+from config.sensors import LiveSensorCommon
 from sensors.base import (
     QualityIssue,
     QualityReport,
@@ -41,6 +47,9 @@ BACKOFF_FIRST_S = 0.5
 # A sample this much older than the one before it means the clock was set back (a ship's clock
 # synced to GPS), not messages arriving slightly out of order.
 BACKWARDS_TOLERANCE_S = 1.0
+QUEUE_MAX = 256
+"""Readings (windows and quality reports) a live source holds for a consumer that is behind:
+minutes of windows at the usual 1 s, while a healthy pipeline takes each one at once."""
 
 
 @dataclass(slots=True)
@@ -273,7 +282,7 @@ class LiveSource(SourceLifecycle, ABC):
             gap_after_s=cfg.gap_after,
             lateness_s=lateness_s,
         )
-        self._out: asyncio.Queue[Reading] = asyncio.Queue()
+        self._out: asyncio.Queue[Reading] = asyncio.Queue(QUEUE_MAX)
         self._connections = 0
 
     @property
@@ -304,16 +313,32 @@ class LiveSource(SourceLifecycle, ABC):
             window = dataclasses.replace(window, quality=tuple(sorted(self.quality.counts)))
         self.health.windows += 1
         self.health.bad_values += sum(self.quality.counts.values())
-        self._out.put_nowait(window)
+        self._put(window)
         report = self.quality.report(self.name)
         if report is not None:
-            self._out.put_nowait(report)
+            self._put(report)
 
     def _flush_quality(self) -> None:
         self.health.bad_values += sum(self.quality.counts.values())
         report = self.quality.report(self.name)
         if report is not None:
-            self._out.put_nowait(report)
+            self._put(report)
+
+    def _put(self, reading: Reading) -> None:
+        """Queue `reading` for the consumer; when it is `QUEUE_MAX` behind, the oldest reading
+        makes room and is counted as dropped."""
+        if self._out.full():
+            self._out.get_nowait()
+            self.health.readings_dropped += 1
+            if self.health.readings_dropped == 1 or self.health.readings_dropped % 100 == 0:
+                log.warning(
+                    "source %r: its consumer is %d readings behind; the oldest are dropped "
+                    "(%d so far)",
+                    self.name,
+                    QUEUE_MAX,
+                    self.health.readings_dropped,
+                )
+        self._out.put_nowait(reading)
 
     async def _run(self) -> None:
         failures = 0

@@ -25,7 +25,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from config.models import ModbusRegister, ModbusSensor
+from config.sensors import ModbusRegister, ModbusSensor
 from sensors.base import SourceError, utc_now
 from sensors.live import LiveSource
 

@@ -16,14 +16,15 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
-from config.models import MqttSensor
+from config.names import NAME_RE
+from config.sensors import MqttSensor
 from sensors.base import SourceError
 from sensors.live import LiveSource
 
 log = logging.getLogger(__name__)
 
 # The config's `Name` pattern: what a channel name may be.
-CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+CHANNEL_NAME = NAME_RE  # a channel is named like everything else (config.names)
 # A bare number as sensors write it. Stricter than float(), which also takes "1_000" and "٣".
 _NUMBER = re.compile(
     r"[+-]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|nan|inf|infinity)", re.IGNORECASE | re.ASCII

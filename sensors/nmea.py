@@ -18,7 +18,8 @@ from typing import Any, Literal, NamedTuple
 import serial  # type: ignore[import-untyped]
 import serial_asyncio  # type: ignore[import-untyped]
 
-from config.models import NmeaSensor
+from config.names import NAME_RE
+from config.sensors import NmeaSensor
 from sensors.base import SourceError, utc_now
 from sensors.live import LiveSource
 
@@ -43,7 +44,7 @@ NMEA_CHANNELS: tuple[str, ...] = (
 
 XDR_PREFIX = "xdr."
 MAX_XDR_CHANNELS = 64
-CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CHANNEL_NAME = NAME_RE  # a channel is named like everything else (config.names)
 # NMEA 0183 allows 82 characters a sentence; proprietary sentences and tag blocks run longer, but
 # a line past this is noise (or a peer that never sends a newline) and must not grow a buffer.
 MAX_LINE_BYTES = 1024

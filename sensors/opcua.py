@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from config.models import OpcUaNode, OpcUaSensor
+from config.sensors import OpcUaNode, OpcUaSensor
 from sensors.base import SourceError, utc_now
 from sensors.live import LiveSource
 

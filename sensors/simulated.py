@@ -11,7 +11,7 @@ from datetime import timedelta
 import numpy as np
 import numpy.typing as npt
 
-from config.models import Fault, SimulatedChannel, SimulatedSensor
+from config.sensors import Fault, SimulatedChannel, SimulatedSensor
 from sensors.base import (
     QualityReport,
     Reading,

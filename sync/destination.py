@@ -203,6 +203,7 @@ class MemoryDestination:
     fail_next: int = 0
     up: bool = True
     collision: JournalCollision | None = None
+    probes: int = 0  # reachability probes answered, for tests that wait on them
 
     async def __aenter__(self) -> MemoryDestination:
         return self
@@ -211,6 +212,7 @@ class MemoryDestination:
         return None
 
     async def reachable(self) -> bool:
+        self.probes += 1
         return self.up
 
     def _maybe_fail(self) -> None:

@@ -19,7 +19,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from config.models import DirectoryDestination
+from config.shipping import DirectoryDestination
 from sync.destination import (
     Batch,
     DestinationError,

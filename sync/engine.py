@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from config.models import DirectoryDestination, HttpDestination, S3Destination, SyncSection
+from config.shipping import DirectoryDestination, HttpDestination, S3Destination, SyncSection
 from config.units import in_windows
 from sync.destination import (
     Batch,

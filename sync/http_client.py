@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from config.models import HttpDestination
+from config.shipping import HttpDestination
 from sync.destination import Batch, DestinationError, JournalCollision, RateLimiter
 
 _REQUEST_ATTEMPTS = 3

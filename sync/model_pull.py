@@ -30,7 +30,8 @@ from typing import IO, Any, Protocol, Self
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
 
-from config.models import HttpDestination, S3Destination
+from config.names import is_name, is_version
+from config.shipping import HttpDestination, S3Destination
 from sync.destination import DestinationError, RateLimiter
 from sync.errors import SyncError
 from sync.http_client import HttpTarget
@@ -43,8 +44,6 @@ INCOMING_DIR = "incoming"
 PART_SUFFIX = ".part"
 PACKAGE_SUFFIX = ".tar"
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 # A listing is a few hundred bytes per package; more than this is not a listing.
 MAX_LISTING_BYTES = 4 * 1024 * 1024
 MAX_PACKAGE_BYTES = 64 * 1024**3
@@ -346,9 +345,9 @@ def _listing_problem(entry: Any) -> str | None:
     if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_PACKAGE_BYTES:
         return f"size {size!r} is not a package size"
     name, version = entry.get("name"), entry.get("version")
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not isinstance(name, str) or not is_name(name):
         return f"name {name!r} is not a package name"
-    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
+    if not isinstance(version, str) or not is_version(version):
         return f"version {version!r} is not a package version"
     return None
 

@@ -165,6 +165,14 @@ class JournalReader:
         that this version has not opened for writing yet)."""
         return read_identity(self.conn)
 
+    def newest_ts(self, source: str, kind: str) -> str | None:
+        """The time of the newest record of `kind` from `source` (None: there is none)."""
+        row = self.conn.execute(
+            "SELECT ts FROM records WHERE kind = ? AND source = ? ORDER BY seq DESC LIMIT 1",
+            (kind, source),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def max_seq(self) -> int:
         return int(self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0])
 

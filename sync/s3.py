@@ -34,7 +34,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from config.models import S3Destination
+from config.shipping import S3Destination
 from sync.destination import (
     Batch,
     DestinationError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from config.models import DirectoryDestination, HttpDestination, S3Destination
+from config.shipping import DirectoryDestination, HttpDestination, S3Destination
 from sync.destination import Destination
 from sync.directory import DirectoryTarget
 from sync.http_client import HttpTarget

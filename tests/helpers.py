@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -103,6 +104,16 @@ def wait_for(
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def wait_until(predicate: Callable[[], object], what: str, within_s: float = 60) -> None:
+    """Until `predicate()` holds, looked at every 10 ms on the event loop; fails naming `what`
+    after `within_s` (a bound for a stuck test, not a timing the test checks)."""
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:

@@ -1,6 +1,6 @@
-"""Tests of inference.anomaly: every method on synthetic correlated sensors (what each catches, false
-alarms on held-out healthy data), debouncing, hysteresis, escalation, the baseline file, the
-collector."""
+"""Tests of inference.anomaly, inference.anomaly_fit and inference.baseline: every method on
+synthetic correlated sensors (what each catches, false alarms on held-out healthy data),
+debouncing, hysteresis, escalation, the baseline file, the collector."""
 
 from __future__ import annotations
 
@@ -17,16 +17,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from config.models import AnomalySettings
-from inference.anomaly import (
-    EWMA_SIGMA,
-    AnomalyDetector,
-    AnomalyEvent,
-    Baseline,
-    BaselineCollector,
-    BaselineError,
-    fit_baseline,
-)
+from config.analysis import AnomalySettings
+from inference.anomaly import AnomalyDetector, AnomalyEvent
+from inference.anomaly_fit import BaselineCollector, fit_baseline
+from inference.baseline import EWMA_SIGMA, Baseline, BaselineError
 
 FloatArray = npt.NDArray[np.float64]
 METHODS = ("robust_z", "ewma", "hotelling", "isolation_forest", "autoencoder")

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from config.models import Camera
+from config.cameras import Camera
 from sensors.base import Frame, SourceError, SourceState
 from sensors.camera import (
     MAX_STUCK_READERS,

@@ -32,7 +32,7 @@ from appliance.models.canary import ModelCanaries
 from appliance.models.shadow import Limits, frame_agreement
 from appliance.models.store import ModelStore, StoreError
 from config import ApplianceConfig
-from config.models import CanarySettings
+from config.cameras import CanarySettings
 from inference.detections import Detection
 from inference.packages import CanaryLimits, Thresholds, build_package, public_key_text
 from sensors.camera import builtin_footage

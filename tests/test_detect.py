@@ -20,7 +20,7 @@ import numpy.typing as npt
 import pytest
 from onnx import TensorProto
 
-from config.models import DetectorModel
+from config.cameras import DetectorModel
 from inference.detect import (
     COCO_LABELS,
     DarknetHead,

@@ -32,7 +32,7 @@ from appliance.status.health import HealthMonitor
 from appliance.status.history import HISTORY_FILE, History
 from appliance.status.web import StatusServer
 from config import ApplianceConfig, SamplingSettings, SimulatedSensor
-from config.models import DriftSettings
+from config.analysis import DriftSettings
 from inference.detections import Detection
 from inference.drift import (
     PSI_EPSILON,

@@ -16,12 +16,13 @@ import pytest
 import sync.directory as directory_module
 from appliance.status.health import HealthMonitor, live_destination
 from appliance.status.page import destination_alarms as render_alarms
-from config.models import DirectoryDestination, StorageSection, SyncSection
+from config.shipping import DirectoryDestination, StorageSection, SyncSection
 from config.units import in_windows
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority, StorageGuard
 from sync.destination import Batch, DestinationError, MemoryDestination, RateLimiter
 from sync.directory import DirectoryTarget
 from sync.engine import SyncEngine, inflight_key
+from tests.helpers import wait_until
 
 
 def dest_cfg(tmp: Path, **extra: object) -> DirectoryDestination:
@@ -186,13 +187,10 @@ async def test_run_loop_drains_when_the_link_returns(
     )
     task = asyncio.create_task(engine.run())
     try:
-        await asyncio.sleep(0.3)
-        assert not memory.records and engine.state.consecutive_failures >= 1
+        await wait_until(lambda: engine.state.consecutive_failures >= 1, "a failed attempt")
+        assert not memory.records
         memory.up = True
-        for _ in range(100):
-            if len(memory.records) == 20:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: len(memory.records) == 20, "the backlog to drain")
         assert sorted(memory.records) == list(range(1, 21))
         assert engine.state.last_success is not None
     finally:
@@ -319,13 +317,14 @@ async def test_a_returning_link_is_drained_at_once_not_after_the_backoff(
     )
     task = asyncio.create_task(engine.run())
     try:
-        await asyncio.sleep(1.0)  # down for a while: several failed probes
+        # Down for a while: a failed drain, then probes failing every probe_interval.
+        await wait_until(lambda: engine.state.consecutive_failures >= 1, "a failed attempt")
+        probes = memory.probes
+        await wait_until(lambda: memory.probes >= probes + 2, "two more failed probes")
         assert not memory.records
         memory.up = True
-        for _ in range(40):
-            if len(memory.records) == 20:
-                break
-            await asyncio.sleep(0.05)
+        # retry_max is an hour: a drain within the bound means the probe started it.
+        await wait_until(lambda: len(memory.records) == 20, "the drain after the link returned")
         assert sorted(memory.records) == list(range(1, 21))
     finally:
         task.cancel()

@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from config.models import FeatureSettings
+from config.analysis import FeatureSettings
 from inference import features as features_module
 from inference.features import (
     FEATURES,

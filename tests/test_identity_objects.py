@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from config.models import DirectoryDestination, S3Destination, SyncSection
+from config.shipping import DirectoryDestination, S3Destination, SyncSection
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority, StoredRecord
 from sync.destination import Destination, RateLimiter, encode_batch
 from sync.directory import DirectoryTarget

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,3 +136,25 @@ def test_every_module_says_what_it_owns() -> None:
             if not ast.get_docstring(tree):
                 missing.append(str(path.relative_to(ROOT)))
     assert missing == []
+
+
+def test_only_sync_queries_the_journal() -> None:
+    """The journal's tables are sync's to query: the appliance reads it through `JournalReader`'s
+    methods (sync/reader.py), never with SQL of its own or the reader's connection."""
+    found = []
+    for package in ("config", "sensors", "inference", "appliance"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = path.read_text()
+            if re.search(r"\bSELECT\b|\.conn\b", text):
+                found.append(str(path.relative_to(ROOT)))
+    assert found == []
+
+
+def test_the_identifier_pattern_is_written_once() -> None:
+    """Names and versions follow config/names.py everywhere (config, sensors, sync, receiver)."""
+    copies = []
+    for package in sorted(OURS):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.relative_to(ROOT) != Path("config/names.py") and "{0,63}" in path.read_text():
+                copies.append(str(path.relative_to(ROOT)))
+    assert copies == []

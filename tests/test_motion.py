@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from config.models import MotionSettings
+from config.cameras import MotionSettings
 from inference.motion import MotionDecision, MotionGate
 from sensors.base import Frame
 from tests.helpers import component_missing

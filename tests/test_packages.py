@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from config import DetectorModel
-from config.models import ModelPackagesSection
+from config.cameras import ModelPackagesSection
 from inference.packages import (
     MANIFEST,
     SIGNATURE,

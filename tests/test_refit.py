@@ -25,22 +25,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from appliance.models.refit import (
-    BaselineRefit,
-    BaselineRefits,
-    Prepared,
-    RefitJob,
-    prepare_candidate,
-)
-from appliance.models.refit import run_in_child as refit_in_child
+from appliance.models.candidate import Prepared, RefitJob, prepare_candidate
+from appliance.models.candidate import run_in_child as refit_in_child
+from appliance.models.refit import BaselineRefit, BaselineRefits
 from appliance.runtime.control import ControlServer
 from appliance.stages.baselines import BaselineStore
 from appliance.stages.pipeline import SourcePipeline
 from appliance.stages.recorder import Recorder
 from appliance.stages.vision import CameraPipeline, quiet_opencv
 from config import ApplianceConfig, Camera, DetectorModel
-from config.models import AnomalySettings, SimulatedSensor
-from inference.anomaly import Baseline, fit_baseline
+from config.analysis import AnomalySettings
+from config.sensors import SimulatedSensor
+from inference.anomaly_fit import fit_baseline
+from inference.baseline import Baseline
 from inference.detect import open_detector
 from inference.features import feature_vector, summarise
 from inference.session import ModelError
@@ -51,6 +48,7 @@ from sync import Journal, NewRecord, PayloadStore, Priority
 from sync.reader import JournalReader
 from sync.records import StoredRecord
 from tests.helpers import component_missing, run_cli, write_config
+from tests.helpers import wait_until as until
 
 SOURCE = "vib"
 FEATURES = ["vib.rms", "vib.mean"]
@@ -93,14 +91,6 @@ def drift(start_s: float, per_minute: float, duration_s: float | None = None) ->
     if duration_s is not None:
         fault["duration"] = f"{duration_s}s"
     return fault
-
-
-async def until(predicate: Callable[[], object], what: str, within_s: float = 60) -> None:
-    deadline = time.monotonic() + within_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within_s} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Device:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from config.models import S3Destination, SyncSection
+from config.shipping import S3Destination, SyncSection
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
 from sync.destination import Batch, DestinationError, RateLimiter, encode_batch
 from sync.engine import SyncEngine

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from config.models import CsvSensor
+from config.sensors import CsvSensor
 from inference.features import summarise
 from sensors import CsvSource, QualityReport, Reading, SampleWindow, SourceError, open_source
 

@@ -11,9 +11,9 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from config.models import LiveSensorCommon
+from config.sensors import LiveSensorCommon
 from sensors.base import QualityReport, SampleWindow, SourceError
-from sensors.live import LiveSource, QualityLog, WindowBuilder
+from sensors.live import QUEUE_MAX, LiveSource, QualityLog, WindowBuilder
 
 T0 = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 
@@ -209,3 +209,26 @@ def test_a_window_waits_for_late_values_when_told_to() -> None:
     assert windows.add({"temp": 2.0}, at(9.5)) == []  # stamped at the source, arriving late
     (window,) = windows.due(at(12.0))
     np.testing.assert_array_equal(window.values[0], [1.0, 2.0])
+
+
+class SilentLink(LiveSource):
+    """A source fed by the test through `_publish`: no session runs."""
+
+    async def _session(self) -> None:
+        raise AssertionError("not started in this test")
+
+
+async def test_a_consumer_that_falls_behind_loses_the_oldest_readings_counted() -> None:
+    link = SilentLink(LiveSensorCommon(name="link", window=1.0), ("v",))
+    extra = 7
+    # Each value opens the next window and closes the one before it: QUEUE_MAX + extra windows
+    # close while nobody reads.
+    for second in range(QUEUE_MAX + extra + 1):
+        link._publish({"v": float(second)}, at(second + 0.5))
+    assert link.health.windows == QUEUE_MAX + extra
+    assert link.health.readings_dropped == extra
+    assert link._out.qsize() == QUEUE_MAX
+    kept = [link._out.get_nowait() for _ in range(QUEUE_MAX)]
+    assert isinstance(kept[0], SampleWindow) and isinstance(kept[-1], SampleWindow)
+    # The newest windows were kept, the oldest `extra` dropped.
+    assert kept[0].ts == at(extra) and kept[-1].ts == at(QUEUE_MAX + extra - 1)

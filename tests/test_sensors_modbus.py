@@ -20,7 +20,7 @@ from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from config.models import ModbusRegister, ModbusSensor
+from config.sensors import ModbusRegister, ModbusSensor
 from sensors.base import QualityReport, SampleWindow
 from sensors.modbus import (
     MAX_GAP,

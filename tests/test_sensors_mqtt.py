@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
-from config.models import MqttSensor
+from config.sensors import MqttSensor
 from sensors.base import QualityReport, Reading, SampleWindow, SourceError
 from sensors.mqtt import MalformedPayload, MqttSource, parse_payload
 from tests.helpers import component_missing

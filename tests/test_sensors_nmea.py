@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from config.models import NmeaSensor
+from config.sensors import NmeaSensor
 from sensors.base import QualityReport, Reading, SampleWindow
 from sensors.nmea import (
     CHANNEL_NAME,

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from config.models import OpcUaSensor
+from config.sensors import OpcUaSensor
 from sensors.base import QualityReport, Reading, SampleWindow, SourceError
 from sensors.opcua import OpcUaSource
 from tests.faultproxy import FaultProxy

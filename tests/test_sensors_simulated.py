@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from config.models import SimulatedSensor
+from config.sensors import SimulatedSensor
 from inference.features import summarise
 from sensors import QualityReport, Reading, SampleWindow, SimulatedSource, open_source
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from config.models import HttpDestination, SyncSection
+from config.shipping import HttpDestination, SyncSection
 from receiver import build_receiver_app, serve_receiver
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
 from sync.destination import DestinationError

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from config.models import HttpDestination, SyncSection
+from config.shipping import HttpDestination, SyncSection
 from receiver import build_receiver_app, serve_receiver, server_tls_context
 from sync import Journal, NewRecord, PayloadStore, Priority
 from sync.destination import DestinationError

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from config.models import TrackingSettings, Zone
+from config.cameras import TrackingSettings, Zone
 from inference.detections import Detection
 from inference.tracking import Tracker, TrackEvent
 from sensors.base import Frame

@@ -17,12 +17,12 @@ import aiohttp
 import numpy as np
 from pydantic import ValidationError
 
-from appliance.models.refit import recorded_windows
+from appliance.models.candidate import recorded_windows
 from appliance.models.store import ModelStore, StoreError, UnknownPackage
 from appliance.runtime.control import CONTROL_SOCKET, ask_refit
 from appliance.stages.baselines import BaselineStore
 from config import load_config
-from inference.anomaly import fit_baseline
+from inference.anomaly_fit import fit_baseline
 from inference.builtin import BUILTIN_MODELS, prepare_builtin_models
 from inference.darknet import convert_darknet, save_model
 from inference.packages import (

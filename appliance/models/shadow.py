@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from appliance.stages.vision import DetectorPool
-from config.models import CanarySettings
+from config.cameras import CanarySettings
 from inference.detect import OnnxDetector
 from inference.detections import Detection
 from inference.packages import CanaryLimits

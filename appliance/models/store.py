@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from config import ApplianceConfig, ConfigError
+from config.names import NAME_PATTERN, VERSION_PATTERN
 from inference.packages import (
-    NAME_PATTERN,
     RESERVED_VERSIONS,
-    VERSION_PATTERN,
     PackageError,
     PackageKeyError,
     TrustedKeys,

@@ -35,7 +35,7 @@ from typing import Any
 from appliance.models.store import ModelStore, StoreError
 from appliance.models.trial import ModelRecords, Step
 from config import ApplianceConfig
-from config.models import HttpDestination, S3Destination
+from config.shipping import HttpDestination, S3Destination
 from config.units import in_windows
 from inference.packages import PackageError
 from sync import Journal

@@ -19,7 +19,9 @@ from appliance.runtime.logs import RateLimitedLog
 from appliance.stages.baselines import BaselineStore
 from appliance.stages.recorder import Recorder
 from config import AnomalySettings
-from inference.anomaly import AnomalyDetector, AnomalyEvent, Baseline, BaselineCollector
+from inference.anomaly import AnomalyDetector, AnomalyEvent
+from inference.anomaly_fit import BaselineCollector
+from inference.baseline import Baseline
 from inference.features import Summary, feature_vector
 from inference.session import InferenceError
 from sensors.base import SampleWindow

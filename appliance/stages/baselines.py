@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from inference.anomaly import Baseline, BaselineError
+from inference.baseline import Baseline, BaselineError
 from sync.payloads import fsync_dir
 
 log = logging.getLogger(__name__)

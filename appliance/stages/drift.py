@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from appliance.runtime.logs import RateLimitedLog
 from appliance.stages.recorder import Recorder
-from config.models import DriftSettings
+from config.analysis import DriftSettings
 from inference.drift import (
     DriftError,
     DriftEvent,

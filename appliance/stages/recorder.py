@@ -79,10 +79,6 @@ class Recorder:
 
     async def discard_payload(self, sha256: str) -> None:
         """Remove a payload whose record could not be journalled, unless another record uses it."""
-        referenced = await self.journal.read(
-            lambda r: r.conn.execute(
-                "SELECT 1 FROM payloads WHERE sha256 = ?", (sha256,)
-            ).fetchone()
-        )
-        if referenced is None:
+        known = await self.journal.read(lambda r: r.payload_info([sha256]))
+        if sha256 not in known:
             await asyncio.to_thread(self.payloads.delete, sha256)

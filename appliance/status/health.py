@@ -171,6 +171,7 @@ class HealthMonitor:
             "windows": health.windows,
             "bad_values": health.bad_values,
             "reconnects": health.reconnects,
+            "readings_dropped": health.readings_dropped,
             "error": health.error,
             "last_reading_age_s": None
             if last is None

@@ -103,11 +103,18 @@ class _ReportCollector(Collector):
             "Successful reconnects of a source since the daemon started.",
             labels=["source"],
         )
+        readings_dropped = CounterMetricFamily(
+            "appliance_source_readings_dropped",
+            "Readings a live source dropped because its consumer fell behind (oldest first).",
+            labels=["source"],
+        )
         for name, source in report["daemon"]["sources"].items():
             up.add_metric([name], 1.0 if source["state"] == "running" else 0.0)
             reconnects.add_metric([name], source["reconnects"])
+            readings_dropped.add_metric([name], source["readings_dropped"])
         yield up
         yield reconnects
+        yield readings_dropped
         psi = GaugeMetricFamily(
             "appliance_drift_psi",
             "Population stability index of a quantity's last window against its reference.",

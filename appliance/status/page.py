@@ -304,6 +304,7 @@ def render_live(
             _e(_age(s["last_reading_age_s"])),
             _e(s["reconnects"]),
             _e(s["bad_values"]),
+            _e(s["readings_dropped"]),
             # The stage's state, and its refit's while one runs (e.g. "scoring, refit canary").
             _e(
                 ", refit ".join(
@@ -333,6 +334,7 @@ def render_live(
                 "last reading",
                 "reconnects",
                 "bad values",
+                "dropped",
                 "anomaly",
                 "drift",
                 "error",

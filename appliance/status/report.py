@@ -354,6 +354,8 @@ def _source_line(name: str, source: SourceReport) -> str:
         f"windows {source.get('windows', 0)}, bad values {source.get('bad_values', 0)}",
         f"reconnects {source.get('reconnects', 0)}",
     ]
+    if source.get("readings_dropped"):
+        parts.append(f"dropped {source['readings_dropped']} readings (consumer behind)")
     anomaly = source.get("anomaly")
     if anomaly:
         parts.append(

@@ -61,6 +61,7 @@ class SourceReport(TypedDict):
     windows: int
     bad_values: int
     reconnects: int
+    readings_dropped: int
     error: str | None
     last_reading_age_s: float | None
     extra: NotRequired[dict[str, float]]

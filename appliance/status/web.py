@@ -16,7 +16,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -231,7 +231,10 @@ class StatusServer:
         token: str | None,
         history: History | None = None,
         stream_interval_s: float = STREAM_INTERVAL_S,
+        supervised: bool = False,
     ) -> None:
+        """`supervised`: the caller (the daemon) runs `housekeeping()` under its supervisor;
+        otherwise the server runs those loops itself while it is entered."""
         self.cfg = cfg
         self.journal = journal
         self.store = store
@@ -247,6 +250,7 @@ class StatusServer:
             interval_s=cfg.status.history_interval,
         )
         self.stream_interval_s = stream_interval_s
+        self.supervised = supervised
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -305,9 +309,11 @@ class StatusServer:
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}/"
         self.monitor.status_url = self.url
-        self._watcher = asyncio.create_task(self._watch(), name="status:watch")
-        self._sampler = asyncio.create_task(self._sample_history(), name="status:history")
-        self._news_watcher = asyncio.create_task(self._watch_news(), name="status:news")
+        if not self.supervised:
+            loops = self.housekeeping()
+            self._watcher = asyncio.create_task(loops["status:watch"](), name="status:watch")
+            self._sampler = asyncio.create_task(loops["status:history"](), name="status:history")
+            self._news_watcher = asyncio.create_task(loops["status:news"](), name="status:news")
         log.info(
             "status page listening",
             extra={"fields": {"url": self.url, "token_required_everywhere": self.protected}},
@@ -339,6 +345,15 @@ class StatusServer:
         if not self.journal.closed:
             with contextlib.suppress(StorageFull):
                 await self.journal.set_meta({"status_url": ""})
+
+    def housekeeping(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
+        """The server's long-lived loops by component name: watching sources for the health
+        judge and the rates, sampling the history, and looking for news for open streams."""
+        return {
+            "status:watch": self._watch,
+            "status:history": self._sample_history,
+            "status:news": self._watch_news,
+        }
 
     # ------------------------------------------------------------------------------ health
 
