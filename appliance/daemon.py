@@ -30,7 +30,8 @@ from appliance.status.health import HEARTBEAT_INTERVAL_S, HealthMonitor, app_ver
 from appliance.status.web import StatusServer, read_status_token
 from config import ApplianceConfig, Camera, ConfigError, LiveSensorCommon, SimulatedSensor
 from sensors import SensorConfig, open_source
-from sensors.camera import CameraSource, parse_camera_url
+from sensors.camera import CameraSource
+from sensors.capture import parse_camera_url
 from sensors.nmea import NmeaSource, Position
 from sync import Journal, NewRecord, PayloadStore, Priority, StorageFull, StorageGuard
 from sync.engine import SyncEngine

@@ -17,7 +17,7 @@ from config.units import format_duration, format_size
 from sync import Journal, PayloadStore
 from sync.destination import DestinationError
 from sync.engine import SyncEngine
-from sync.journal import writer_lock_holder
+from sync.journal_open import writer_lock_holder
 from sync.targets import make_target
 
 

@@ -140,7 +140,17 @@ def source_fingerprint(*extra: str) -> dict[str, str]:
     """sha256 (12 hex) of the journal's source files and of `extra` (paths from the repository
     root): which code the numbers belong to."""
     root = Path(__file__).resolve().parent.parent
-    names = [f"sync/{name}" for name in ("journal.py", "reader.py", "records.py", "migrations.py")]
+    names = [
+        f"sync/{name}"
+        for name in (
+            "journal.py",
+            "journal_writer.py",
+            "journal_open.py",
+            "reader.py",
+            "records.py",
+            "migrations.py",
+        )
+    ]
     out: dict[str, str] = {}
     for name in [*names, *extra]:
         try:

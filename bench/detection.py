@@ -90,9 +90,10 @@ from bench.common import (
 from config import Camera, DetectorModel, load_config
 from config.cameras import BUILTIN_DETECTOR, MotionSettings
 from inference.builtin import builtin_model_path
-from inference.detect import letterbox, open_detector
+from inference.detect import open_detector
 from inference.detections import Detection, Detector
 from inference.motion import MotionDecision, MotionGate
+from inference.preprocess import letterbox
 from sensors.base import Frame
 from sensors.camera import CameraSource, builtin_footage
 from sync.reader import JournalReader
@@ -129,6 +130,8 @@ def code_fingerprint(model: Path | None) -> dict[str, str]:
         "appliance/daemon.py",
         "appliance/stages/recorder.py",
         "inference/detect.py",
+        "inference/decode.py",
+        "inference/preprocess.py",
         "inference/session.py",
         "inference/motion.py",
         "inference/tracking.py",
@@ -136,6 +139,8 @@ def code_fingerprint(model: Path | None) -> dict[str, str]:
         "inference/media.py",
         "inference/builtin.py",
         "sensors/camera.py",
+        "sensors/camera_reader.py",
+        "sensors/capture.py",
     )
     if model is not None:
         out[BUILTIN_DETECTOR] = hashlib.sha256(model.read_bytes()).hexdigest()[:12]

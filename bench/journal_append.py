@@ -67,7 +67,7 @@ Row = tuple[int, str, str, str, int, str, str, int, None, str, None, int]
 
 
 def open_baseline(data_dir: Path, schema: list[str]) -> sqlite3.Connection:
-    """The pragmas of sync.journal._writer_connection, then the Journal's own schema."""
+    """The pragmas of sync.journal_open.writer_connection, then the Journal's own schema."""
     data_dir.mkdir(parents=True)
     conn = sqlite3.connect(data_dir / JOURNAL_FILE, isolation_level=None)
     conn.execute("PRAGMA busy_timeout=30000")

@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from config.analysis import AnomalySettings
-from inference.baseline import EWMA_LAMBDA, Baseline, FloatArray, _hotelling_scores, _matrix
+from inference.baseline import EWMA_LAMBDA, Baseline, FloatArray, as_matrix, hotelling_scores
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _fit_hotelling(rows: FloatArray, seed: int) -> _Fitted:
     held_out = []
     for fold in folds:
         rest = np.setdiff1d(np.arange(rows.shape[0]), fold)
-        held_out.append(_hotelling_scores(_hotelling_parameters(rows[rest]), rows[fold]))
+        held_out.append(hotelling_scores(_hotelling_parameters(rows[rest]), rows[fold]))
     return _Fitted(
         _hotelling_parameters(rows),
         info={"ridge": HOTELLING_RIDGE, "folds": CROSS_FIT_FOLDS},
@@ -276,7 +276,7 @@ def fit_baseline(
     ValueError. `covering` is the data time the windows span (recorded in `info`). Blocking
     (seconds for the scikit-learn methods): from the event loop run it via `asyncio.to_thread`.
     """
-    matrix = _matrix(vectors)
+    matrix = as_matrix(vectors)
     names = _check_names(names, matrix.shape[1])
     finite = np.isfinite(matrix).all(axis=1)
     rows = matrix[finite]

@@ -333,7 +333,7 @@ class Baseline:
     def scores(self, vectors: npt.ArrayLike) -> FloatArray:
         """Scores of the rows of `vectors` (n x features, finite) in order, from a fresh
         scorer."""
-        return self.scorer().score_many(_matrix(vectors, self.dimensions))
+        return self.scorer().score_many(as_matrix(vectors, self.dimensions))
 
 
 def _check_shapes(method: str, dims: int, parameters: Mapping[str, npt.NDArray[Any]]) -> None:
@@ -363,7 +363,7 @@ def _open_onnx(model: bytes, origin: str) -> Any:
         ) from exc
 
 
-def _matrix(vectors: npt.ArrayLike, dims: int | None = None) -> FloatArray:
+def as_matrix(vectors: npt.ArrayLike, dims: int | None = None) -> FloatArray:
     matrix = np.asarray(vectors, dtype=np.float64)
     if matrix.ndim == 1 and dims is not None and matrix.size == dims:
         matrix = matrix.reshape(1, dims)
@@ -419,7 +419,7 @@ class _Ewma(Scorer):
         return float(scaled.max()), scaled
 
 
-def _hotelling_scores(parameters: Mapping[str, FloatArray], matrix: FloatArray) -> FloatArray:
+def hotelling_scores(parameters: Mapping[str, FloatArray], matrix: FloatArray) -> FloatArray:
     z = (matrix - parameters["mean"]) / parameters["std"]
     scores: FloatArray = np.einsum("ij,jk,ik->i", z, parameters["precision"], z)
     return scores
@@ -434,7 +434,7 @@ class _Hotelling(Scorer):
         return float(terms.sum()), terms
 
     def score_many(self, matrix: FloatArray) -> FloatArray:
-        return _hotelling_scores(self.parameters, matrix)
+        return hotelling_scores(self.parameters, matrix)
 
 
 class _Onnx(Scorer):

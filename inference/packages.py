@@ -1,17 +1,16 @@
-"""Owns the model package format: one plain tar per package holding `manifest.json`,
+"""Owns the model package archive: one plain tar per package holding `manifest.json`,
 `manifest.sig` (an Ed25519 signature of the manifest's exact bytes) and the files the manifest
-names; building and signing one, and reading one back with every check done before any of its
-bytes count as a model.
+names; building and signing one, reading one back with every check done before any of its bytes
+count as a model, what a verified package is, and how a detector config takes its settings.
 
 Reading order (docs/model-packages.md): the signature against the trusted keys first, then the
 manifest's fields, then whom it is addressed to, then each file's size and sha256 while it is
 copied into a staging folder. Every refusal is a `PackageError` naming the package and the cause.
+The manifest models are `inference/package_manifest.py`'s, the keys `inference/package_keys.py`'s.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import json
@@ -19,354 +18,43 @@ import os
 import re
 import shutil
 import tarfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Annotated, Any, Literal, Protocol
+from typing import IO, Any, Protocol
 
-import onnx
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import (
-    AwareDatetime,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
 
 from config.cameras import DetectorModel
-from config.names import NAME_PATTERN, VERSION_PATTERN
-from inference.session import ModelError
+from inference.package_keys import KEY_ID_PATTERN, TrustedKey, TrustedKeys, key_id
+from inference.package_manifest import (
+    FILE_PATTERN,
+    FORMAT_VERSION,
+    LABELS_FILE,
+    MANIFEST,
+    SIGNATURE,
+    CanaryLimits,
+    FileEntry,
+    Manifest,
+    PackageError,
+    Task,
+    Thresholds,
+    describe_onnx_input,
+    parse_labels,
+    validation_message,
+)
 
-FORMAT_VERSION = 1
 PREFIX = "package:"
-MANIFEST = "manifest.json"
-SIGNATURE = "manifest.sig"
-LABELS_FILE = "labels.txt"
 SIGNATURE_BYTES = 64
 MAX_MANIFEST_BYTES = 1024 * 1024
-MAX_FILE_BYTES = 4 * 1024**3
-MAX_FILES = 16
 # The end-of-archive marker: two zero blocks. A download cut anywhere, even after the last
 # member, lacks it.
 _BLOCK = 512
 _END_MARKER = 2 * _BLOCK
 _COPY_CHUNK = 1 << 20
-
-FILE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"
-KEY_ID_PATTERN = r"^[0-9a-f]{16}$"
-# Version folders share NAME/ with the pointer file, so a version may not be called like it.
-RESERVED_VERSIONS = frozenset({"active.json"})
 MODEL_SUFFIXES = {".onnx": "model.onnx", ".npz": "model.npz"}
-
-Task = Literal["detector", "anomaly"]
-Dtype = Literal["float32", "float16", "float64", "uint8", "int64"]
-_ONNX_DTYPES: dict[int, Dtype] = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.UINT8: "uint8",
-    onnx.TensorProto.INT64: "int64",
-}
-_IMAGE_DTYPES: frozenset[str] = frozenset({"float32", "float16", "uint8"})
-
-
-class PackageError(ModelError):
-    """A package that must not be used: `path` is the package file (or its installed folder),
-    `reason` says what is wrong and `cause` names the check that failed (`bad_signature`,
-    `unknown_key`, `hash_mismatch`, `truncated`, `not_addressed`, `bad_member`, `bad_manifest`,
-    `not_a_package`, `wrong_task`, `unreadable`). Permanent: the same bytes fail the same way."""
-
-    def __init__(self, path: Path | str, reason: str, *, cause: str) -> None:
-        super().__init__(path, reason)
-        self.cause = cause
-
-
-class PackageKeyError(ValueError):
-    """A key (trusted public key or publisher's private key) that cannot be used."""
-
-
-# -- manifest ------------------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
-class FileEntry(_Strict):
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the file.")
-    size: int = Field(ge=0, le=MAX_FILE_BYTES, description="Bytes.")
-
-
-class InputSpec(_Strict):
-    shape: list[Annotated[int, Field(gt=0)] | None] = Field(
-        min_length=1, max_length=8, description="Input dimensions; null where dynamic."
-    )
-    dtype: Dtype = Field(description="Element type of the input tensor.")
-    layout: Literal["nchw", "nhwc"] | None = Field(
-        default=None, description="Image layout (detectors); null for other models."
-    )
-
-
-class Thresholds(_Strict):
-    score_threshold: float | None = Field(
-        default=None, gt=0, lt=1, description="Detectors: detections below it are dropped."
-    )
-    nms_iou: float | None = Field(
-        default=None, gt=0, le=1, description="Detectors: overlap above which NMS keeps one box."
-    )
-    threshold: float | None = Field(
-        default=None, gt=0, description="Anomaly models: score above which a window is anomalous."
-    )
-
-
-class CanaryLimits(_Strict):
-    min_agreement: float | None = Field(
-        default=None,
-        ge=0,
-        le=1,
-        description="Least share of shadow results agreeing with the active model.",
-    )
-    max_latency_ratio: float | None = Field(
-        default=None, gt=0, description="Most latency relative to the active model."
-    )
-    max_error_rate: float | None = Field(
-        default=None, ge=0, le=1, description="Most share of failed runs."
-    )
-
-
-class Manifest(_Strict):
-    """What a package is, whom it is for and how its files hash; signed as exact bytes."""
-
-    format: int = Field(description="Package format version.")
-    name: str = Field(pattern=NAME_PATTERN, description="Model name (package:NAME in configs).")
-    version: str = Field(pattern=VERSION_PATTERN, description="Version, unique per name.")
-    task: Task = Field(description="What the model does.")
-    created_at: AwareDatetime = Field(description="When the publisher built the package.")
-    key_id: str = Field(pattern=KEY_ID_PATTERN, description="Fingerprint of the signing key.")
-    model: str = Field(description="The model file, one of `files`.")
-    files: dict[str, FileEntry] = Field(
-        min_length=1, max_length=MAX_FILES, description="Every file in the package."
-    )
-    input: InputSpec | None = Field(default=None, description="The model's input tensor.")
-    labels: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        default=None,
-        min_length=1,
-        max_length=100_000,
-        description="Class names (or a labels.txt file).",
-    )
-    thresholds: Thresholds = Field(default_factory=Thresholds, description="Decision thresholds.")
-    metrics: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:/-]{1,64}$")], float] = Field(
-        default_factory=dict, description="Metrics the model was accepted with."
-    )
-    canary: CanaryLimits | None = Field(
-        default=None, description="Limits a shadow canary must meet before activation."
-    )
-    targets: list[str] = Field(
-        default_factory=list,
-        description="Appliance ids and `group:NAME`s it is for; empty: any appliance.",
-    )
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, value: int) -> int:
-        if value != FORMAT_VERSION:
-            raise ValueError(
-                f"package format {value} is not one this appliance reads (format "
-                f"{FORMAT_VERSION}); update the appliance"
-            )
-        return value
-
-    @field_validator("version")
-    @classmethod
-    def _not_reserved(cls, value: str) -> str:
-        if value in RESERVED_VERSIONS:
-            raise ValueError(f"{value!r} is a reserved name, not a version")
-        return value
-
-    @field_validator("files")
-    @classmethod
-    def _plain_names(cls, value: dict[str, FileEntry]) -> dict[str, FileEntry]:
-        for name in value:
-            if not re.fullmatch(FILE_PATTERN, name) or len(name) > 64:
-                raise ValueError(f"file name {name!r} is not a plain file name")
-            if name in (MANIFEST, SIGNATURE):
-                raise ValueError(f"{name} cannot be one of the files")
-        return value
-
-    @field_validator("targets")
-    @classmethod
-    def _targets_are_ids_or_groups(cls, value: list[str]) -> list[str]:
-        for target in value:
-            if not re.fullmatch(NAME_PATTERN, target.removeprefix("group:")):
-                raise ValueError(f"target {target!r} is neither an appliance id nor group:NAME")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Manifest:
-        if self.model not in self.files:
-            raise ValueError(f"model {self.model!r} is not one of the files {sorted(self.files)}")
-        if self.labels is not None and LABELS_FILE in self.files:
-            raise ValueError(f"labels are given twice: inline and as {LABELS_FILE}")
-        thresholds = self.thresholds
-        if self.task == "detector":
-            if not self.model.endswith(".onnx"):
-                raise ValueError(f"a detector's model must be an .onnx file, not {self.model!r}")
-            if self.input is None or self.input.layout is None:
-                raise ValueError("a detector needs `input` with its `layout`")
-            if thresholds.threshold is not None:
-                raise ValueError("`thresholds.threshold` is for anomaly models")
-        else:
-            if thresholds.threshold is None:
-                raise ValueError("an anomaly model needs `thresholds.threshold`")
-            if thresholds.score_threshold is not None or thresholds.nms_iou is not None:
-                raise ValueError("`score_threshold` and `nms_iou` are for detectors")
-        return self
-
-    def encode(self) -> bytes:
-        """The bytes that are signed and shipped (readers verify exactly these, never re-encode)."""
-        return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
-
-
-def validation_message(exc: ValidationError) -> str:
-    """A pydantic error as one line: `field.path: message; ...`."""
-    parts = []
-    for error in exc.errors(include_url=False):
-        message = str(error["msg"]).removeprefix("Value error, ")
-        where = ".".join(str(p) for p in error["loc"])
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
-
-
-# -- keys ------------------------------------------------------------------------------------------
-
-
-def key_id(public_key: Ed25519PublicKey) -> str:
-    """The short fingerprint a manifest names its signing key by: 16 hex digits of the sha256 of
-    the raw 32-byte public key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
-def public_key_text(public_key: Ed25519PublicKey) -> str:
-    """The public key as base64 of its 32 raw bytes (what `trusted_keys` takes)."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode()
-
-
-def parse_public_key(text: str) -> Ed25519PublicKey:
-    """An Ed25519 public key from PEM (`BEGIN PUBLIC KEY`) or base64 of its 32 raw bytes."""
-    stripped = text.strip()
-    if stripped.startswith("-----BEGIN"):
-        try:
-            key = serialization.load_pem_public_key(stripped.encode())
-        except ValueError as exc:
-            raise PackageKeyError(f"not a readable PEM public key ({exc})") from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise PackageKeyError(f"a {type(key).__name__}, not an Ed25519 public key")
-        return key
-    try:
-        raw = base64.b64decode(stripped, validate=True)
-    except binascii.Error:
-        raise PackageKeyError("neither a PEM public key nor base64") from None
-    if len(raw) != 32:
-        raise PackageKeyError(f"base64 of {len(raw)} bytes; an Ed25519 public key has 32")
-    return Ed25519PublicKey.from_public_bytes(raw)
-
-
-def generate_private_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-def write_private_key(path: Path, private_key: Ed25519PrivateKey) -> None:
-    """The key as unencrypted PKCS#8 PEM in a new file readable by its owner only (0600); an
-    existing file is never overwritten (it may be the only copy of another key)."""
-    pem = private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def load_private_key(path: Path) -> Ed25519PrivateKey:
-    """The publisher's Ed25519 private key from a PEM file (as `models keygen` writes it)."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PackageKeyError(f"{path}: cannot read the key ({exc.strerror or exc})") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise PackageKeyError(f"{path}: not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise PackageKeyError(f"{path}: a {type(key).__name__}, not an Ed25519 private key")
-    return key
-
-
-@dataclass(frozen=True, slots=True)
-class TrustedKey:
-    label: str
-    key_id: str
-    public_key: Ed25519PublicKey
-
-    def describe(self) -> str:
-        return self.key_id if self.label == self.key_id else f"{self.label} ({self.key_id})"
-
-
-class TrustedKeys:
-    """The public keys whose signatures this appliance accepts, by key id."""
-
-    def __init__(self, keys: Iterable[TrustedKey] = ()) -> None:
-        self._by_id = {key.key_id: key for key in keys}
-
-    @classmethod
-    def parse(cls, entries: Mapping[str, str]) -> TrustedKeys:
-        """From config `trusted_keys` (label or key id -> key text); a bad entry names its label."""
-        keys = []
-        for label, text in entries.items():
-            try:
-                public_key = parse_public_key(text)
-            except PackageKeyError as exc:
-                raise PackageKeyError(f"trusted key {label!r}: {exc}") from None
-            fingerprint = key_id(public_key)
-            if re.fullmatch(KEY_ID_PATTERN, label) and label != fingerprint:
-                raise PackageKeyError(
-                    f"trusted key {label!r} is labelled like a key id, but the key's id is "
-                    f"{fingerprint}"
-                )
-            keys.append(TrustedKey(label, fingerprint, public_key))
-        return cls(keys)
-
-    def get(self, key_id: str) -> TrustedKey | None:
-        return self._by_id.get(key_id)
-
-    def verifying(self, data: bytes, signature: bytes) -> TrustedKey | None:
-        """The trusted key that made `signature` over `data`, if any."""
-        for key in self._by_id.values():
-            try:
-                key.public_key.verify(signature, data)
-            except InvalidSignature:
-                continue
-            return key
-        return None
-
-    def describe(self) -> str:
-        if not self._by_id:
-            return "none (add model_packages.trusted_keys to the config)"
-        return ", ".join(key.describe() for key in self._by_id.values())
-
-    def __len__(self) -> int:
-        return len(self._by_id)
 
 
 # -- what a verified package is --------------------------------------------------------------------
@@ -458,38 +146,6 @@ def detector_settings(
 
 
 # -- building --------------------------------------------------------------------------------------
-
-
-def describe_onnx_input(path: Path, task: Task) -> InputSpec:
-    """The first graph input of an ONNX file as an InputSpec (layout derived for detectors the way
-    the session does: 3 channels second -> nchw, last -> nhwc)."""
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError, ValueError, ... (no common base)
-        raise ValueError(f"{path}: not an ONNX model ({type(exc).__name__}: {exc})") from None
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if not inputs:
-        raise ValueError(f"{path}: the model has no input")
-    tensor = inputs[0].type.tensor_type
-    dtype = _ONNX_DTYPES.get(tensor.elem_type)
-    if dtype is None:
-        raise ValueError(f"{path}: input element type {tensor.elem_type} is not supported")
-    shape = [
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-        for d in tensor.shape.dim
-    ]
-    if not shape:
-        raise ValueError(f"{path}: the model's input has no shape")
-    layout: Literal["nchw", "nhwc"] | None = None
-    if task == "detector":
-        if len(shape) != 4 or dtype not in _IMAGE_DTYPES:
-            raise ValueError(
-                f"{path}: input {shape} {dtype} is not an image ([1, 3, H, W] or [1, H, W, 3], "
-                "float32, float16 or uint8)"
-            )
-        layout = "nhwc" if shape[1] != 3 and shape[3] == 3 else "nchw"
-    return InputSpec(shape=shape, dtype=dtype, layout=layout)
 
 
 def _file_entry(data_path: Path) -> FileEntry:
@@ -584,26 +240,6 @@ def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes, mtime: int) -> 
 
 
 # -- reading and verifying -------------------------------------------------------------------------
-
-
-def parse_labels(source: Path, data: bytes) -> tuple[str, ...]:
-    """Class names, one a line, read the way the detector reads a labels file: trailing blank
-    lines are ignored, a blank line inside is an error (it would shift every later class id)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise PackageError(
-            source, "the labels file is not UTF-8 text", cause="bad_manifest"
-        ) from None
-    lines = [line.strip() for line in text.rstrip().splitlines()]
-    if not lines:
-        raise PackageError(source, "the labels file is empty", cause="bad_manifest")
-    for number, line in enumerate(lines, start=1):
-        if not line:
-            raise PackageError(
-                source, f"line {number} of the labels file is blank", cause="bad_manifest"
-            )
-    return tuple(lines)
 
 
 def _verified_manifest(

@@ -50,7 +50,6 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1024 * 1024
 # The package format allows 16 files of up to 4 GiB; a real model package is far smaller.
 DEFAULT_MAX_PACKAGE_BYTES = 4 * 1024**3
-# The same patterns as the package format (inference/packages.py), which sync may not import.
 READ_CHUNK = 64 * 1024
 _SPOOL_CHUNK = 1024 * 1024
 _SEND_CHUNK = 256 * 1024

@@ -3,140 +3,48 @@
 A record is reported written (its seq returned) only after the transaction holding it is
 committed with synchronous=FULL, i.e. fsync'd. Producers on the event loop never touch SQLite:
 they queue rows, the writer batches them (N records or T ms), and results come back to the loop
-with call_soon_threadsafe."""
+with call_soon_threadsafe.
+
+The writer thread itself is sync/journal_writer.py (`JournalWriter`, this class's base); the
+writer lock, the seq reservation and opening the file are sync/journal_open.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
-import queue
-import shutil
 import sqlite3
 import threading
 import time
-import uuid
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from config import JournalSection
-from sync.errors import JournalClosed, JournalLocked, PayloadError, StorageFull, SyncError
-from sync.identity import (
-    JournalIdentity,
-    ensure_identity,
-    new_journal_id,
-    read_identity,
-    write_identity,
-)
-from sync.migrations import migrate
-from sync.payloads import PayloadStore, fsync_dir
-from sync.reader import JOURNAL_FILE, JournalReader, connect
-from sync.records import RECORD_OVERHEAD_BYTES, NewRecord, PayloadRef, Priority, format_ts
-from sync.recovery import RecoveryReport, open_checked, reconcile_payloads
+from sync.errors import JournalClosed, StorageFull
+from sync.identity import JournalIdentity, new_journal_id, read_identity, write_identity
+from sync.journal_open import acquire_writer_lock, open_for_writing
+from sync.journal_writer import AppendRow, EncodedRow, JournalWriter, WriterCall, format_ts_now
+from sync.payloads import PayloadStore
+from sync.reader import JournalReader, connect
+from sync.records import RECORD_OVERHEAD_BYTES, NewRecord, Priority, format_ts
+from sync.recovery import RecoveryReport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SEQ_RESERVATION_FILE = "journal.seq"
-# seq values are reserved in blocks in a sidecar file, fsync'd before use, so that a journal
-# salvaged after corruption never hands out a seq that may already have shipped upstream.
-SEQ_RESERVATION_BLOCK = 100_000
 # How long an alert waits for retention to make room before it is counted as dropped.
 ALERT_SPACE_WAIT_S = 30.0
-# SQLite result codes (low byte of the extended code).
-_SQLITE_IOERR, _SQLITE_FULL = 10, 13
 
 # One encoder for every record: json.dumps with options builds a new one on each call.
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
-_INSERT_RECORD = (
-    "INSERT INTO records (seq, appliance_id, boot_id, ts, mono_ns, source, kind, priority, model, "
-    "body, payloads, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_UPSERT_COUNT = (
-    "INSERT INTO counts (priority, kind, records, bytes) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT(priority, kind) DO UPDATE SET records = records + excluded.records, "
-    "bytes = bytes + excluded.bytes"
-)
-_UPSERT_PAYLOAD = (
-    "INSERT INTO payloads (sha256, size, media_type, refs, state, created_ts) "
-    "VALUES (?, ?, ?, 1, 'present', ?) ON CONFLICT(sha256) DO UPDATE SET refs = refs + 1, "
-    "state = 'present'"
-)
-_UPSERT_DROP = (
-    "INSERT INTO drops (priority, reason, records) VALUES (?, ?, ?) "
-    "ON CONFLICT(priority, reason) DO UPDATE SET records = records + excluded.records"
-)
-_UPSERT_QUALITY = (
-    "INSERT INTO quality (source, reason, count) VALUES (?, ?, ?) "
-    "ON CONFLICT(source, reason) DO UPDATE SET count = count + excluded.count"
-)
 
-
-@dataclass(slots=True)
-class _Row:
-    ts: str
-    mono_ns: int
-    source: str
-    kind: str
-    priority: int
-    model: str | None
-    body: str
-    payloads: tuple[PayloadRef, ...]
-    size: int
-    quality: Mapping[str, int] | None
-
-
-@dataclass(slots=True)
-class _Append:
-    rows: list[_Row]
-    future: asyncio.Future[list[int]]
-
-
-@dataclass(slots=True)
-class _Call:
-    fn: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future[Any]
-    transaction: bool
-
-
-@dataclass(slots=True)
-class WriterStats:
-    """Counters of the writer thread, read by health and benchmarks."""
-
-    commits: int = 0
-    records: int = 0
-    largest_batch: int = 0
-    failed_commits: int = 0
-    disk_full_events: int = 0
-    last_error: str | None = None
-    dropped: Counter[tuple[str, str]] = field(default_factory=Counter)
-
-
-def is_disk_full(exc: BaseException, data_dir: Path) -> bool:
-    """SQLITE_FULL, or an I/O error while the file system has (almost) no space left."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None and code & 0xFF == _SQLITE_FULL:
-        return True
-    if "disk is full" in str(exc) or "No space left" in str(exc):
-        return True
-    if code is not None and code & 0xFF == _SQLITE_IOERR:
-        try:
-            return shutil.disk_usage(data_dir).free < 1024 * 1024
-        except OSError:
-            return False
-    return False
-
-
-class Journal:
+class Journal(JournalWriter):
     """journal.db: append records durably, read them back by priority and cursor, acknowledge.
 
     Use `async with await Journal.open(...) as journal:`; `close()` is idempotent and commits
@@ -155,43 +63,23 @@ class Journal:
         identity: JournalIdentity,
         payloads: PayloadStore | None = None,
     ) -> None:
-        self.data_dir = data_dir
+        super().__init__(
+            data_dir,
+            conn,
+            appliance_id=appliance_id,
+            settings=settings,
+            next_seq=next_seq,
+            reserved_seq=reserved_seq,
+            payloads=payloads,
+        )
         # Made when the journal was created and kept for its life (sync/identity.py).
         self.identity = identity
-        self.path = data_dir / JOURNAL_FILE
-        self.appliance_id = appliance_id
-        self.boot_id = uuid.uuid4().hex
-        self.settings = settings
         self.recovery = recovery
-        self.payloads = payloads
-        self.stats = WriterStats()
         self.shed_level = 0  # 0 accept all; 1 shed telemetry; 2 also samples; 3 also events
         # Where the appliance is, stamped as `position` into every record's body (ships: the
         # last NMEA fix); None, or a provider answering None, stamps nothing.
         self.position_source: Callable[[], Mapping[str, Any] | None] | None = None
-        self._conn = conn
-        self._next_seq = next_seq
-        self._reserved_seq = reserved_seq
-        self._loop = asyncio.get_running_loop()
-        self._queue: queue.SimpleQueue[_Append | _Call | None] = queue.SimpleQueue()
-        # Appends handed to the writer and not yet committed (or failed): when every one is
-        # already in the open batch, waiting longer cannot grow it (their producers are awaiting
-        # this very commit), so it closes at once. Raised on the loop before the put, lowered by
-        # the writer as soon as a batch is done -- not when the loop gets round to resolving it,
-        # or a burst's next batch would wait out commit_delay for records already committed.
-        # Two counters, each written by one thread only (no lock on the hot path):
-        # outstanding = handed over - settled by the writer.
-        self._handed_over = 0  # loop thread
-        self._settled = 0  # writer thread
-        # Loop side: appends queued and not yet resolved. Bounded by max_pending; producers wait
-        # on _queue_space when it is reached (a plain counter: asyncio.Semaphore costs more per
-        # call than everything else on this path).
-        self._queued = 0
-        self._queue_space = asyncio.Event()
         self._space_freed = asyncio.Event()
-        self._disk_full_listeners: list[Callable[[], None]] = []
-        self._drop_lock = threading.Lock()
-        self._unflushed_drops: Counter[tuple[int, str]] = Counter()
         self._lock_fd: int | None = None
         self._closed = False
         self._close_task: asyncio.Task[None] | None = None
@@ -222,7 +110,7 @@ class Journal:
         lock_fd = await asyncio.to_thread(acquire_writer_lock, data_dir)
         try:
             opened = await asyncio.to_thread(
-                _open_sync, data_dir, settings.full_check_limit, payloads
+                open_for_writing, data_dir, settings.full_check_limit, payloads
             )
         except BaseException:
             os.close(lock_fd)
@@ -360,7 +248,7 @@ class Journal:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._space_freed.wait(), min(remaining, 1.0))
 
-    def _encode(self, record: NewRecord) -> _Row:
+    def _encode(self, record: NewRecord) -> EncodedRow:
         content = record.body
         if self.position_source is not None and "position" not in content:
             position = self.position_source()
@@ -373,7 +261,7 @@ class Journal:
         ts = format_ts(record.ts) if record.ts else format_ts_now()
         quality = _quality_counts(record) if record.kind == "data_quality" else None
         # Positional: keyword construction costs more than the rest of this function.
-        return _Row(
+        return EncodedRow(
             ts,
             record.mono_ns if record.mono_ns is not None else time.monotonic_ns(),
             record.source,
@@ -387,7 +275,7 @@ class Journal:
             quality,
         )
 
-    async def _submit(self, rows: list[_Row]) -> list[int]:
+    async def _submit(self, rows: list[EncodedRow]) -> list[int]:
         while self._queued >= self.settings.max_pending:
             self._queue_space.clear()
             await self._queue_space.wait()
@@ -396,10 +284,10 @@ class Journal:
         self._queued += 1
         future: asyncio.Future[list[int]] = self._loop.create_future()
         self._handed_over += 1
-        self._queue.put(_Append(rows, future))
+        self._queue.put(AppendRow(rows, future))
         return await future
 
-    def _count_drops(self, rows: Sequence[_Row], reason: str) -> None:
+    def _count_drops(self, rows: Sequence[EncodedRow], reason: str) -> None:
         with self._drop_lock:
             for row in rows:
                 self._unflushed_drops[(row.priority, reason)] += 1
@@ -413,19 +301,7 @@ class Journal:
         self.stats.dropped[(priority.label, reason)] += records
 
     # ------------------------------------------------------------------- disk-full signalling
-
-    def on_disk_full(self, listener: Callable[[], None]) -> None:
-        """Call `listener` on the event loop whenever a write fails for lack of disk space."""
-        self._disk_full_listeners.append(listener)
-
-    def notify_disk_full(self) -> None:
-        """Thread-safe: report that some write (journal or payload) hit a full disk."""
-        self._loop.call_soon_threadsafe(self._fire_disk_full)
-
-    def _fire_disk_full(self) -> None:
-        self.stats.disk_full_events += 1
-        for listener in self._disk_full_listeners:
-            listener()
+    # (on_disk_full and notify_disk_full are the writer's: sync/journal_writer.py)
 
     def space_freed(self) -> None:
         """Retention made room: wake alerts waiting for space."""
@@ -443,7 +319,7 @@ class Journal:
         if self._closed:
             raise JournalClosed("the journal is closed")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Call(fn, future, transaction))
+        self._queue.put(WriterCall(fn, future, transaction))
         return await future
 
     async def fork(self, after: int | None = None) -> tuple[JournalIdentity, JournalIdentity]:
@@ -584,274 +460,6 @@ class Journal:
         """Queue entries waiting for the writer."""
         return self._queued
 
-    # ------------------------------------------------------------------------ writer thread
-
-    def _writer_main(self) -> None:
-        max_records = self.settings.commit_records
-        delay = self.settings.commit_delay
-        stopping = False
-        # An append that would push the open batch past max_records starts the next one.
-        carry: _Append | None = None
-        while not stopping:
-            item = carry if carry is not None else self._queue.get()
-            carry = None
-            if item is None:
-                break
-            if isinstance(item, _Call):
-                self._run_call(item)
-                continue
-            batch = [item]
-            count = len(item.rows)
-            deadline = time.monotonic() + delay
-            deferred: _Call | None = None
-            while count < max_records and len(batch) < self._handed_over - self._settled:
-                remaining = deadline - time.monotonic()
-                try:
-                    nxt = (
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stopping = True
-                    break
-                if isinstance(nxt, _Call):
-                    deferred = nxt
-                    break
-                if count + len(nxt.rows) > max_records:
-                    carry = nxt
-                    break
-                batch.append(nxt)
-                count += len(nxt.rows)
-            self._commit(batch, count)
-            if deferred is not None:
-                self._run_call(deferred)
-        # Drain what was queued before close(), in queue order: a record handed over is a
-        # record kept, and a call queued after some appends still runs after them.
-        batch = []
-        count = 0
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                continue
-            if isinstance(item, _Call):
-                if batch:
-                    self._commit(batch, count)
-                    batch, count = [], 0
-                self._run_call(item)
-                continue
-            if batch and count + len(item.rows) > max_records:
-                self._commit(batch, count)
-                batch, count = [], 0
-            batch.append(item)
-            count += len(item.rows)
-        if batch:
-            self._commit(batch, count)
-        with contextlib.suppress(sqlite3.Error):
-            self._commit_drops_only()
-        with contextlib.suppress(sqlite3.Error):
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._conn.close()
-
-    def _reserve(self, upto: int) -> None:
-        if upto <= self._reserved_seq:
-            return
-        ceiling = upto + SEQ_RESERVATION_BLOCK
-        write_seq_reservation(self.data_dir, ceiling)
-        self._reserved_seq = ceiling
-
-    def _take_drops(self) -> Counter[tuple[int, str]]:
-        with self._drop_lock:
-            drops, self._unflushed_drops = self._unflushed_drops, Counter()
-        return drops
-
-    def _give_back_drops(self, drops: Counter[tuple[int, str]]) -> None:
-        with self._drop_lock:
-            self._unflushed_drops.update(drops)
-
-    def _commit_drops_only(self) -> None:
-        drops = self._take_drops()
-        if not drops:
-            return
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.executemany(_UPSERT_DROP, [(p, r, n) for (p, r), n in drops.items()])
-            self._conn.execute("COMMIT")
-        except sqlite3.Error:
-            self._rollback()
-            self._give_back_drops(drops)
-            raise
-
-    def _commit(self, batch: list[_Append], count: int) -> None:
-        try:
-            if self.payloads is not None and any(r.payloads for a in batch for r in a.rows):
-                batch, count = self._drop_vanished_payloads(batch, count)
-            if batch:
-                self._commit_batch(batch, count)
-        finally:
-            self._settled += len(batch)
-
-    def _drop_vanished_payloads(
-        self, batch: list[_Append], count: int
-    ) -> tuple[list[_Append], int]:
-        """Fail appends whose payload file is gone: `put` may have found an existing file that
-        retention deleted (on this same thread, after its commit) before the record arrived."""
-        assert self.payloads is not None
-        kept: list[_Append] = []
-        for item in batch:
-            gone = [
-                ref.sha256
-                for row in item.rows
-                for ref in row.payloads
-                if not self.payloads.path_for(ref.sha256).exists()
-            ]
-            if gone:
-                count -= len(item.rows)
-                error = PayloadError(
-                    f"payload {gone[0][:12]} vanished before its record was written; store it again"
-                )
-                self._settled += 1
-                self._loop.call_soon_threadsafe(self._fail_items, [item], error)
-            else:
-                kept.append(item)
-        return kept, count
-
-    def _commit_batch(self, batch: list[_Append], count: int) -> None:
-        first_seq = self._next_seq
-        conn = self._conn
-        drops = self._take_drops()
-        try:
-            self._reserve(first_seq + count)
-            now = format_ts_now()
-            params = []
-            counts: dict[tuple[int, str], list[int]] = {}
-            payload_params = []
-            quality: Counter[tuple[str, str]] = Counter()
-            seq = first_seq
-            for item in batch:
-                for row in item.rows:
-                    refs = json.dumps([p.sha256 for p in row.payloads]) if row.payloads else None
-                    params.append(
-                        (
-                            seq,
-                            self.appliance_id,
-                            self.boot_id,
-                            row.ts,
-                            row.mono_ns,
-                            row.source,
-                            row.kind,
-                            row.priority,
-                            row.model,
-                            row.body,
-                            refs,
-                            row.size,
-                        )
-                    )
-                    total = counts.setdefault((row.priority, row.kind), [0, 0])
-                    total[0] += 1
-                    total[1] += row.size
-                    for ref in row.payloads:
-                        payload_params.append((ref.sha256, ref.size, ref.media_type, now))
-                    if row.quality:
-                        for reason, n in row.quality.items():
-                            quality[(row.source, reason)] += n
-                    seq += 1
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(_INSERT_RECORD, params)
-            conn.executemany(_UPSERT_COUNT, [(p, k, n, b) for (p, k), (n, b) in counts.items()])
-            if payload_params:
-                conn.executemany(_UPSERT_PAYLOAD, payload_params)
-            if drops:
-                conn.executemany(_UPSERT_DROP, [(p, r, n) for (p, r), n in drops.items()])
-            if quality:
-                conn.executemany(_UPSERT_QUALITY, [(s, r, n) for (s, r), n in quality.items()])
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('seq_hw', ?)", (str(seq - 1),)
-            )
-            conn.execute("COMMIT")
-        except Exception as exc:  # any failure fails the batch; a dead writer would hang all
-            self._rollback()
-            self._give_back_drops(drops)
-            self.stats.failed_commits += 1
-            self.stats.last_error = str(exc)
-            full = is_disk_full(exc, self.data_dir) or (
-                isinstance(exc, OSError) and exc.errno in (28, 122)
-            )
-            if full:
-                self.notify_disk_full()
-            log.error(
-                "journal commit failed",
-                extra={"fields": {"records": count, "error": str(exc), "disk_full": full}},
-            )
-            self._loop.call_soon_threadsafe(self._fail_batch, batch, full, str(exc))
-            return
-        self._next_seq = seq
-        self.stats.commits += 1
-        self.stats.records += count
-        self.stats.largest_batch = max(self.stats.largest_batch, count)
-        self._loop.call_soon_threadsafe(self._resolve_batch, batch, first_seq)
-
-    def _rollback(self) -> None:
-        try:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            # A connection that cannot even roll back is replaced; SQLite's own journal makes
-            # the file consistent again when the next connection opens it.
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
-            self._conn = _writer_connection(self.path)
-
-    def _run_call(self, call: _Call) -> None:
-        conn = self._conn
-        try:
-            if call.transaction:
-                conn.execute("BEGIN IMMEDIATE")
-            result = call.fn(conn)
-            if call.transaction:
-                conn.execute("COMMIT")
-        except BaseException as exc:  # handed to the awaiting coroutine, not swallowed
-            self._rollback()
-            if isinstance(exc, sqlite3.Error | OSError) and is_disk_full(exc, self.data_dir):
-                self.notify_disk_full()
-                exc = StorageFull(None)
-            self._loop.call_soon_threadsafe(_set_exception, call.future, exc)
-            return
-        self._loop.call_soon_threadsafe(_set_result, call.future, result)
-
-    # ---------------------------------------------------------- loop-side result delivery
-
-    def _resolve_batch(self, batch: list[_Append], first_seq: int) -> None:
-        seq = first_seq
-        for item in batch:
-            n = len(item.rows)
-            _set_result(item.future, list(range(seq, seq + n)))
-            seq += n
-            self._queued -= 1
-        self._queue_space.set()
-
-    def _fail_items(self, items: list[_Append], error: SyncError) -> None:
-        for item in items:
-            _set_exception(item.future, error)
-            self._queued -= 1
-        self._queue_space.set()
-
-    def _fail_batch(self, batch: list[_Append], full: bool, error: str) -> None:
-        for item in batch:
-            exc: SyncError = (
-                StorageFull(Priority(min(r.priority for r in item.rows)).label)
-                if full
-                else SyncError(f"journal write failed: {error}")
-            )
-            _set_exception(item.future, exc)
-            self._queued -= 1
-        self._queue_space.set()
-
 
 def _quality_counts(record: NewRecord) -> dict[str, int] | None:
     """The per-reason counts of a data_quality record, checked here on the loop: a bad value
@@ -865,126 +473,3 @@ def _quality_counts(record: NewRecord) -> dict[str, int] | None:
             raise ValueError(f"data_quality count for {reason!r} is not an integer: {n!r}")
         out[str(reason)] = n
     return out
-
-
-def _set_result(future: asyncio.Future[T], value: T) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-
-
-_ts_prefix: tuple[int, str] = (-1, "")
-
-
-def format_ts_now() -> str:
-    """format_ts(now), several times cheaper: the per-second prefix is cached."""
-    global _ts_prefix
-    micros = time.time_ns() // 1000
-    second, fraction = divmod(micros, 1_000_000)
-    cached_second, prefix = _ts_prefix
-    if second != cached_second:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-        _ts_prefix = (second, prefix)  # one tuple: safe to share between threads
-    return f"{prefix}{fraction:06d}Z"
-
-
-LOCK_FILE = "journal.lock"
-
-
-def acquire_writer_lock(data_dir: Path) -> int:
-    """Take the data directory's writer lock (flock: the kernel drops it when the process dies,
-    so a SIGKILL never leaves a stale lock). Raises JournalLocked naming the holder."""
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise JournalLocked(str(data_dir), holder) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
-    return fd
-
-
-def writer_lock_holder(data_dir: Path) -> str | None:
-    """Who holds the writer lock now, or None when nobody does (read-only check)."""
-    try:
-        fd = os.open(data_dir / LOCK_FILE, os.O_RDWR)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-    finally:
-        os.close(fd)
-    return None
-
-
-def read_seq_reservation(data_dir: Path) -> int:
-    try:
-        return int((data_dir / SEQ_RESERVATION_FILE).read_text().strip() or 0)
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
-def write_seq_reservation(data_dir: Path, ceiling: int) -> None:
-    target = data_dir / SEQ_RESERVATION_FILE
-    temp = data_dir / f"{SEQ_RESERVATION_FILE}.tmp"
-    with temp.open("w") as handle:
-        handle.write(f"{ceiling}\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    temp.replace(target)
-    fsync_dir(data_dir)
-
-
-def _writer_connection(path: Path) -> sqlite3.Connection:
-    conn = connect(path, readonly=False)
-    try:
-        if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
-            # Must precede the first table: lets retention hand freed pages back to the file
-            # system.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA journal_size_limit = 67108864")
-        conn.execute("PRAGMA cache_size = -16000")
-    except BaseException:
-        # A file that is not a database fails here; the caller quarantines it.
-        conn.close()
-        raise
-    return conn
-
-
-def _open_sync(
-    data_dir: Path, full_check_limit: int, payloads: PayloadStore | None
-) -> tuple[sqlite3.Connection, int, int, RecoveryReport, JournalIdentity]:
-    path = data_dir / JOURNAL_FILE
-    conn, report = open_checked(path, full_check_limit, _writer_connection)
-    migrate(conn)
-    identity = read_identity(conn)
-    if identity is None:  # the meta rows were removed by hand: a new journal from here on
-        conn.execute("BEGIN IMMEDIATE")
-        identity = ensure_identity(conn)
-        conn.execute("COMMIT")
-    reserved = read_seq_reservation(data_dir)
-    hw_row = conn.execute("SELECT value FROM meta WHERE key = 'seq_hw'").fetchone()
-    high = max(int(hw_row[0]) if hw_row else 0, JournalReader(conn).max_seq())
-    if hw_row is None and reserved > 0:
-        # A journal that has never committed a record beside a reservation that says seqs were
-        # handed out: journal.db was lost (deleted, or a crash between quarantine and salvage).
-        # Those seqs may have shipped; reusing them would make upstream drop new records.
-        high = max(high, reserved)
-    if report.salvaged is not None:
-        # The lost tail may have held seqs that already shipped: start above every seq that
-        # could ever have been handed out.
-        high = max(high, reserved, report.salvaged.old_high_water)
-        report.salvaged.next_seq = high + 1
-    if payloads is not None:
-        report.payloads = reconcile_payloads(conn, payloads)
-    return conn, high + 1, max(reserved, high), report, identity

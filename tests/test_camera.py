@@ -22,13 +22,8 @@ import pytest
 
 from config.cameras import Camera
 from sensors.base import Frame, SourceError, SourceState
-from sensors.camera import (
-    MAX_STUCK_READERS,
-    CameraSource,
-    describe_unreadable,
-    parse_camera_url,
-    redact_url,
-)
+from sensors.camera import MAX_STUCK_READERS, CameraSource
+from sensors.capture import describe_unreadable, parse_camera_url, redact_url
 from tests.helpers import component_missing
 from tests.rtsp_server import RtspServer, require_rtsp_server
 

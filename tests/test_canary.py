@@ -34,7 +34,9 @@ from appliance.models.store import ModelStore, StoreError
 from config import ApplianceConfig
 from config.cameras import CanarySettings
 from inference.detections import Detection
-from inference.packages import CanaryLimits, Thresholds, build_package, public_key_text
+from inference.package_keys import public_key_text
+from inference.package_manifest import CanaryLimits, Thresholds
+from inference.packages import build_package
 from sensors.camera import builtin_footage
 from sync.reader import JournalReader
 from tests.helpers import component_missing

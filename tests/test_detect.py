@@ -21,19 +21,10 @@ import pytest
 from onnx import TensorProto
 
 from config.cameras import DetectorModel
-from inference.detect import (
-    COCO_LABELS,
-    DarknetHead,
-    InputSpec,
-    OnnxDetector,
-    decode_darknet_head,
-    detect_layout,
-    letterbox,
-    nms,
-    open_detector,
-    unletterbox,
-)
+from inference.decode import DarknetHead, decode_darknet_head, detect_layout, nms
+from inference.detect import COCO_LABELS, OnnxDetector, open_detector
 from inference.detections import Detection, Detector
+from inference.preprocess import InputSpec, letterbox, unletterbox
 from inference.session import InferenceError, ModelError, ModelSession
 from tests.helpers import component_missing
 from tests.onnx_graphs import (

@@ -27,7 +27,7 @@ from sync import (
     Priority,
     StorageFull,
 )
-from sync.journal import SEQ_RESERVATION_FILE, read_seq_reservation, writer_lock_holder
+from sync.journal_open import SEQ_RESERVATION_FILE, read_seq_reservation, writer_lock_holder
 from sync.records import RECORD_OVERHEAD_BYTES
 from tests.conftest import APPLIANCE_ID
 

@@ -21,7 +21,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from appliance.cli import main as cli_main
-from inference.packages import Thresholds, build_package
+from inference.package_manifest import Thresholds
+from inference.packages import build_package
 from receiver import build_receiver_app, parse_admin_tokens_file, serve_receiver
 from receiver.model_feed import (
     MODELS_DIR,

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from appliance.models.store import ModelStore, packages_dir
 from appliance.models.updates import KEEP_REJECTED, MAX_MISMATCHES, Feed, ModelUpdates
 from config.shipping import HttpDestination, S3Destination
-from inference.packages import TrustedKeys, public_key_text
+from inference.package_keys import TrustedKeys, public_key_text
 from receiver import build_receiver_app, serve_receiver
 from receiver.model_feed import MODELS_DIR, publish_package
 from sync import Journal, JournalMissing, JournalReader

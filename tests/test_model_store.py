@@ -26,7 +26,9 @@ from appliance.cli import main
 from appliance.models.store import ModelStore, StoreError, UnknownPackage, packages_dir
 from config import ConfigError, DetectorModel, load_config
 from inference.detect import open_detector
-from inference.packages import PackageError, Thresholds, TrustedKeys, build_package, public_key_text
+from inference.package_keys import TrustedKeys, public_key_text
+from inference.package_manifest import PackageError, Thresholds
+from inference.packages import build_package
 from inference.session import ModelError
 from tests.helpers import ROOT, cli_env
 from tests.onnx_graphs import Box, constant_model, rank2_input_model, yolov8_output

@@ -1,4 +1,4 @@
-"""The model package format (inference/packages.py): real Ed25519 keys, real ONNX files, real tar
+"""The model package format (inference/packages.py, package_manifest.py, package_keys.py): real Ed25519 keys, real ONNX files, real tar
 archives; every refusal names the package and the cause, and leaves nothing behind."""
 
 from __future__ import annotations
@@ -20,25 +20,29 @@ from pydantic import ValidationError
 
 from config import DetectorModel
 from config.cameras import ModelPackagesSection
-from inference.packages import (
+from inference.package_keys import (
+    PackageKeyError,
+    TrustedKeys,
+    key_id,
+    load_private_key,
+    parse_public_key,
+    public_key_text,
+    write_private_key,
+)
+from inference.package_manifest import (
     MANIFEST,
     SIGNATURE,
     CanaryLimits,
     Manifest,
     PackageError,
-    PackageKeyError,
     Thresholds,
-    TrustedKeys,
+)
+from inference.packages import (
     VerifiedPackage,
     build_package,
     detector_settings,
-    key_id,
-    load_private_key,
-    parse_public_key,
-    public_key_text,
     read_package,
     verify_installed,
-    write_private_key,
 )
 from tests.onnx_graphs import constant_model, rank2_input_model, yolov8_output
 

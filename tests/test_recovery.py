@@ -11,7 +11,7 @@ from contextlib import closing
 from pathlib import Path
 
 from sync import Journal, JournalReader, NewRecord, PayloadStore, Priority, StoredRecord
-from sync.journal import read_seq_reservation
+from sync.journal_open import read_seq_reservation
 from sync.recovery import QUARANTINE_DIR
 from tests.conftest import APPLIANCE_ID
 from tests.helpers import run_cli, write_config

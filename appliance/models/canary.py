@@ -30,7 +30,14 @@ from functools import partial
 from types import TracebackType
 from typing import Any, Protocol
 
-from appliance.models.shadow import CHECK_INTERVAL_S, Limits, ShadowRun, Watch, rounded, utc_in
+from appliance.models.shadow import (
+    CHECK_INTERVAL_S,
+    DetectorWatch,
+    Limits,
+    ShadowRun,
+    rounded,
+    utc_in,
+)
 from appliance.models.store import ModelStore
 from appliance.models.trial import ModelRecords, ModelTrial, Step, TrialOver
 from appliance.stages.vision import DetectorPool
@@ -66,7 +73,7 @@ class _Package:
     pending: str | None = None
     task: asyncio.Task[None] | None = None
     run: ShadowRun | None = None
-    watch: Watch | None = None
+    watch: DetectorWatch | None = None
     last_canary: dict[str, Any] | None = None
     last_watch: dict[str, Any] | None = None
 
@@ -250,7 +257,7 @@ class DetectorTrial(ModelTrial):
         self.base: dict[str, Any] = {"name": package.name, "version": version}
         self.run_: ShadowRun | None = None
         self.figures: dict[str, Any] = {}
-        self.watch_: Watch | None = None
+        self.watch_: DetectorWatch | None = None
         self.rolled_back = False
 
     @property
@@ -406,7 +413,7 @@ class DetectorTrial(ModelTrial):
         # One step, no await: every camera of every key runs the new model from its next frame.
         handed, run.shadows = run.shadows, {}  # the pool owns them now
         retired = {key: self.pool.swap(key, detector) for key, detector in handed.items()}
-        watch = self.watch_ = Watch(
+        watch = self.watch_ = DetectorWatch(
             name=name,
             version=version,
             previous=run.previous,
@@ -451,7 +458,7 @@ class DetectorTrial(ModelTrial):
             "metrics": watch.figures(),
         }
 
-    def _misbehaving(self, watch: Watch) -> tuple[str, str] | None:
+    def _misbehaving(self, watch: DetectorWatch) -> tuple[str, str] | None:
         """(cause, detail) when the watched model must go: a load error, its error rate over the
         last `min_frames` runs above the limit, or its p95 latency above the budget."""
         if watch.load_errors:

@@ -25,20 +25,21 @@ from config import load_config
 from inference.anomaly_fit import fit_baseline
 from inference.builtin import BUILTIN_MODELS, prepare_builtin_models
 from inference.darknet import convert_darknet, save_model
-from inference.packages import (
-    CanaryLimits,
-    PackageError,
-    Thresholds,
-    build_package,
+from inference.package_keys import (
     generate_private_key,
     key_id,
     load_private_key,
-    parse_labels,
     public_key_text,
-    read_package,
-    validation_message,
     write_private_key,
 )
+from inference.package_manifest import (
+    CanaryLimits,
+    PackageError,
+    Thresholds,
+    parse_labels,
+    validation_message,
+)
+from inference.packages import build_package, read_package
 from inference.session import ModelError
 from sync.errors import JournalMissing
 from sync.reader import JournalReader

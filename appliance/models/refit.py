@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -129,23 +130,14 @@ def _elapsed_s(first: datetime | None, last: datetime | None) -> float:
     return 0.0 if first is None or last is None else (last - first).total_seconds()
 
 
-class Canary:
-    """A `ScoreObserver`: the candidate scores every window the current baseline scores, with
-    its own detector (debounce included); nothing it finds is journalled."""
+class WindowJudge(ABC):
+    """A `ScoreObserver` that judges the windows the source's stage scores, in data time: the
+    first and last window it saw, and `done` once it has its verdict (windows after it are
+    ignored). The canary and the watch differ in what they judge (`judge`)."""
 
-    def __init__(self, settings: AnomalySettings, candidate: Baseline) -> None:
-        self.refit = settings.refit
-        self.candidate = candidate
-        self.detector = AnomalyDetector(settings, candidate)
-        self.judged_after = max(settings.min_windows, JUDGED_WINDOWS)
-        self.tried = AlarmCount()
-        self.current = AlarmCount()
-        self.anomalies = 0
-        """Anomalies the candidate's detector would have started."""
-        self.last_error: str | None = None
+    def __init__(self) -> None:
         self.first_ts: datetime | None = None
         self.last_ts: datetime | None = None
-        self.started_mono = time.monotonic()
         self.done = asyncio.Event()
 
     def observe(
@@ -155,6 +147,39 @@ class Canary:
             return
         self.first_ts = self.first_ts or ts
         self.last_ts = ts
+        self.judge(vector, ts, score, threshold)
+
+    @abstractmethod
+    def judge(
+        self, vector: npt.NDArray[Any], ts: datetime, score: float | None, threshold: float
+    ) -> None:
+        """One window the current baseline scored (`score` None: it failed to)."""
+
+    @property
+    def data_s(self) -> float:
+        """Data time between the first and the last window seen."""
+        return _elapsed_s(self.first_ts, self.last_ts)
+
+
+class AlarmCanary(WindowJudge):
+    """The refit's canary: the candidate scores every window the current baseline scores, with
+    its own detector (debounce included); nothing it finds is journalled."""
+
+    def __init__(self, settings: AnomalySettings, candidate: Baseline) -> None:
+        super().__init__()
+        self.refit = settings.refit
+        self.candidate = candidate
+        self.detector = AnomalyDetector(settings, candidate)
+        self.judged_after = max(settings.min_windows, JUDGED_WINDOWS)
+        self.tried = AlarmCount()
+        self.current = AlarmCount()
+        self.anomalies = 0
+        """Anomalies the candidate's detector would have started."""
+        self.last_error: str | None = None
+
+    def judge(
+        self, vector: npt.NDArray[Any], ts: datetime, score: float | None, threshold: float
+    ) -> None:
         if score is None:
             self.current.errors += 1
         else:
@@ -170,10 +195,7 @@ class Canary:
         self.tried.scored += 1
         self.tried.over += (self.detector.last_score or 0.0) > self.detector.threshold
         self.anomalies += sum(event.kind == "started" for event in events)
-        if (
-            _elapsed_s(self.first_ts, ts) >= self.refit.canary
-            and self.tried.scored >= self.judged_after
-        ):
+        if self.data_s >= self.refit.canary and self.tried.scored >= self.judged_after:
             self.done.set()
 
     @property
@@ -205,29 +227,27 @@ class Canary:
             "current": self.current.as_dict(),
             "candidate_anomalies": self.anomalies,
             "limit_share": round(self.limit, 4),
-            "data_s": round(_elapsed_s(self.first_ts, self.last_ts), 3),
+            "data_s": round(self.data_s, 3),
             "from": None if self.first_ts is None else format_ts(self.first_ts),
             "to": None if self.last_ts is None else format_ts(self.last_ts),
         }
 
 
-class Watch:
-    """A `ScoreObserver` on the newly activated baseline: trips on a scoring error, or on its
+class AlarmWatch(WindowJudge):
+    """The refit's watch on the newly activated baseline: trips on a scoring error, or on its
     alarm share over `limit` once `judged_after` windows were scored (or at the end with at
     least `min_windows`); done after `duration_s` of data time."""
 
     def __init__(
         self, *, limit: float, duration_s: float, judged_after: int, min_windows: int
     ) -> None:
+        super().__init__()
         self.limit = limit
         self.duration_s = duration_s
         self.judged_after = judged_after
         self.min_windows = min_windows
         self.count = AlarmCount()
-        self.first_ts: datetime | None = None
-        self.last_ts: datetime | None = None
         self.tripped: tuple[str, str] | None = None
-        self.done = asyncio.Event()
 
     @property
     def until(self) -> datetime | None:
@@ -235,13 +255,9 @@ class Watch:
             return None
         return self.first_ts + timedelta(seconds=self.duration_s)
 
-    def observe(
+    def judge(
         self, vector: npt.NDArray[Any], ts: datetime, score: float | None, threshold: float
     ) -> None:
-        if self.done.is_set():
-            return
-        self.first_ts = self.first_ts or ts
-        self.last_ts = ts
         if score is None:
             self.count.errors += 1
             self.tripped = ("error", "the new baseline failed to score a window")
@@ -249,7 +265,7 @@ class Watch:
             return
         self.count.scored += 1
         self.count.over += score > threshold
-        ended = _elapsed_s(self.first_ts, ts) >= self.duration_s
+        ended = self.data_s >= self.duration_s
         enough = self.judged_after if not ended else self.min_windows
         share = self.count.share or 0.0
         if self.count.scored >= enough and share > self.limit:
@@ -266,7 +282,7 @@ class Watch:
         return {
             **self.count.as_dict(),
             "limit_share": round(self.limit, 4),
-            "data_s": round(_elapsed_s(self.first_ts, self.last_ts), 3),
+            "data_s": round(self.data_s, 3),
         }
 
 
@@ -314,11 +330,11 @@ class BaselineRefit:
         return None if self.trial is None else self.trial.candidate_version
 
     @property
-    def canary(self) -> Canary | None:
+    def canary(self) -> AlarmCanary | None:
         return None if self.trial is None else self.trial.canary
 
     @property
-    def watch(self) -> Watch | None:
+    def watch(self) -> AlarmWatch | None:
         return None if self.trial is None else self.trial.watch_
 
     def describe(self) -> dict[str, Any]:
@@ -366,7 +382,7 @@ class BaselineRefit:
         log.info("refit of %s: %s", self.source, last.event)
         return cast(Event, last.event)
 
-    async def swap(self, baseline: Baseline, watch: Watch | None, cause: str) -> None:
+    async def swap(self, baseline: Baseline, watch: AlarmWatch | None, cause: str) -> None:
         """Until the source's stage scores with `baseline`: asked to swap at its next window (a
         stage restarted meanwhile loads it from the store by itself)."""
         while True:
@@ -382,7 +398,7 @@ class BaselineRefit:
                 await _wait(done, FOLLOW_INTERVAL_S)
 
     async def observe(
-        self, observer: Canary | Watch, done: asyncio.Event, version: str, wall_limit: float | None
+        self, observer: WindowJudge, done: asyncio.Event, version: str, wall_limit: float | None
     ) -> bool:
         """Keep `observer` on the source's stage (re-attached to a restarted stage scoring with
         `version`) until it is done, then take it off; False when `wall_limit` seconds ran out
@@ -426,8 +442,8 @@ class BaselineTrial(ModelTrial):
         self.current: Baseline | None = None
         self.candidate: Baseline | None = None
         self.candidate_version: str | None = None
-        self.canary: Canary | None = None
-        self.watch_: Watch | None = None
+        self.canary: AlarmCanary | None = None
+        self.watch_: AlarmWatch | None = None
         self.canary_figures: dict[str, Any] = {}
 
     @property
@@ -478,7 +494,7 @@ class BaselineTrial(ModelTrial):
         base["version"] = self.candidate_version = version
         try:
             self.candidate = await asyncio.to_thread(refit.store.load, refit.source, version)
-            self.canary = Canary(settings, self.candidate)
+            self.canary = AlarmCanary(settings, self.candidate)
         except (OSError, BaselineError, ValueError) as exc:  # ValueError: it does not fit the stage
             body = {**base, "cause": "load", "reason": str(exc)}
             raise TrialOver(Step("refit_failed", body)) from None
@@ -518,7 +534,7 @@ class BaselineTrial(ModelTrial):
         except (OSError, BaselineError) as exc:
             body = {**self.base, "cause": "activation", "reason": str(exc), "canary": figures}
             raise TrialOver(Step("canary_failed", body)) from None
-        watch = Watch(
+        watch = AlarmWatch(
             limit=settings.max_alarm_ratio * (canary.current.share or 0.0) + ALARM_SHARE_FLOOR,
             duration_s=settings.watch,
             judged_after=canary.judged_after,
@@ -672,8 +688,9 @@ __all__ = [
     "ALARM_SHARE_FLOOR",
     "CHECK_INTERVAL_S",
     "JUDGED_WINDOWS",
+    "AlarmCanary",
+    "AlarmWatch",
     "BaselineRefit",
     "BaselineRefits",
-    "Canary",
-    "Watch",
+    "WindowJudge",
 ]

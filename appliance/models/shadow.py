@@ -20,7 +20,7 @@ from appliance.stages.vision import DetectorPool
 from config.cameras import CanarySettings
 from inference.detect import OnnxDetector
 from inference.detections import Detection
-from inference.packages import CanaryLimits
+from inference.package_manifest import CanaryLimits
 from inference.session import ModelError
 from sync.records import format_ts
 
@@ -287,7 +287,7 @@ class ShadowRun:
 
 
 @dataclass
-class Watch:
+class DetectorWatch:
     """A version activated by its canary, watched until `until_mono`: the detectors it replaced
     stay open meanwhile, so a rollback is a swap back, not a reload."""
 
@@ -320,10 +320,10 @@ class Watch:
 __all__ = [
     "CHECK_INTERVAL_S",
     "MATCH_IOU",
+    "DetectorWatch",
     "Limits",
     "ShadowMetrics",
     "ShadowRun",
     "ShadowTap",
-    "Watch",
     "frame_agreement",
 ]

@@ -34,15 +34,9 @@ from typing import Any, Literal
 
 from config import ApplianceConfig, ConfigError
 from config.names import NAME_PATTERN, VERSION_PATTERN
-from inference.packages import (
-    RESERVED_VERSIONS,
-    PackageError,
-    PackageKeyError,
-    TrustedKeys,
-    VerifiedPackage,
-    read_package,
-    verify_installed,
-)
+from inference.package_keys import PackageKeyError, TrustedKeys
+from inference.package_manifest import RESERVED_VERSIONS, PackageError
+from inference.packages import VerifiedPackage, read_package, verify_installed
 from inference.session import ModelError
 from sync.payloads import fsync_dir
 

@@ -37,7 +37,7 @@ from appliance.models.trial import ModelRecords, Step
 from config import ApplianceConfig
 from config.shipping import HttpDestination, S3Destination
 from config.units import in_windows
-from inference.packages import PackageError
+from inference.package_manifest import PackageError
 from sync import Journal
 from sync.destination import DestinationError, RateLimiter
 from sync.engine import SyncEngine
