@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from config.shipping import DirectoryDestination, HttpDestination, S3Destination, SyncSection
@@ -66,9 +66,6 @@ class DestinationState:
     refused_since: str | None = None
     # Another journal live under this appliance id upstream (two boxes, one id), while it lasts.
     collision: JournalCollision | None = None
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

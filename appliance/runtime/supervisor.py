@@ -26,9 +26,6 @@ class ComponentHealth:
     restarts: int = 0
     last_error: str | None = None
 
-    def to_dict(self) -> dict[str, object]:
-        return {"state": self.state, "restarts": self.restarts, "last_error": self.last_error}
-
 
 class Supervised:
     """Runs `factory()` until it returns; on an exception restarts it within the budget."""
