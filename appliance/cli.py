@@ -29,6 +29,7 @@ from receiver import (
     server_tls_context,
 )
 from receiver.model_feed import PublishError, publish_package
+from receiver.postgres import StoreUnavailable, read_database_file
 from sync import Journal, JournalReader, SyncError
 from sync.identity import JournalIdentity, data_dir_appliance_id
 from sync.reader import JOURNAL_FILE
@@ -159,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="tokens that may publish model packages, one a line (default: publishing disabled)",
+    )
+    receiver.add_argument(
+        "--database-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DB): records, "
+        "batches, the payload index and model packages go there, shared by every receiver "
+        "replica, instead of DATA_DIR/receiver.db (docs/fleet.md)",
     )
     receiver.add_argument(
         "--partial-ttl",
@@ -365,6 +374,7 @@ def _receiver(args: argparse.Namespace) -> int:
             raise ValueError(f"--concurrent-quiet: {exc}") from None
         if concurrent_quiet <= 0:
             raise ValueError("--concurrent-quiet must be positive")
+        database = None if args.database_file is None else read_database_file(args.database_file)
         if args.tokens is not None:
             parse_tokens_file(args.tokens)
         if args.admin_tokens is not None:
@@ -387,17 +397,22 @@ def _receiver(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     setup_logging(args.log_level)
-    asyncio.run(
-        run_receiver(
-            args.listen,
-            args.data,
-            args.tokens,
-            partial_ttl=partial_ttl,
-            ssl_context=ssl_context,
-            admin_tokens_file=args.admin_tokens,
-            concurrent_quiet=concurrent_quiet,
+    try:
+        asyncio.run(
+            run_receiver(
+                args.listen,
+                args.data,
+                args.tokens,
+                partial_ttl=partial_ttl,
+                ssl_context=ssl_context,
+                admin_tokens_file=args.admin_tokens,
+                concurrent_quiet=concurrent_quiet,
+                database=database,
+            )
         )
-    )
+    except StoreUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

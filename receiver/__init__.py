@@ -1,9 +1,11 @@
 """The shore side: the reference receiver that a fleet's appliances ship to (docs/sync-protocol.md)
-and the model feed that publishes model packages to them. Embedded on SQLite and local files.
+and the model feed that publishes model packages to them. Embedded on SQLite and local files, or
+on PostgreSQL for a fleet (docs/fleet.md).
 
 Rooms: `protocol` (limits, identifiers, tokens files, refusals), `batches` (reading and decoding
-batch bodies), `store` (receiver.db), `uploads` (payload files), `app` (the aiohttp handlers and
-serving), `model_feed` (model packages). Imports `sync` for its identities and file helpers; only
+batch bodies), `backend` (what every store does), `store` (receiver.db), `postgres` (the fleet
+store), `uploads` (payload files), `app` (the aiohttp handlers and serving), `model_feed` (model
+packages). Imports `sync` for its identities and file helpers; only
 the CLI, tests and benchmarks import this package (tests/test_layering.py)."""
 
 from receiver.app import (

@@ -29,8 +29,10 @@ from typing import Any
 from aiohttp import web
 
 from config.names import NAME_PATTERN
+from receiver.backend import DEFAULT_CONCURRENT_QUIET_S, RecordStore
 from receiver.batches import IncomingBatch, decode_batch, read_batch_body, too_large
 from receiver.model_feed import add_model_routes
+from receiver.postgres import PostgresStore, describe_dsn
 from receiver.protocol import (
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_CHUNK_BYTES,
@@ -50,7 +52,7 @@ from receiver.protocol import (
     parse_tokens_file,
     valid_appliance_id,
 )
-from receiver.store import DEFAULT_CONCURRENT_QUIET_S, ReceiverStore
+from receiver.store import ReceiverStore
 from receiver.uploads import (
     abandoned_partials,
     append_chunk,
@@ -135,12 +137,14 @@ class _Receiver:
         max_chunk_bytes: int,
         partial_ttl: float = DEFAULT_PARTIAL_TTL_S,
         concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
+        database: str | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.partial_ttl = partial_ttl
         self.concurrent_quiet = concurrent_quiet
         self.clock = clock
+        self.database = database
         self.max_batch_bytes = max_batch_bytes
         self.max_chunk_bytes = max_chunk_bytes
         self.open_access = tokens is None
@@ -154,18 +158,26 @@ class _Receiver:
             self._owners[digest] = appliance_id
         # Striped: uploads of the same payload serialise, memory stays fixed however many there are.
         self._upload_locks = [asyncio.Lock() for _ in range(_UPLOAD_LOCK_STRIPES)]
-        self._store: ReceiverStore | None = None
+        self._store: RecordStore | None = None
 
     @property
-    def store(self) -> ReceiverStore:
+    def store(self) -> RecordStore:
         if self._store is None:
             raise RuntimeError("receiver store is not open (the app has not started)")
         return self._store
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        self._store = await ReceiverStore.open(
-            self.data_dir, concurrent_quiet=self.concurrent_quiet, clock=self.clock
-        )
+        if self.database is not None:
+            # A fleet's store: PostgreSQL, whose clock (not this replica's) stamps the rows.
+            self._store = await PostgresStore.open(
+                self.database, concurrent_quiet=self.concurrent_quiet, clock=self.clock
+            )
+        else:
+            self._store = await ReceiverStore.open(
+                self.data_dir,
+                concurrent_quiet=self.concurrent_quiet,
+                clock=self.clock or time.time,
+            )
         if self.open_access:
             log.warning(
                 "no tokens file: accepting every appliance without a token (local tests only)"
@@ -269,6 +281,12 @@ class _Receiver:
             self._partial_path(appliance_id, sha256),
         )
 
+    async def _index(self, appliance_id: str, sha256: str, size: int, journal_id: str) -> None:
+        """Count a verified payload in the store's index (once: again is a no-op). Also asked
+        whenever a complete payload is seen, so one whose row a crash or an unreachable
+        database kept out after its rename is counted the next time anyone asks for it."""
+        await self.store.record_payload(appliance_id, sha256, size, journal_id)
+
     @staticmethod
     def _complete_response(size: int) -> web.Response:
         return web.Response(
@@ -350,8 +368,10 @@ class _Receiver:
     async def head_payload(self, request: web.Request) -> web.Response:
         appliance_id = self.authorize(request)
         sha256 = self.sha256_of(request)
-        journal_of(request)  # checked like on every route, though a HEAD stores nothing
+        journal_id = journal_of(request)
         held, complete = await self._held(appliance_id, sha256)
+        if complete:
+            await self._index(appliance_id, sha256, held, journal_id)
         # Content-Length: 0 so clients keep the connection: without it aiohttp cannot tell where
         # this bodiless answer ends and opens a new connection for every payload (a TLS handshake
         # per payload on a satellite link).
@@ -382,6 +402,7 @@ class _Receiver:
         # Cheap answers before reading up to a whole chunk; checked again under the lock.
         held, complete = await self._held(appliance_id, sha256)
         if complete:
+            await self._index(appliance_id, sha256, held, journal_id)
             return self._complete_response(held)
         if offset != held:
             raise self._offset_conflict(offset, held)
@@ -400,6 +421,7 @@ class _Receiver:
         async with self._lock(appliance_id, sha256):
             held, complete = await self._held(appliance_id, sha256)
             if complete:
+                await self._index(appliance_id, sha256, held, journal_id)
                 return self._complete_response(held)
             if offset != held:
                 raise self._offset_conflict(offset, held)
@@ -423,7 +445,7 @@ class _Receiver:
                 "sha256 mismatch",
                 f"the {new_offset} bytes received do not hash to {sha256}; upload again from 0",
             )
-        await self.store.record_payload(appliance_id, sha256, new_offset, journal_id)
+        await self._index(appliance_id, sha256, new_offset, journal_id)
         log.info("payload complete", extra={"fields": fields})
         return self._complete_response(new_offset)
 
@@ -454,7 +476,8 @@ def build_receiver_app(
     require_client_certificate: bool = False,
     admin_tokens: Sequence[str] = (),
     concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] | None = None,
+    database: str | None = None,
 ) -> web.Application:
     """The receiver as an aiohttp app; receiver.db opens on startup and closes on cleanup.
 
@@ -464,8 +487,11 @@ def build_receiver_app(
     client certificate (serve it with `server_tls_context(..., client_ca=...)`). Partial uploads
     untouched for `partial_ttl` seconds are deleted (checked at start, then hourly); the handlers'
     object is `app[RECEIVER_KEY]`. Journals of one appliance id shipping interleaved within
-    `concurrent_quiet` seconds are flagged as concurrent (`clock` gives wall-clock seconds). Serve it with `serve_receiver()` (or an AppRunner with auto_decompress=False): the app
-    inflates gzip bodies itself, under its own limits."""
+    `concurrent_quiet` seconds are flagged as concurrent (`clock` gives wall-clock seconds; by
+    default the machine's, or PostgreSQL's). `database`: a PostgreSQL DSN for the records
+    (receiver/postgres.py); None keeps them in DATA_DIR/receiver.db. Serve it with
+    `serve_receiver()` (or an AppRunner with auto_decompress=False): the app inflates gzip
+    bodies itself, under its own limits."""
     receiver = _Receiver(
         data_dir,
         tokens,
@@ -474,6 +500,7 @@ def build_receiver_app(
         partial_ttl=partial_ttl,
         concurrent_quiet=concurrent_quiet,
         clock=clock,
+        database=database,
     )
     # Handlers stream bodies under their own limits; this caps anything that reads whole bodies.
     middlewares: list[Any] = [json_errors]
@@ -536,8 +563,10 @@ async def run_receiver(
     stop: asyncio.Event | None = None,
     admin_tokens_file: Path | None = None,
     concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
+    database: str | None = None,
 ) -> None:
-    """`appliance receiver`: serve until `stop` is set or SIGTERM/SIGINT arrives."""
+    """`appliance receiver`: serve until `stop` is set or SIGTERM/SIGINT arrives. `database`:
+    a PostgreSQL DSN for the records (None: DATA_DIR/receiver.db)."""
     host, port = parse_listen(listen)
     tokens = await asyncio.to_thread(parse_tokens_file, tokens_file) if tokens_file else None
     admin_tokens = (
@@ -561,6 +590,7 @@ async def run_receiver(
             require_client_certificate=client_certificates,
             admin_tokens=admin_tokens,
             concurrent_quiet=concurrent_quiet,
+            database=database,
         )
         async with serve_receiver(app, host, port, ssl_context) as addresses:
             scheme = "https" if ssl_context is not None else "http"
@@ -575,6 +605,9 @@ async def run_receiver(
                             "host": bound_host,
                             "port": bound_port,
                             "data_dir": str(data_dir),
+                            "database": "receiver.db"
+                            if database is None
+                            else f"postgresql {describe_dsn(database)}",
                             "appliances": None if tokens is None else len(tokens),
                             "publishing": bool(admin_tokens),
                             "client_certificates": client_certificates,

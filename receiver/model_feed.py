@@ -24,12 +24,11 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import ssl
 import tarfile
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -38,8 +37,8 @@ import aiohttp
 from aiohttp import web
 
 from config.names import NAME_PATTERN, NAME_RE, VERSION_RE
+from receiver.backend import PublishedPackage, RecordStore
 from receiver.protocol import Refusal, valid_appliance_id
-from receiver.store import ReceiverStore
 from sync.payloads import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -129,105 +128,6 @@ def audience_warnings(
 # ----------------------------------------------------------------------------- published rows
 
 
-@dataclass(frozen=True, slots=True)
-class PublishedPackage:
-    name: str
-    version: str
-    sha256: str
-    size: int
-    appliances: tuple[str, ...]
-    groups: tuple[str, ...]
-    published_at: str
-
-    def addressed_to(self, appliance_id: str, group: str | None) -> bool:
-        if not self.appliances and not self.groups:
-            return True
-        return appliance_id in self.appliances or (group is not None and group in self.groups)
-
-    def listing(self) -> dict[str, Any]:
-        """What an appliance sees."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "sha256": self.sha256,
-            "size": self.size,
-            "published_at": self.published_at,
-        }
-
-    def as_dict(self) -> dict[str, Any]:
-        """What the publisher sees: the listing and the targets."""
-        doc = asdict(self)
-        doc["appliances"], doc["groups"] = list(self.appliances), list(self.groups)
-        return doc
-
-
-_COLUMNS = "name, version, sha256, size, appliances, groups, published_ts"
-
-
-def _package(row: tuple[Any, ...]) -> PublishedPackage:
-    name, version, sha256, size, appliances, groups, published = row
-    return PublishedPackage(
-        name,
-        version,
-        sha256,
-        int(size),
-        tuple(json.loads(appliances)),
-        tuple(json.loads(groups)),
-        published,
-    )
-
-
-def _all_packages(conn: sqlite3.Connection) -> list[PublishedPackage]:
-    rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM model_packages ORDER BY published_ts, name, version"
-    ).fetchall()
-    return [_package(row) for row in rows]
-
-
-def _package_by_sha256(conn: sqlite3.Connection, sha256: str) -> PublishedPackage | None:
-    row = conn.execute(
-        f"SELECT {_COLUMNS} FROM model_packages WHERE sha256 = ?", (sha256,)
-    ).fetchone()
-    return None if row is None else _package(row)
-
-
-def _package_by_version(
-    conn: sqlite3.Connection, name: str, version: str
-) -> PublishedPackage | None:
-    row = conn.execute(
-        f"SELECT {_COLUMNS} FROM model_packages WHERE name = ? AND version = ?", (name, version)
-    ).fetchone()
-    return None if row is None else _package(row)
-
-
-def _save_package(conn: sqlite3.Connection, package: PublishedPackage) -> PublishedPackage:
-    """Insert the row, or give an existing one (same name, version and bytes) the new targets;
-    what is stored now."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute(
-            f"INSERT INTO model_packages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(name, version) DO UPDATE SET appliances = excluded.appliances, "
-            "groups = excluded.groups",
-            (
-                package.name,
-                package.version,
-                package.sha256,
-                package.size,
-                json.dumps(list(package.appliances)),
-                json.dumps(list(package.groups)),
-                package.published_at,
-            ),
-        )
-        stored = _package_by_version(conn, package.name, package.version)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    assert stored is not None
-    return stored
-
-
 # ------------------------------------------------------------------------------- the handlers
 
 
@@ -237,7 +137,7 @@ class ApplianceAuthority(Protocol):
     data_dir: Path
 
     @property
-    def store(self) -> ReceiverStore: ...
+    def store(self) -> RecordStore: ...
 
     def authorize(self, request: web.Request) -> str: ...
 
@@ -411,7 +311,7 @@ class ModelFeed:
                         f"the package is {identity.name} {identity.version}, not {name} {version}",
                     )
                 store = self.receiver.store
-                existing = await store.call(lambda c: _package_by_version(c, name, version))
+                existing = await store.package_by_version(name, version)
                 if existing is not None and existing.sha256 != sha256:
                     raise Refusal(
                         409,
@@ -423,7 +323,7 @@ class ModelFeed:
                 candidate = PublishedPackage(
                     name, version, sha256, spool.size, appliances, groups, _now()
                 )
-                stored = await store.call(lambda c: _save_package(c, candidate))
+                stored = await store.save_package(candidate)
             finally:
                 await asyncio.to_thread(spool.discard)
         warnings = audience_warnings(identity, appliances, groups)
@@ -450,7 +350,7 @@ class ModelFeed:
     async def published(self, request: web.Request) -> web.Response:
         """GET /v1/models: every published package with its targets (admin)."""
         self._authorize_admin(request)
-        packages = await self.receiver.store.call(_all_packages)
+        packages = await self.receiver.store.packages()
         return web.json_response({"packages": [p.as_dict() for p in packages]})
 
     # -- appliances -----------------------------------------------------------------------------
@@ -459,7 +359,7 @@ class ModelFeed:
         """GET /v1/appliances/{id}/models?group=G: what is addressed to it, oldest first."""
         appliance_id = self.receiver.authorize(request)
         group = self._group(request)
-        packages = await self.receiver.store.call(_all_packages)
+        packages = await self.receiver.store.packages()
         mine = [p.listing() for p in packages if p.addressed_to(appliance_id, group)]
         return web.json_response({"packages": mine}, headers={"Cache-Control": "no-store"})
 
@@ -468,7 +368,7 @@ class ModelFeed:
         appliance_id = self.receiver.authorize(request)
         sha256 = self.receiver.sha256_of(request)
         group = self._group(request)
-        package = await self.receiver.store.call(lambda c: _package_by_sha256(c, sha256))
+        package = await self.receiver.store.package_by_sha256(sha256)
         if package is None or not package.addressed_to(appliance_id, group):
             # The same answer whether it does not exist or is someone else's.
             raise Refusal(

@@ -1,6 +1,6 @@
-"""receiver.db: its named migrations, the store behind one worker thread (records by appliance,
-journal and seq; batches; payload rows; per-appliance and per-journal counters), and the rule
-that tells two boxes under one appliance id from a replaced disk."""
+"""Owns receiver.db, the embedded store (the default; a fleet's is PostgreSQL, postgres.py): its
+named migrations and the store behind one worker thread (records by appliance, journal and seq;
+batches; payload rows; per-appliance and per-journal counters; published model packages)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,23 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from receiver.backend import (
+    DEFAULT_CONCURRENT_QUIET_S,
+    BatchResult,
+    JournalSpan,
+    PublishedPackage,
+    concurrent_journals,
+    conflict_refusal,
+    format_ts,
+    now_ts,
+    parse_ts,
+    same_record,
+)
 from receiver.batches import IncomingBatch
 from receiver.protocol import (
     PARTIAL_DIR,
@@ -34,12 +44,6 @@ from sync.identity import LEGACY_JOURNAL
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Two journals of one appliance id both shipping within this long of each other are two boxes
-# sharing an id, not a replaced disk; the flag clears once all but one have been quiet this long.
-DEFAULT_CONCURRENT_QUIET_S = 86400.0
-# Most conflicting seqs named in a 409 (the count is always given).
-_CONFLICTS_NAMED = 20
 
 
 _MIGRATIONS: tuple[tuple[str, str], ...] = (
@@ -176,64 +180,15 @@ _MIGRATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    stored: int
-    duplicates: int
-    # The journals of this appliance id that are live at once (two boxes, one id), if any.
-    concurrent_journals: list[str]
-    concurrency_changed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class JournalSpan:
-    journal_id: str
-    first_seen_s: float
-    last_seen_s: float
-    follows: str | None = None
-
-
-def concurrent_journals(spans: Sequence[JournalSpan], now_s: float, quiet_s: float) -> list[str]:
-    """The journals of one appliance id that shipped interleaved with another within `quiet_s`.
-
-    A replaced disk is a new journal that starts after the old one stopped: their spans (first
-    to last batch) do not overlap, so they are epochs, not a collision. Two boxes under one id
-    keep shipping, so their spans overlap. A journal and the one it follows (an upgraded journal
-    and `legacy`, a fork and its origin) are one box's history, which ships both in one drain."""
-    live = [span for span in spans if span.last_seen_s >= now_s - quiet_s]
-    flagged: set[str] = set()
-    for index, one in enumerate(live):
-        for other in live[index + 1 :]:
-            lineage = one.follows == other.journal_id or other.follows == one.journal_id
-            overlap = (
-                one.last_seen_s >= other.first_seen_s and other.last_seen_s >= one.first_seen_s
-            )
-            if overlap and not lineage:
-                flagged.update((one.journal_id, other.journal_id))
-    return sorted(flagged)
-
-
 def _journal_spans(conn: sqlite3.Connection, appliance_id: str) -> list[JournalSpan]:
     return [
-        JournalSpan(journal_id, _parse_ts(first), _parse_ts(last), follows)
+        JournalSpan(journal_id, parse_ts(first), parse_ts(last), follows)
         for journal_id, first, last, follows in conn.execute(
             "SELECT journal_id, first_seen_ts, last_seen_ts, follows FROM journals "
             "WHERE appliance_id = ?",
             (appliance_id,),
         )
     ]
-
-
-def _format_ts(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse_ts(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _ensure_journal(
@@ -252,25 +207,6 @@ def _ensure_journal(
     )
 
 
-def _conflict_refusal(batch: IncomingBatch, seqs: list[int]) -> Refusal:
-    named = ", ".join(str(seq) for seq in seqs[:_CONFLICTS_NAMED])
-    more = f" and {len(seqs) - _CONFLICTS_NAMED} more" if len(seqs) > _CONFLICTS_NAMED else ""
-    journal = (
-        "the legacy journal (records shipped without a journal id)"
-        if batch.journal_id == LEGACY_JOURNAL
-        else f"journal {batch.journal_id}"
-    )
-    return Refusal(
-        409,
-        "conflicting records",
-        f"batch {batch.batch_id} of appliance {batch.appliance_id}: seqs {named}{more} of "
-        f"{journal} are already stored with other content ({len(seqs)} in all); nothing of "
-        "this batch was stored. A journal restored from an old backup, or one tampered with, "
-        "reuses seqs it already shipped: see docs/operations.md, 'Journal conflicts'",
-        extra={"conflicting_seqs": seqs[:_CONFLICTS_NAMED], "conflicts": len(seqs)},
-    )
-
-
 def _ensure_appliance(conn: sqlite3.Connection, appliance_id: str, now: str) -> None:
     conn.execute(
         "INSERT INTO appliances (appliance_id, first_seen_ts, last_seen_ts) VALUES (?, ?, ?) "
@@ -279,17 +215,9 @@ def _ensure_appliance(conn: sqlite3.Connection, appliance_id: str, now: str) -> 
     )
 
 
-def _same_record(stored_line: str, line: str) -> bool:
-    if stored_line == line:
-        return True
-    try:
-        return bool(json.loads(stored_line) == json.loads(line))
-    except ValueError:
-        return False
-
-
 class ReceiverStore:
-    """receiver.db behind one worker thread. `close()` is idempotent and runs after queued work."""
+    """receiver.db behind one worker thread (a `RecordStore`). `close()` is idempotent and runs
+    after queued work."""
 
     def __init__(
         self,
@@ -337,11 +265,6 @@ class ReceiverStore:
             raise RuntimeError("receiver store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(connection)` on the store's thread, after the work queued before it (for
-        handlers kept in other modules: receiver/model_feed.py)."""
-        return await self._run(lambda: fn(self._db()))
-
     # Everything below runs on the store's thread.
 
     def _db(self) -> sqlite3.Connection:
@@ -369,7 +292,7 @@ class ReceiverStore:
                 for statement in script.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, _now()))
+                conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, now_ts()))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -410,7 +333,7 @@ class ReceiverStore:
         """Store a batch whole or not at all: a record already held under the same (appliance,
         journal, seq) with other content refuses the batch with 409 (after a rollback)."""
         conn = self._db()
-        now = _format_ts(now_s)
+        now = format_ts(now_s)
         appliance_id, journal_id = batch.appliance_id, batch.journal_id
         stored = duplicates = 0
         conflicts: list[int] = []
@@ -444,12 +367,12 @@ class ReceiverStore:
                     "AND seq = ?",
                     (appliance_id, journal_id, record.seq),
                 ).fetchone()
-                if not _same_record(stored_line, record.line):
+                if not same_record(stored_line, record.line):
                     conflicts.append(record.seq)
             if conflicts:
                 conn.execute("ROLLBACK")
                 self._count_conflicts(appliance_id, journal_id, len(conflicts), now)
-                raise _conflict_refusal(batch, conflicts)
+                raise conflict_refusal(batch, conflicts)
             new_batch = (
                 conn.execute(
                     "SELECT 1 FROM batches WHERE appliance_id = ? AND journal_id = ? "
@@ -547,7 +470,7 @@ class ReceiverStore:
         self, appliance_id: str, sha256: str, size: int, journal_id: str | None
     ) -> None:
         conn = self._db()
-        now = _now()
+        now = now_ts()
         conn.execute("BEGIN IMMEDIATE")
         try:
             cursor = conn.execute(
@@ -647,3 +570,81 @@ class ReceiverStore:
     async def summary(self, appliance_id: str) -> dict[str, Any]:
         now_s = self.clock()
         return await self._run(lambda: self._summary(appliance_id, now_s))
+
+    async def packages(self) -> list[PublishedPackage]:
+        return await self._run(lambda: _all_packages(self._db()))
+
+    async def package_by_sha256(self, sha256: str) -> PublishedPackage | None:
+        return await self._run(lambda: _package_by_sha256(self._db(), sha256))
+
+    async def package_by_version(self, name: str, version: str) -> PublishedPackage | None:
+        return await self._run(lambda: _package_by_version(self._db(), name, version))
+
+    async def save_package(self, package: PublishedPackage) -> PublishedPackage:
+        return await self._run(lambda: _save_package(self._db(), package))
+
+
+_PACKAGE_COLUMNS = "name, version, sha256, size, appliances, groups, published_ts"
+
+
+def _package(row: tuple[Any, ...]) -> PublishedPackage:
+    name, version, sha256, size, appliances, groups, published = row
+    return PublishedPackage(
+        name,
+        version,
+        sha256,
+        int(size),
+        tuple(json.loads(appliances)),
+        tuple(json.loads(groups)),
+        published,
+    )
+
+
+def _all_packages(conn: sqlite3.Connection) -> list[PublishedPackage]:
+    rows = conn.execute(
+        f"SELECT {_PACKAGE_COLUMNS} FROM model_packages ORDER BY published_ts, name, version"
+    ).fetchall()
+    return [_package(row) for row in rows]
+
+
+def _package_by_sha256(conn: sqlite3.Connection, sha256: str) -> PublishedPackage | None:
+    row = conn.execute(
+        f"SELECT {_PACKAGE_COLUMNS} FROM model_packages WHERE sha256 = ?", (sha256,)
+    ).fetchone()
+    return None if row is None else _package(row)
+
+
+def _package_by_version(
+    conn: sqlite3.Connection, name: str, version: str
+) -> PublishedPackage | None:
+    row = conn.execute(
+        f"SELECT {_PACKAGE_COLUMNS} FROM model_packages WHERE name = ? AND version = ?",
+        (name, version),
+    ).fetchone()
+    return None if row is None else _package(row)
+
+
+def _save_package(conn: sqlite3.Connection, package: PublishedPackage) -> PublishedPackage:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            f"INSERT INTO model_packages ({_PACKAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(name, version) DO UPDATE SET appliances = excluded.appliances, "
+            "groups = excluded.groups",
+            (
+                package.name,
+                package.version,
+                package.sha256,
+                package.size,
+                json.dumps(list(package.appliances)),
+                json.dumps(list(package.groups)),
+                package.published_at,
+            ),
+        )
+        stored = _package_by_version(conn, package.name, package.version)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    assert stored is not None
+    return stored

@@ -1,14 +1,20 @@
-"""Shared fixtures: a real journal (SQLite file in tmp_path) with its payload store."""
+"""Shared fixtures: a real journal (SQLite file in tmp_path) with its payload store, and a real
+PostgreSQL server for the receiver's fleet store (one per test session, a fresh database per
+test)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from config import JournalSection
 from sync import Journal, PayloadStore
+from tests.postgres import PostgresServer, create_database
 
 APPLIANCE_ID = "test-appliance"
 
@@ -44,3 +50,24 @@ async def journal(
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the session. Its folder is under /tmp itself, not pytest's
+    per-user temp folder: as root the server runs as nobody, who must reach it."""
+    folder = Path(tempfile.mkdtemp(prefix="appliance-postgres-"))
+    folder.chmod(0o755)
+    server = PostgresServer(folder / "cluster")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database on the session's server."""
+    return create_database(postgres_server, f"test_{uuid.uuid4().hex[:12]}")

@@ -126,8 +126,10 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def start(data: Path, admin_tokens: tuple[str, ...] = (ADMIN,)) -> AsyncIterator[Receiver]:
-    app = build_receiver_app(data, TOKENS, admin_tokens=admin_tokens)
+async def start(
+    data: Path, admin_tokens: tuple[str, ...] = (ADMIN,), database: str | None = None
+) -> AsyncIterator[Receiver]:
+    app = build_receiver_app(data, TOKENS, admin_tokens=admin_tokens, database=database)
     async with (
         serve_receiver(app, "127.0.0.1", 0) as bound,
         aiohttp.ClientSession() as session,
@@ -135,9 +137,11 @@ async def start(data: Path, admin_tokens: tuple[str, ...] = (ADMIN,)) -> AsyncIt
         yield Receiver(f"http://127.0.0.1:{bound[0][1]}", data, session)
 
 
-@pytest.fixture
-async def receiver(tmp_path: Path) -> AsyncIterator[Receiver]:
-    async for running in start(tmp_path / "receiver"):
+@pytest.fixture(params=["sqlite", "postgres"])
+async def receiver(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Receiver]:
+    """The receiver on each of its stores: receiver.db, and PostgreSQL."""
+    database = request.getfixturevalue("postgres_dsn") if request.param == "postgres" else None
+    async for running in start(tmp_path / "receiver", database=database):
         yield running
 
 

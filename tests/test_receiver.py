@@ -16,12 +16,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from yarl import URL
 
@@ -94,6 +95,7 @@ class Client:
     base: str
     session: aiohttp.ClientSession
     data_dir: Path
+    database: str | None = None  # the PostgreSQL store's DSN; None: receiver.db
 
     def url(self, path: str) -> URL:
         # encoded=True: send `..`, `%2e%2e` and `%2F` as written, not normalised by the client.
@@ -153,21 +155,67 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def running(data_dir: Path, tokens: dict[str, str] | None = TOKENS) -> AsyncIterator[Client]:
-    app = build_receiver_app(data_dir, tokens, max_batch_bytes=MAX_BATCH, max_chunk_bytes=MAX_CHUNK)
+async def running(
+    data_dir: Path,
+    tokens: dict[str, str] | None = TOKENS,
+    *,
+    database: str | None = None,
+    clock: Callable[[], float] | None = None,
+    concurrent_quiet: float = 86400.0,
+) -> AsyncIterator[Client]:
+    app = build_receiver_app(
+        data_dir,
+        tokens,
+        max_batch_bytes=MAX_BATCH,
+        max_chunk_bytes=MAX_CHUNK,
+        database=database,
+        clock=clock,
+        concurrent_quiet=concurrent_quiet,
+    )
     async with (
         serve_receiver(app, "127.0.0.1", 0) as addresses,
         aiohttp.ClientSession() as session,
     ):
         host, port = addresses[0]
         assert port != 0
-        yield Client(f"http://{host}:{port}", session, data_dir)
+        yield Client(f"http://{host}:{port}", session, data_dir, database)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest) -> str | None:
+    """Each store the receiver has: receiver.db (None), and PostgreSQL (its DSN)."""
+    if request.param == "sqlite":
+        return None
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return dsn
 
 
 @pytest.fixture
-async def client(data_dir: Path) -> AsyncIterator[Client]:
-    async with running(data_dir) as started:
+async def client(data_dir: Path, database: str | None) -> AsyncIterator[Client]:
+    async with running(data_dir, database=database) as started:
         yield started
+
+
+async def stored_records(client: Client, appliance_id: str = "ship-1") -> list[tuple[Any, ...]]:
+    """(seq, priority, kind, ts, line) of every record stored for `appliance_id`, by seq, from
+    whichever store the receiver runs on."""
+    if client.database is None:
+        return db_rows(
+            client.data_dir,
+            "SELECT seq, priority, kind, ts, line FROM records WHERE appliance_id = ? "
+            "ORDER BY seq, journal_id",
+            appliance_id,
+        )
+    conn = await asyncpg.connect(client.database)
+    try:
+        rows = await conn.fetch(
+            "SELECT seq, priority, kind, ts, COALESCE(line, record::text) AS line "
+            "FROM receiver.records WHERE appliance_id = $1 ORDER BY seq, journal_id",
+            appliance_id,
+        )
+    finally:
+        await conn.close()
+    return [tuple(row) for row in rows]
 
 
 def db_rows(data_dir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -229,16 +277,15 @@ async def test_batch_stored_once_and_resend_counted_as_duplicates(client: Client
     }
     # Sent without a Journal-Id: the appliance's legacy journal.
     assert [(j["journal_id"], j["records"], j["max_seq"]) for j in journals] == [("legacy", 5, 5)]
-    rows = db_rows(
-        client.data_dir,
-        "SELECT seq, priority, kind, ts, line FROM records WHERE appliance_id = ? ORDER BY seq",
-        "ship-1",
-    )
+    rows = await stored_records(client)
     assert [row[0] for row in rows] == [1, 2, 3, 4, 5]
-    # The raw line is kept verbatim, next to the columns it is queried by.
-    assert [row[4] for row in rows] == ndjson(records).decode().splitlines()
+    # The record is kept whole (receiver.db: the raw line verbatim; PostgreSQL: as jsonb), next
+    # to the columns it is queried by.
+    assert [json.loads(row[4]) for row in rows] == records
+    if client.database is None:
+        assert [row[4] for row in rows] == ndjson(records).decode().splitlines()
+        assert db_rows(client.data_dir, "PRAGMA journal_mode") == [("wal",)]
     assert rows[0][1:4] == ("event", "reading", records[0]["ts"])
-    assert db_rows(client.data_dir, "PRAGMA journal_mode") == [("wal",)]
 
 
 async def test_overlapping_batches_store_each_record_once(client: Client) -> None:
@@ -844,7 +891,7 @@ async def test_a_conflicting_batch_is_refused_whole_with_409(client: Client) -> 
     summary = await client.summary()
     assert (summary["records"], summary["max_seq"]) == (3, 3)
     assert summary["journals"][0]["conflicts_refused"] == 1
-    assert db_rows(client.data_dir, "SELECT seq FROM records ORDER BY seq") == [(1,), (2,), (3,)]
+    assert [row[0] for row in await stored_records(client)] == [1, 2, 3]
     # The same seqs in another journal of the same appliance are simply another epoch.
     other = [journal_record(seq, JOURNAL_B) for seq in (2, 4)]
     status, body = await client.put_batch(
@@ -868,17 +915,14 @@ async def test_journal_headers_and_lines_must_agree(client: Client) -> None:
         "event-1-1", line, headers=journal_headers(JOURNAL_A, **{"Journal-Follows": JOURNAL_A})
     )
     assert_error(status, body, 400)
-    assert db_rows(client.data_dir, "SELECT COUNT(*) FROM records") == [(0,)]
+    assert await stored_records(client) == []
 
 
-async def test_concurrent_journals_flag_and_clear(data_dir: Path) -> None:
+async def test_concurrent_journals_flag_and_clear(data_dir: Path, database: str | None) -> None:
     now = [1_000_000.0]
-    app = build_receiver_app(data_dir, TOKENS, concurrent_quiet=3600.0, clock=lambda: now[0])
-    async with (
-        serve_receiver(app, "127.0.0.1", 0) as addresses,
-        aiohttp.ClientSession() as session,
-    ):
-        client = Client(f"http://{addresses[0][0]}:{addresses[0][1]}", session, data_dir)
+    async with running(
+        data_dir, database=database, clock=lambda: now[0], concurrent_quiet=3600.0
+    ) as client:
 
         async def ship(journal_id: str, seq: int, **headers: str) -> dict[str, Any]:
             now[0] += 60
