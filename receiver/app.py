@@ -32,13 +32,12 @@ from config.names import NAME_PATTERN
 from receiver.backend import DEFAULT_CONCURRENT_QUIET_S, RecordStore
 from receiver.batches import IncomingBatch, decode_batch, read_batch_body, too_large
 from receiver.model_feed import add_model_routes
+from receiver.objects import BucketSettings, DirectoryObjects, PayloadObjects, S3Objects
 from receiver.postgres import PostgresStore, describe_dsn
 from receiver.protocol import (
     DEFAULT_MAX_BATCH_BYTES,
     DEFAULT_MAX_CHUNK_BYTES,
     DEFAULT_PARTIAL_TTL_S,
-    PARTIAL_DIR,
-    PAYLOADS_DIR,
     READ_CHUNK,
     SHA256_RE,
     SQLITE_MAX_INT,
@@ -53,13 +52,6 @@ from receiver.protocol import (
     valid_appliance_id,
 )
 from receiver.store import ReceiverStore
-from receiver.uploads import (
-    abandoned_partials,
-    append_chunk,
-    complete_upload,
-    remove_if_stale,
-    upload_state,
-)
 from sync.identity import LEGACY_JOURNAL, valid_journal_id
 
 log = logging.getLogger(__name__)
@@ -139,8 +131,10 @@ class _Receiver:
         concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
         clock: Callable[[], float] | None = None,
         database: str | None = None,
+        bucket: BucketSettings | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.bucket = bucket
         self.partial_ttl = partial_ttl
         self.concurrent_quiet = concurrent_quiet
         self.clock = clock
@@ -159,6 +153,13 @@ class _Receiver:
         # Striped: uploads of the same payload serialise, memory stays fixed however many there are.
         self._upload_locks = [asyncio.Lock() for _ in range(_UPLOAD_LOCK_STRIPES)]
         self._store: RecordStore | None = None
+        self._objects: PayloadObjects | None = None
+
+    @property
+    def objects(self) -> PayloadObjects:
+        if self._objects is None:
+            raise RuntimeError("receiver objects are not open (the app has not started)")
+        return self._objects
 
     @property
     def store(self) -> RecordStore:
@@ -167,60 +168,57 @@ class _Receiver:
         return self._store
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
-        if self.database is not None:
-            # A fleet's store: PostgreSQL, whose clock (not this replica's) stamps the rows.
-            self._store = await PostgresStore.open(
-                self.database, concurrent_quiet=self.concurrent_quiet, clock=self.clock
+        async with contextlib.AsyncExitStack() as stack:
+            # Payload bytes: a bucket every replica shares, or the data folder.
+            objects: PayloadObjects = (
+                DirectoryObjects(self.data_dir)
+                if self.bucket is None
+                else await S3Objects.open(self.bucket)
             )
-        else:
-            self._store = await ReceiverStore.open(
-                self.data_dir,
-                concurrent_quiet=self.concurrent_quiet,
-                clock=self.clock or time.time,
-            )
-        if self.open_access:
-            log.warning(
-                "no tokens file: accepting every appliance without a token (local tests only)"
-            )
-        expiry = asyncio.create_task(self._expire_partials_forever(), name="partial-expiry")
-        try:
-            yield
-        finally:
-            expiry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expiry
-            await self._store.close()
+            stack.push_async_callback(objects.close)
+            if self.database is not None:
+                # A fleet's store: PostgreSQL, whose clock (not this replica's) stamps the rows.
+                store: RecordStore = await PostgresStore.open(
+                    self.database, concurrent_quiet=self.concurrent_quiet, clock=self.clock
+                )
+            else:
+                store = await ReceiverStore.open(
+                    self.data_dir,
+                    concurrent_quiet=self.concurrent_quiet,
+                    clock=self.clock or time.time,
+                )
+            stack.push_async_callback(store.close)
+            self._objects, self._store = objects, store
+            if self.open_access:
+                log.warning(
+                    "no tokens file: accepting every appliance without a token (local tests only)"
+                )
+            expiry = asyncio.create_task(self._expire_partials_forever(), name="partial-expiry")
+            try:
+                yield
+            finally:
+                expiry.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await expiry
 
     async def _expire_partials_forever(self) -> None:
         while True:
             try:
                 await self.expire_partials()
-            except OSError as exc:  # a full or read-only disk must not stop the receiver
+            except (OSError, Refusal) as exc:  # a full disk or a bucket down must not stop it
                 log.error("partial upload expiry failed", extra={"fields": {"error": str(exc)}})
             await asyncio.sleep(min(_EXPIRY_INTERVAL_S, self.partial_ttl / 4))
 
     async def expire_partials(self, now: float | None = None) -> int:
         """Delete partial uploads nobody has resumed within `partial_ttl`; how many went."""
         now = time.time() if now is None else now
-        stale = await asyncio.to_thread(abandoned_partials, self.data_dir, self.partial_ttl, now)
-        removed = freed = 0
-        for appliance_id, sha256 in stale:
-            async with self._lock(appliance_id, sha256):
-                size = await asyncio.to_thread(
-                    remove_if_stale,
-                    self._partial_path(appliance_id, sha256),
-                    self.partial_ttl,
-                    now,
-                )
-            if size:
-                removed, freed = removed + 1, freed + size
-                log.info(
-                    "abandoned partial upload deleted",
-                    extra={
-                        "fields": {"appliance_id": appliance_id, "sha256": sha256, "bytes": size}
-                    },
-                )
-        return removed
+        removed = await self.objects.expire(self.partial_ttl, now)
+        for appliance_id, sha256, size in removed:
+            log.info(
+                "abandoned partial upload deleted",
+                extra={"fields": {"appliance_id": appliance_id, "sha256": sha256, "bytes": size}},
+            )
+        return len(removed)
 
     # ------------------------------------------------------------------------- helpers
 
@@ -264,22 +262,12 @@ class _Receiver:
             raise Refusal(400, "bad sha256", "SHA256 must be 64 lowercase hex digits")
         return sha256
 
-    def _final_path(self, appliance_id: str, sha256: str) -> Path:
-        return self.data_dir / PAYLOADS_DIR / appliance_id / sha256
-
-    def _partial_path(self, appliance_id: str, sha256: str) -> Path:
-        return self.data_dir / PARTIAL_DIR / appliance_id / f"{sha256}.part"
-
     def _lock(self, appliance_id: str, sha256: str) -> asyncio.Lock:
         return self._upload_locks[hash((appliance_id, sha256)) % _UPLOAD_LOCK_STRIPES]
 
     async def _held(self, appliance_id: str, sha256: str) -> tuple[int, bool]:
         """(bytes held, complete?) of one payload."""
-        return await asyncio.to_thread(
-            upload_state,
-            self._final_path(appliance_id, sha256),
-            self._partial_path(appliance_id, sha256),
-        )
+        return await self.objects.held(appliance_id, sha256)
 
     async def _index(self, appliance_id: str, sha256: str, size: int, journal_id: str) -> None:
         """Count a verified payload in the store's index (once: again is a no-op). Also asked
@@ -417,7 +405,6 @@ class _Receiver:
                 400, "chunk past Upload-Length", "Upload-Offset + body length > Upload-Length"
             )
 
-        partial = self._partial_path(appliance_id, sha256)
         async with self._lock(appliance_id, sha256):
             held, complete = await self._held(appliance_id, sha256)
             if complete:
@@ -425,16 +412,17 @@ class _Receiver:
                 return self._complete_response(held)
             if offset != held:
                 raise self._offset_conflict(offset, held)
-            new_offset = await asyncio.to_thread(append_chunk, partial, body) if body else held
+            new_offset = (
+                await self.objects.append(appliance_id, sha256, offset, bytes(body))
+                if body
+                else held
+            )
             if new_offset < length:
                 return web.Response(
                     status=204,
                     headers={"Upload-Offset": str(new_offset), "Cache-Control": "no-store"},
                 )
-            final = self._final_path(appliance_id, sha256)
-            if length == 0:
-                await asyncio.to_thread(append_chunk, partial, b"")
-            verified = await asyncio.to_thread(complete_upload, partial, final, sha256)
+            verified = await self.objects.finish(appliance_id, sha256)
         fields = {"appliance_id": appliance_id, "sha256": sha256, "size": new_offset}
         if not verified:
             log.warning(
@@ -478,6 +466,7 @@ def build_receiver_app(
     concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
     clock: Callable[[], float] | None = None,
     database: str | None = None,
+    bucket: BucketSettings | None = None,
 ) -> web.Application:
     """The receiver as an aiohttp app; receiver.db opens on startup and closes on cleanup.
 
@@ -489,7 +478,8 @@ def build_receiver_app(
     object is `app[RECEIVER_KEY]`. Journals of one appliance id shipping interleaved within
     `concurrent_quiet` seconds are flagged as concurrent (`clock` gives wall-clock seconds; by
     default the machine's, or PostgreSQL's). `database`: a PostgreSQL DSN for the records
-    (receiver/postgres.py); None keeps them in DATA_DIR/receiver.db. Serve it with
+    (receiver/postgres.py); None keeps them in DATA_DIR/receiver.db. `bucket`: an S3 bucket for
+    payload bytes (receiver/objects.py); None keeps them under DATA_DIR. Serve it with
     `serve_receiver()` (or an AppRunner with auto_decompress=False): the app inflates gzip
     bodies itself, under its own limits."""
     receiver = _Receiver(
@@ -501,6 +491,7 @@ def build_receiver_app(
         concurrent_quiet=concurrent_quiet,
         clock=clock,
         database=database,
+        bucket=bucket,
     )
     # Handlers stream bodies under their own limits; this caps anything that reads whole bodies.
     middlewares: list[Any] = [json_errors]

@@ -1,6 +1,6 @@
-"""Shared fixtures: a real journal (SQLite file in tmp_path) with its payload store, and a real
+"""Shared fixtures: a real journal (SQLite file in tmp_path) with its payload store, a real
 PostgreSQL server for the receiver's fleet store (one per test session, a fresh database per
-test)."""
+test), and a real S3-compatible server (SeaweedFS, one per session)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 from config import JournalSection
 from sync import Journal, PayloadStore
 from tests.postgres import PostgresServer, create_database
+from tests.seaweed import S3Server, run_seaweedfs
 
 APPLIANCE_ID = "test-appliance"
 
@@ -71,3 +72,9 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_dsn(postgres_server: PostgresServer) -> str:
     """A fresh, empty database on the session's server."""
     return create_database(postgres_server, f"test_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One SeaweedFS server for the session (tests/seaweed.py); tests keep apart by key prefix."""
+    yield from run_seaweedfs(tmp_path_factory)

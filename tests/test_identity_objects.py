@@ -30,9 +30,8 @@ from sync.journal_markers import COLLISION_QUIET_S
 from sync.records import format_ts, parse_ts
 from sync.s3 import S3Target
 from sync.targets import make_target
-from tests.test_s3 import BUCKET, S3Server, s3_cfg, s3_server
-
-__all__ = ["s3_server"]  # the module-scoped SeaweedFS fixture of tests/test_s3.py
+from tests.seaweed import BUCKET, S3Server
+from tests.test_s3 import s3_cfg
 
 APPLIANCE = "same-01"
 CHUNK = 64 * 1024

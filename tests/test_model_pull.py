@@ -38,10 +38,8 @@ from sync.model_pull import (
 from tests.conftest import APPLIANCE_ID
 from tests.faultproxy import FaultProxy
 from tests.helpers import ROOT, cli_env, fast_sensor, write_config
+from tests.seaweed import BUCKET, S3Server
 from tests.test_model_feed import make_package, sha256_of
-from tests.test_s3 import BUCKET, S3Server, s3_server
-
-__all__ = ["s3_server"]  # the module-scoped SeaweedFS fixture of tests/test_s3.py
 
 TOKEN = "token-of-the-appliance"
 ADMIN = "admin-secret"

@@ -1,0 +1,207 @@
+"""Payload bytes in a shared bucket (receiver/objects.py, S3Objects) on real servers: SeaweedFS
+for the bucket, PostgreSQL for the index, several receiver replicas. An upload started through
+one replica resumes through another with no chunk sent twice, a payload appears only verified,
+abandoned uploads expire, and a bucket that stops answering is a retryable 503."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from receiver import build_receiver_app, serve_receiver
+from receiver.objects import PART_BYTES, BucketSettings, BucketUnavailable, S3Objects
+from tests.faultproxy import FaultProxy
+from tests.seaweed import BUCKET, S3Server
+from tests.test_receiver import TOKENS, Client, ndjson, record
+
+
+def bucket_settings(
+    server: S3Server, prefix: str, endpoint_url: str | None = None
+) -> BucketSettings:
+    return BucketSettings(
+        endpoint_url=endpoint_url or server.endpoint_url,
+        bucket=BUCKET,
+        access_key_file=server.access_key_file,
+        secret_key_file=server.secret_key_file,
+        prefix=prefix,
+        timeout_s=5.0,
+    )
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"receiver-{uuid.uuid4().hex[:8]}/"
+
+
+@contextlib.asynccontextmanager
+async def replica(
+    data_dir: Path,
+    dsn: str,
+    bucket: BucketSettings,
+    *,
+    max_chunk_bytes: int = 4096,
+) -> AsyncIterator[Client]:
+    app = build_receiver_app(
+        data_dir, TOKENS, database=dsn, bucket=bucket, max_chunk_bytes=max_chunk_bytes
+    )
+    async with (
+        serve_receiver(app, "127.0.0.1", 0) as addresses,
+        aiohttp.ClientSession() as session,
+    ):
+        host, port = addresses[0]
+        yield Client(f"http://{host}:{port}", session, data_dir, dsn)
+
+
+def files_named(folder: Path, part: str) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and part in p.name]
+
+
+async def bucket_keys(objects: S3Objects, prefix: str) -> list[str]:
+    keys: list[str] = []
+    paginator = objects.client.get_paginator("list_objects_v2")
+    async for page in paginator.paginate(Bucket=BUCKET, Prefix=prefix):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return sorted(keys)
+
+
+async def object_bytes(objects: S3Objects, key: str) -> bytes:
+    answer = await objects.client.get_object(Bucket=BUCKET, Key=key)
+    async with answer["Body"] as body:
+        data: bytes = await body.read()
+    return data
+
+
+async def test_an_upload_moves_between_replicas_chunk_by_chunk(
+    tmp_path: Path, s3_server: S3Server, postgres_dsn: str, prefix: str
+) -> None:
+    data = os.urandom(10_000)
+    digest = hashlib.sha256(data).hexdigest()
+    bucket = bucket_settings(s3_server, prefix)
+    async with (
+        replica(tmp_path / "a", postgres_dsn, bucket) as a,
+        replica(tmp_path / "b", postgres_dsn, bucket) as b,
+        replica(tmp_path / "c", postgres_dsn, bucket) as c,
+    ):
+        assert (await a.head(digest)).status == 404
+        status, headers, _ = await a.patch(digest, data[:4000], 0, len(data))
+        assert (status, headers["Upload-Offset"]) == (204, "4000")
+        # The link drops; the appliance's next connection lands on another replica, which
+        # knows the offset from the bucket.
+        head = await b.head(digest)
+        assert (head.status, head.headers["Upload-Offset"]) == (200, "4000")
+        status, headers, _ = await b.patch(digest, data[4000:8000], 4000, len(data))
+        assert (status, headers["Upload-Offset"]) == (204, "8000")
+        # A chunk sent again to a replica that is behind the bucket is answered with the
+        # offset the bucket holds (409), not stored twice.
+        status, _, body = await c.patch(digest, data[:4000], 0, len(data))
+        assert status == 409 and body["error"] == "offset mismatch"
+        status, headers, _ = await c.patch(digest, data[8000:], 8000, len(data))
+        assert (status, headers["Upload-Complete"]) == (204, "1")
+        head = await a.head(digest)
+        assert (head.status, head.headers["Upload-Complete"]) == (200, "1")
+        summary = await b.summary()
+    assert (summary["payloads"], summary["payload_bytes"]) == (1, len(data))
+    objects = await S3Objects.open(bucket)
+    try:
+        # The payload, verified, and nothing of the upload left; nothing on the replicas' disks.
+        assert await bucket_keys(objects, prefix) == [f"{prefix}payloads/ship-1/{digest}"]
+        assert await object_bytes(objects, f"{prefix}payloads/ship-1/{digest}") == data
+    finally:
+        await objects.close()
+    assert not await asyncio.to_thread(files_named, tmp_path, digest)
+
+
+async def test_a_large_payload_is_assembled_in_parts_and_a_wrong_hash_leaves_nothing(
+    tmp_path: Path, s3_server: S3Server, postgres_dsn: str, prefix: str
+) -> None:
+    data = os.urandom(PART_BYTES * 2 + 12345)
+    digest = hashlib.sha256(data).hexdigest()
+    chunk = 1024 * 1024  # aiohttp's client warns about larger bodies sent from bytes
+    bucket = bucket_settings(s3_server, prefix)
+    async with replica(tmp_path / "a", postgres_dsn, bucket, max_chunk_bytes=chunk) as a:
+        for offset in range(0, len(data), chunk):
+            status, headers, body = await a.patch(
+                digest, data[offset : offset + chunk], offset, len(data)
+            )
+            assert status == 204, body
+        assert headers["Upload-Complete"] == "1"
+        wrong = hashlib.sha256(b"not these bytes").hexdigest()
+        status, _, body = await a.patch(wrong, data[:100], 0, 100)
+        assert status == 422 and body["error"] == "sha256 mismatch"
+        assert (await a.head(wrong)).status == 404
+    objects = await S3Objects.open(bucket)
+    try:
+        assert await bucket_keys(objects, prefix) == [f"{prefix}payloads/ship-1/{digest}"]
+        assert await object_bytes(objects, f"{prefix}payloads/ship-1/{digest}") == data
+    finally:
+        await objects.close()
+
+
+async def test_abandoned_uploads_in_the_bucket_expire(s3_server: S3Server, prefix: str) -> None:
+    objects = await S3Objects.open(bucket_settings(s3_server, prefix))
+    try:
+        digest = hashlib.sha256(b"whatever").hexdigest()
+        assert await objects.append("ship-1", digest, 0, b"half of it") == 10
+        assert await objects.held("ship-1", digest) == (10, False)
+        assert await objects.expire(3600.0, now=time.time() + 60) == []
+        assert await objects.expire(3600.0, now=time.time() + 7200) == [("ship-1", digest, 10)]
+        assert await objects.held("ship-1", digest) == (0, False)
+    finally:
+        await objects.close()
+
+
+async def test_a_bucket_that_stops_answering_is_a_retryable_503(
+    tmp_path: Path, s3_server: S3Server, postgres_dsn: str, prefix: str
+) -> None:
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    data = b"clip bytes " * 300
+    digest = hashlib.sha256(data).hexdigest()
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        bucket = bucket_settings(s3_server, prefix, endpoint_url=f"http://127.0.0.1:{proxy.port}")
+        async with replica(tmp_path / "a", postgres_dsn, bucket) as a:
+            status, _, _ = await a.patch(digest, data[:1500], 0, len(data))
+            assert status == 204
+            proxy.refuse(True)
+            proxy.cut_all()
+            status, headers, body = await a.patch(digest, data[1500:], 1500, len(data))
+            assert status == 503, body
+            assert (body["error"], headers["Retry-After"]) == ("object store unavailable", "5")
+            # Records do not need the bucket.
+            status, answer = await a.put_batch("event-1-1", ndjson([record(1)]))
+            assert (status, answer["stored"]) == (200, 1)
+            proxy.clear()
+            status, headers, _ = await a.patch(digest, data[1500:], 1500, len(data))
+            assert (status, headers["Upload-Complete"]) == (204, "1")
+
+
+async def test_a_bucket_the_keys_cannot_use_stops_the_start(
+    tmp_path: Path, s3_server: S3Server, prefix: str
+) -> None:
+    wrong = tmp_path / "secret"
+    wrong.write_text("not-the-secret\n")
+    settings = BucketSettings(
+        endpoint_url=s3_server.endpoint_url,
+        bucket=BUCKET,
+        access_key_file=s3_server.access_key_file,
+        secret_key_file=wrong,
+        prefix=prefix,
+    )
+    with pytest.raises(BucketUnavailable, match=f"bucket '{BUCKET}'"):
+        await S3Objects.open(settings)
+    missing = BucketSettings(
+        endpoint_url=s3_server.endpoint_url,
+        bucket="no-such-bucket",
+        access_key_file=s3_server.access_key_file,
+        secret_key_file=s3_server.secret_key_file,
+    )
+    with pytest.raises(BucketUnavailable, match="no-such-bucket"):
+        await S3Objects.open(missing)
