@@ -18,8 +18,10 @@ from config.loader import (
     config_schema,
     format_key,
     load_config,
+    load_receiver_config,
     parse_config,
     profile_text,
+    receiver_config_schema,
 )
 from config.models import ApplianceConfig, ApplianceSection, StatusSection
 from config.sensors import (
@@ -87,6 +89,8 @@ __all__ = [
     "config_schema",
     "format_key",
     "load_config",
+    "load_receiver_config",
     "parse_config",
     "profile_text",
+    "receiver_config_schema",
 ]

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from config.errors import ConfigError, ConfigErrors
 from config.models import ApplianceConfig
+from config.receiver import ReceiverConfig
 
 KeyPath = tuple[str | int, ...]
 
@@ -213,7 +214,8 @@ def _convert(exc: ValidationError, lines: Mapping[KeyPath, int], file: str) -> C
             part
             for part in error["loc"]
             if not (
-                isinstance(part, str) and part in ("simulated", "csv", "http", "directory", "s3")
+                isinstance(part, str)
+                and part in ("simulated", "csv", "http", "directory", "s3", "sqlite", "postgres")
             )
         )
         message = error["msg"].removeprefix("Value error, ")
@@ -228,6 +230,32 @@ def _convert(exc: ValidationError, lines: Mapping[KeyPath, int], file: str) -> C
             ConfigError(message, file=file, key=format_key(loc), line=_line_for(loc, lines))
         )
     return ConfigErrors(errors)
+
+
+def load_receiver_config(
+    path: str | Path, *, environ: Mapping[str, str] | None = None
+) -> ReceiverConfig:
+    """Load and validate the receiver's config file: the same YAML, `${VAR}` and `${file:PATH}`
+    rules and line-numbered errors as the appliance's (no APPLIANCE_* overrides)."""
+    env = os.environ if environ is None else environ
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file: {exc.strerror}", file=str(file), line=None
+        ) from exc
+    data, lines = _parse_yaml(text, str(file))
+    data = _substitute(data, (), lines, str(file), env, file.parent)
+    try:
+        return ReceiverConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _convert(exc, lines, str(file)) from None
+
+
+def receiver_config_schema() -> dict[str, Any]:
+    """JSON schema of the receiver's config file."""
+    return ReceiverConfig.model_json_schema()
 
 
 def config_schema() -> dict[str, Any]:

@@ -132,9 +132,11 @@ class _Receiver:
         clock: Callable[[], float] | None = None,
         database: str | None = None,
         bucket: BucketSettings | None = None,
+        max_connections: int = 10,
     ) -> None:
         self.data_dir = data_dir
         self.bucket = bucket
+        self.max_connections = max_connections
         self.partial_ttl = partial_ttl
         self.concurrent_quiet = concurrent_quiet
         self.clock = clock
@@ -179,7 +181,10 @@ class _Receiver:
             if self.database is not None:
                 # A fleet's store: PostgreSQL, whose clock (not this replica's) stamps the rows.
                 store: RecordStore = await PostgresStore.open(
-                    self.database, concurrent_quiet=self.concurrent_quiet, clock=self.clock
+                    self.database,
+                    concurrent_quiet=self.concurrent_quiet,
+                    clock=self.clock,
+                    max_connections=self.max_connections,
                 )
             else:
                 store = await ReceiverStore.open(
@@ -467,6 +472,7 @@ def build_receiver_app(
     clock: Callable[[], float] | None = None,
     database: str | None = None,
     bucket: BucketSettings | None = None,
+    max_connections: int = 10,
 ) -> web.Application:
     """The receiver as an aiohttp app; receiver.db opens on startup and closes on cleanup.
 
@@ -492,6 +498,7 @@ def build_receiver_app(
         clock=clock,
         database=database,
         bucket=bucket,
+        max_connections=max_connections,
     )
     # Handlers stream bodies under their own limits; this caps anything that reads whole bodies.
     middlewares: list[Any] = [json_errors]
@@ -555,9 +562,12 @@ async def run_receiver(
     admin_tokens_file: Path | None = None,
     concurrent_quiet: float = DEFAULT_CONCURRENT_QUIET_S,
     database: str | None = None,
+    bucket: BucketSettings | None = None,
+    max_connections: int = 10,
 ) -> None:
     """`appliance receiver`: serve until `stop` is set or SIGTERM/SIGINT arrives. `database`:
-    a PostgreSQL DSN for the records (None: DATA_DIR/receiver.db)."""
+    a PostgreSQL DSN for the records (None: DATA_DIR/receiver.db); `bucket`: where payload bytes
+    go (None: DATA_DIR)."""
     host, port = parse_listen(listen)
     tokens = await asyncio.to_thread(parse_tokens_file, tokens_file) if tokens_file else None
     admin_tokens = (
@@ -582,6 +592,8 @@ async def run_receiver(
             admin_tokens=admin_tokens,
             concurrent_quiet=concurrent_quiet,
             database=database,
+            bucket=bucket,
+            max_connections=max_connections,
         )
         async with serve_receiver(app, host, port, ssl_context) as addresses:
             scheme = "https" if ssl_context is not None else "http"
@@ -599,6 +611,9 @@ async def run_receiver(
                             "database": "receiver.db"
                             if database is None
                             else f"postgresql {describe_dsn(database)}",
+                            "objects": "data folder"
+                            if bucket is None
+                            else f"s3 {bucket.endpoint_url}/{bucket.bucket}/{bucket.prefix}",
                             "appliances": None if tokens is None else len(tokens),
                             "publishing": bool(admin_tokens),
                             "client_certificates": client_certificates,

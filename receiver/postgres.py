@@ -235,16 +235,16 @@ class StoreUnavailable(RuntimeError):
     """The database cannot be reached when the receiver starts (exit 1, the message says where)."""
 
 
-def read_database_file(path: Path) -> str:
+def read_database_file(path: Path, what: str = "--database-file") -> str:
     """The PostgreSQL DSN kept in `path` (a secret: it may hold a password, so it never comes
-    from the command line and is never echoed back)."""
+    from the command line and is never echoed back). `what` names the setting in errors."""
     try:
         dsn = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"--database-file {path}: {exc}") from None
+        raise ValueError(f"{what} {path}: {exc}") from None
     if not dsn.startswith(("postgresql://", "postgres://")) or len(dsn.split()) != 1:
         raise ValueError(
-            f"--database-file {path} must hold one PostgreSQL URL, "
+            f"{what} {path} must hold one PostgreSQL URL, "
             "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
         )
     return dsn
@@ -288,6 +288,7 @@ class PostgresStore:
         clock: Callable[[], float] | None = None,
         max_connections: int = 10,
     ) -> PostgresStore:
+        """Connect (a pool of at most `max_connections`), migrate, and return the store."""
         try:
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_connections)
         except Exception as exc:

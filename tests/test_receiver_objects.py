@@ -8,8 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,9 +22,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from appliance.cli import main as cli_main
 from receiver import build_receiver_app, serve_receiver
 from receiver.objects import PART_BYTES, BucketSettings, BucketUnavailable, S3Objects
 from tests.faultproxy import FaultProxy
+from tests.helpers import ROOT, cli_env, log_events, wait_for
 from tests.seaweed import BUCKET, S3Server
 from tests.test_receiver import TOKENS, Client, ndjson, record
 
@@ -71,6 +78,15 @@ async def bucket_keys(objects: S3Objects, prefix: str) -> list[str]:
     async for page in paginator.paginate(Bucket=BUCKET, Prefix=prefix):
         keys += [item["Key"] for item in page.get("Contents", [])]
     return sorted(keys)
+
+
+async def read_back(bucket: BucketSettings, digest: str) -> bytes:
+    """The payload `digest` of ship-1 as the bucket holds it."""
+    objects = await S3Objects.open(bucket)
+    try:
+        return await object_bytes(objects, f"{bucket.prefix}payloads/ship-1/{digest}")
+    finally:
+        await objects.close()
 
 
 async def object_bytes(objects: S3Objects, key: str) -> bytes:
@@ -205,3 +221,89 @@ async def test_a_bucket_the_keys_cannot_use_stops_the_start(
     )
     with pytest.raises(BucketUnavailable, match="no-such-bucket"):
         await S3Objects.open(missing)
+
+
+def test_the_receiver_serves_from_its_config_file_on_postgres_and_a_bucket(
+    tmp_path: Path,
+    s3_server: S3Server,
+    postgres_dsn: str,
+    prefix: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    database = tmp_path / "database"
+    database.write_text(postgres_dsn + "\n")
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ship-1 token-one\n")
+    config = tmp_path / "receiver.yaml"
+    config.write_text(
+        f"""
+listen: 127.0.0.1:0
+data: {tmp_path / "data"}
+tokens_file: {tokens}
+store:
+  type: postgres
+  database_file: {database}
+objects:
+  type: s3
+  endpoint_url: {s3_server.endpoint_url}
+  bucket: {BUCKET}
+  prefix: {prefix}
+  access_key_file: {s3_server.access_key_file}
+  secret_key_file: {s3_server.secret_key_file}
+partial_ttl: 7d
+"""
+    )
+    assert cli_main(["receiver", "config", "check", str(config)]) == 0
+    assert "store postgres, objects s3" in capsys.readouterr().out
+    assert cli_main(["receiver", "config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"listen", "data", "store", "objects"} <= set(schema["properties"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(config.read_text().replace("  type: s3", "  type: s4"))
+    assert cli_main(["receiver", "config", "check", str(broken)]) == 2
+    assert f"{broken}:" in capsys.readouterr().err
+    assert cli_main(["receiver", "-c", str(config), "--listen", "127.0.0.1:0"]) == 2
+    assert "leave out --listen" in capsys.readouterr().err
+
+    data = b"snapshot " * 500
+    digest = hashlib.sha256(data).hexdigest()
+    out, log = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("wb") as stdout, log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "receiver", "-c", str(config)],
+            stdout=stdout,
+            stderr=stderr,
+            env=cli_env(),
+            cwd=ROOT,
+        )
+    try:
+        line = wait_for(
+            lambda: next((x for x in out.read_text().splitlines() if "listening on" in x), None),
+            20,
+            "the receiver to print its address",
+        )
+        url = line.rsplit(" ", 1)[1]
+        auth = {"Authorization": "Bearer token-one"}
+        request = urllib.request.Request(
+            f"{url}/v1/appliances/ship-1/payloads/{digest}",
+            data=data,
+            method="PATCH",
+            headers={
+                **auth,
+                "Upload-Offset": "0",
+                "Upload-Length": str(len(data)),
+                "Content-Type": "application/offset+octet-stream",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers["Upload-Complete"] == "1"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    listening = next(e for e in log_events(log) if e["msg"] == "receiver listening")
+    assert listening["database"].startswith("postgresql 127.0.0.1:")
+    assert listening["objects"] == f"s3 {s3_server.endpoint_url}/{BUCKET}/{prefix}"
+    assert asyncio.run(read_back(bucket_settings(s3_server, prefix), digest)) == data
