@@ -326,10 +326,11 @@ class _Receiver:
         try:
             result = await self.store.store_batch(batch)
         except Refusal as refusal:
-            log.warning(
-                "batch refused: conflicting records",
-                extra={"fields": {**fields, **refusal.extra}},
-            )
+            if refusal.status == 409:
+                log.warning(
+                    "batch refused: conflicting records",
+                    extra={"fields": {**fields, **refusal.extra}},
+                )
             raise
         fields.update(stored=result.stored, duplicates=result.duplicates)
         log.info("batch stored", extra={"fields": fields})

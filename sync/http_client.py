@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from config.shipping import HttpDestination
@@ -107,16 +108,18 @@ class HttpTarget:
 
     async def _request(
         self, method: str, url: str, **kwargs: Any
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> tuple[int, CIMultiDict[str], bytes]:
         """One request with brief retries on connection errors and 5xx; 4xx is final."""
         assert self._session is not None, "HttpTarget used outside `async with`"
         session = self._session
 
-        async def once() -> tuple[int, dict[str, str], bytes]:
+        async def once() -> tuple[int, CIMultiDict[str], bytes]:
             try:
                 async with session.request(method, url, **kwargs) as response:
                     body = await response.read()
-                    status, headers = response.status, dict(response.headers)
+                    # Header names are case-insensitive: a load balancer (HAProxy, and any
+                    # HTTP/2 hop) hands them on in lower case.
+                    status, headers = response.status, CIMultiDict(response.headers)
             except aiohttp.ClientError as exc:
                 raise self._tls_error(exc) or DestinationError(
                     self.name, f"{method} failed: {exc or type(exc).__name__}", retryable=True
@@ -257,7 +260,16 @@ class HttpTarget:
                 ),
             )
             if status == 409:  # the receiver holds a different offset: continue from there
-                offset = int(headers.get("Upload-Offset", "0"))
+                held = headers.get("Upload-Offset")
+                if held is None or not held.isdigit() or int(held) == offset:
+                    # Never loop on an answer that does not move the upload on.
+                    raise DestinationError(
+                        self.name,
+                        f"payload {sha256[:12]}: 409 at offset {offset} without a new "
+                        f"Upload-Offset ({held!r})",
+                        retryable=True,
+                    )
+                offset = int(held)
                 continue
             if status not in (200, 204):
                 raise self._refused(f"payload {sha256[:12]}", status, body)

@@ -1,0 +1,298 @@
+"""The shore side at fleet scale, every part real: PostgreSQL for the records, SeaweedFS for the
+payload bytes, three `appliance receiver -c` processes sharing nothing else, and HAProxy
+round-robin in front of them. Two appliances ship through it while replicas are SIGKILLed mid
+batch and mid upload and PostgreSQL restarts; at the end the shore holds exactly their journals:
+every record once, every payload byte for byte, summaries that agree."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import signal
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+
+from config.shipping import HttpDestination, SyncSection
+from receiver.objects import BucketSettings, S3Objects
+from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
+from sync.destination import DestinationError
+from sync.engine import SyncEngine
+from sync.http_client import HttpTarget
+from tests.haproxy import LoadBalancer
+from tests.helpers import ROOT, cli_env, wait_for
+from tests.mosquitto import free_port
+from tests.postgres import PostgresServer
+from tests.seaweed import BUCKET, S3Server
+
+APPLIANCES = ("vessel-a", "vessel-b")
+FAULT_CYCLES = 30
+
+
+@dataclass
+class Replica:
+    """One `appliance receiver -c` process on its own port."""
+
+    config: Path
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "appliance", "receiver", "-c", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=cli_env(),
+                cwd=ROOT,
+            )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=30)
+
+
+@dataclass
+class Shore:
+    replicas: list[Replica]
+    balancer: LoadBalancer
+    database: str
+    bucket: BucketSettings
+    tokens: dict[str, str] = field(default_factory=dict)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def shore(tmp_path: Path, postgres_dsn: str, s3_server: S3Server) -> Iterator[Shore]:
+    prefix = f"fleet-{uuid.uuid4().hex[:8]}/"
+    tokens = {name: f"token-{name}-{uuid.uuid4().hex[:8]}" for name in APPLIANCES}
+    (tmp_path / "tokens").write_text("".join(f"{k} {v}\n" for k, v in tokens.items()))
+    (tmp_path / "database").write_text(postgres_dsn + "\n")
+    replicas = []
+    for n in range(3):
+        port = free_port()
+        config = tmp_path / f"receiver-{n}.yaml"
+        config.write_text(
+            f"""listen: 127.0.0.1:{port}
+data: {tmp_path / f"replica-{n}"}
+tokens_file: {tmp_path / "tokens"}
+store:
+  type: postgres
+  database_file: {tmp_path / "database"}
+objects:
+  type: s3
+  endpoint_url: {s3_server.endpoint_url}
+  bucket: {BUCKET}
+  prefix: {prefix}
+  access_key_file: {s3_server.access_key_file}
+  secret_key_file: {s3_server.secret_key_file}
+  timeout: 5s
+log_level: warning
+"""
+        )
+        replicas.append(Replica(config, port, tmp_path / f"replica-{n}.log"))
+    for replica in replicas:
+        replica.start()
+    for replica in replicas:
+        wait_for(partial(_healthy, replica.port), 30, f"replica on {replica.port}")
+    balancer = LoadBalancer(tmp_path, [r.port for r in replicas])
+    balancer.start()
+    bucket = BucketSettings(
+        endpoint_url=s3_server.endpoint_url,
+        bucket=BUCKET,
+        access_key_file=s3_server.access_key_file,
+        secret_key_file=s3_server.secret_key_file,
+        prefix=prefix,
+    )
+    try:
+        yield Shore(replicas, balancer, postgres_dsn, bucket, tokens)
+    finally:
+        balancer.stop()
+        for replica in replicas:
+            replica.kill()
+
+
+@dataclass
+class Appliance:
+    name: str
+    journal: Journal
+    store: PayloadStore
+    engine: SyncEngine
+    target: HttpTarget
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+
+@contextlib.asynccontextmanager
+async def appliance(tmp_path: Path, name: str, shore: Shore) -> AsyncIterator[Appliance]:
+    data = tmp_path / name
+    store = PayloadStore(data / "payloads")
+    journal = await Journal.open(data, appliance_id=name, payloads=store)
+    token = tmp_path / f"{name}.token"
+    token.write_text(shore.tokens[name] + "\n")
+    cfg = HttpDestination.model_validate(
+        {
+            "name": "shore",
+            "type": "http",
+            "url": shore.balancer.url,
+            "token_file": str(token),
+            "timeout": "5s",
+        }
+    )
+    settings = SyncSection.model_validate({"batch_records": 40, "chunk_size": "128KiB"})
+    target = HttpTarget(cfg, name, settings.chunk_size)
+    try:
+        async with target:
+            yield Appliance(
+                name, journal, store, SyncEngine(journal, store, target, cfg, settings), target
+            )
+    finally:
+        await journal.close()
+
+
+async def journal_some(device: Appliance, rng: random.Random, cycle: int) -> None:
+    """A cycle's work: 10 records, one with a snapshot of a few 128 KiB chunks."""
+    for i in range(10):
+        refs: tuple[PayloadRef, ...] = ()
+        if i == 0:
+            data = rng.randbytes(rng.randint(20_000, 450_000))
+            ref = await device.store.put(data)
+            device.blobs[ref.sha256] = data
+            refs = (ref,)
+        await device.journal.append(
+            NewRecord(
+                "gearbox",
+                "reading",
+                Priority(1 + (cycle + i) % 4),
+                {"cycle": cycle, "i": i, "pad": "v" * 200},
+                payloads=refs,
+            )
+        )
+
+
+async def drain_for(device: Appliance, seconds: float) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await device.engine.drain()
+    except DestinationError as exc:
+        assert exc.retryable, exc
+    except TimeoutError:
+        pass
+
+
+@pytest.mark.timeout(600)
+async def test_two_appliances_through_three_replicas_with_kills_and_a_database_restart(
+    tmp_path: Path, shore: Shore, postgres_server: PostgresServer
+) -> None:
+    rng = random.Random(15)
+    faults: dict[str, int] = {}
+
+    async with (
+        appliance(tmp_path, APPLIANCES[0], shore) as first,
+        appliance(tmp_path, APPLIANCES[1], shore) as second,
+    ):
+        devices = (first, second)
+        for cycle in range(FAULT_CYCLES):
+            for device in devices:
+                await journal_some(device, rng, cycle)
+            fault = rng.choice(["kill", "kill", "kill_two", "database", "none"])
+            if cycle == FAULT_CYCLES // 2:
+                fault = "database"  # at least one PostgreSQL restart, whatever the seed
+            faults[fault] = faults.get(fault, 0) + 1
+            drains = [asyncio.create_task(drain_for(d, rng.uniform(1.0, 3.0))) for d in devices]
+            await asyncio.sleep(rng.uniform(0.05, 0.5))  # mid batch, mid upload
+            if fault in ("kill", "kill_two"):
+                # Never all of them at once: HAProxy routes around the dead ones.
+                alive = [r for r in shore.replicas if r.alive]
+                count = min(1 if fault == "kill" else 2, len(alive) - 1)
+                for replica in rng.sample(alive, max(count, 0)):
+                    replica.kill()
+            elif fault == "database":
+                await asyncio.to_thread(postgres_server.kill)
+                await asyncio.sleep(0.3)
+                await asyncio.to_thread(postgres_server.start)
+            await asyncio.gather(*drains)
+            # Restarted in the background, as a supervisor would: the next cycle does not wait.
+            for replica in shore.replicas:
+                if not replica.alive:
+                    replica.start()
+        for replica in shore.replicas:
+            await asyncio.to_thread(
+                wait_for, partial(_healthy, replica.port), 60, "a restarted replica"
+            )
+        for device in devices:
+            for _ in range(5):
+                with contextlib.suppress(DestinationError):
+                    if await device.engine.drain():
+                        break
+            else:
+                pytest.fail(f"{device.name} did not drain")
+        totals = {d.name: await d.journal.read(lambda r: r.max_seq()) for d in devices}
+        blobs = {d.name: d.blobs for d in devices}
+        async with aiohttp.ClientSession() as session:
+            summaries = {}
+            for name in APPLIANCES:
+                async with session.get(
+                    f"{shore.balancer.url}/v1/appliances/{name}/summary",
+                    headers={"Authorization": f"Bearer {shore.tokens[name]}"},
+                ) as answer:
+                    assert answer.status == 200
+                    summaries[name] = await answer.json()
+    assert faults.get("kill", 0) + faults.get("kill_two", 0) >= 10 and faults["database"] >= 1
+    conn = await asyncpg.connect(shore.database)
+    try:
+        for name in APPLIANCES:
+            rows = await conn.fetch(
+                "SELECT seq FROM receiver.records WHERE appliance_id = $1 ORDER BY seq", name
+            )
+            # Every record exactly once: all seqs, none twice.
+            assert [row["seq"] for row in rows] == list(range(1, totals[name] + 1))
+            summary = summaries[name]
+            assert (summary["records"], summary["max_seq"]) == (totals[name], totals[name])
+            assert summary["payloads"] == len(blobs[name])
+            assert summary["payload_bytes"] == sum(len(b) for b in blobs[name].values())
+    finally:
+        await conn.close()
+    objects = await S3Objects.open(shore.bucket)
+    try:
+        for name in APPLIANCES:
+            for sha, data in blobs[name].items():
+                stored = await objects.client.get_object(
+                    Bucket=BUCKET, Key=objects.final_key(name, sha)
+                )
+                async with stored["Body"] as body:
+                    copy = await body.read()
+                assert hashlib.sha256(copy).hexdigest() == sha and copy == data
+    finally:
+        await objects.close()
+    # A clean stop of every replica still works after all that.
+    assert [replica.stop() for replica in shore.replicas] == [0, 0, 0]
