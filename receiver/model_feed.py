@@ -31,19 +31,18 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NoReturn, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from config.names import NAME_PATTERN, NAME_RE, VERSION_RE
 from receiver.backend import PublishedPackage, RecordStore
-from receiver.protocol import Refusal, valid_appliance_id
-from sync.payloads import fsync_dir
+from receiver.objects import DirectoryObjects, PayloadObjects
+from receiver.protocol import MODELS_DIR, Refusal, valid_appliance_id
 
 log = logging.getLogger(__name__)
 
-MODELS_DIR = "models"
 INCOMING_DIR = ".incoming"
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -52,6 +51,7 @@ DEFAULT_MAX_PACKAGE_BYTES = 4 * 1024**3
 READ_CHUNK = 64 * 1024
 _SPOOL_CHUNK = 1024 * 1024
 _SEND_CHUNK = 256 * 1024
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 
 # ---------------------------------------------------------------------------- package identity
@@ -139,6 +139,9 @@ class ApplianceAuthority(Protocol):
     @property
     def store(self) -> RecordStore: ...
 
+    @property
+    def objects(self) -> PayloadObjects: ...
+
     def authorize(self, request: web.Request) -> str: ...
 
     def sha256_of(self, request: web.Request) -> str: ...
@@ -194,13 +197,6 @@ class _Spool:
         if self._handle is not None:
             self._handle.close()
         self.path.unlink(missing_ok=True)
-
-
-def _install(spooled: Path, final: Path) -> None:
-    """Rename the received file into place (over an older copy of the same bytes, which may be
-    damaged) and make the rename durable."""
-    spooled.replace(final)
-    fsync_dir(final.parent)
 
 
 class ModelFeed:
@@ -319,7 +315,7 @@ class ModelFeed:
                         f"{name} {version} is already published with other contents (sha256 "
                         f"{existing.sha256}); a version is never replaced: publish a new one",
                     )
-                await asyncio.to_thread(_install, spool.path, self.root / sha256)
+                await self.receiver.objects.put_package(sha256, spool.path)
                 candidate = PublishedPackage(
                     name, version, sha256, spool.size, appliances, groups, _now()
                 )
@@ -374,13 +370,57 @@ class ModelFeed:
             raise Refusal(
                 404, "unknown package", f"no package {sha256} is published for {appliance_id}"
             )
-        path = self.root / sha256
-        if not await asyncio.to_thread(path.is_file):
-            log.error("published model package file missing", extra={"fields": {"path": str(path)}})
-            raise Refusal(404, "unknown package", f"package {sha256} is missing on the receiver")
-        return web.FileResponse(
-            path, chunk_size=_SEND_CHUNK, headers={"Content-Type": "application/x-tar"}
-        )
+        objects = self.receiver.objects
+        if isinstance(objects, DirectoryObjects):
+            path = objects.package_path(sha256)
+            if not await asyncio.to_thread(path.is_file):
+                self._missing(sha256, str(path))
+            return web.FileResponse(
+                path, chunk_size=_SEND_CHUNK, headers={"Content-Type": "application/x-tar"}
+            )
+        size = await objects.package_size(sha256)
+        if size is None:
+            self._missing(sha256, sha256)
+        return await self._stream(request, objects, sha256, size)
+
+    @staticmethod
+    def _missing(sha256: str, where: str) -> NoReturn:
+        log.error("published model package file missing", extra={"fields": {"path": where}})
+        raise Refusal(404, "unknown package", f"package {sha256} is missing on the receiver")
+
+    @staticmethod
+    async def _stream(
+        request: web.Request, objects: PayloadObjects, sha256: str, size: int
+    ) -> web.StreamResponse:
+        """A package out of the bucket: whole, or from `Range: bytes=N-` / `bytes=N-M` (how an
+        appliance resumes a cut download)."""
+        start, end, status = 0, size, 200
+        wanted = request.headers.get("Range")
+        if wanted is not None:
+            match = _RANGE.fullmatch(wanted.strip())
+            first = int(match[1]) if match else size
+            last = int(match[2]) + 1 if match and match[2] else size
+            if first >= size or last <= first:
+                raise Refusal(
+                    416,
+                    "range not satisfiable",
+                    f"the package has {size} bytes; send Range: bytes=N- with N < {size}",
+                    {"Content-Range": f"bytes */{size}"},
+                )
+            start, end, status = first, min(last, size), 206
+        headers = {
+            "Content-Type": "application/x-tar",
+            "Content-Length": str(end - start),
+            "Accept-Ranges": "bytes",
+        }
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        async for block in objects.read_package(sha256, start, end):
+            await response.write(block)
+        await response.write_eof()
+        return response
 
 
 def _now() -> str:

@@ -1,5 +1,6 @@
-"""Owns where the receiver keeps payload bytes: `DirectoryObjects` (files under the receiver's
-data folder, the default) or `S3Objects` (an S3-compatible bucket that every replica shares).
+"""Owns where the receiver keeps bytes: payloads and published model packages, in
+`DirectoryObjects` (files under the receiver's data folder, the default) or `S3Objects` (an
+S3-compatible bucket that every replica shares, `PREFIXpayloads/`, `PREFIXmodels/`).
 Both hold an upload in progress so that any replica can resume it with at most one chunk sent
 again, and both make a payload visible only once its bytes hash to its sha256.
 
@@ -26,7 +27,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from receiver.protocol import PARTIAL_DIR, PAYLOADS_DIR, Refusal
+from receiver.protocol import MODELS_DIR, PARTIAL_DIR, PAYLOADS_DIR, Refusal
 from receiver.uploads import (
     abandoned_partials,
     append_chunk,
@@ -34,6 +35,7 @@ from receiver.uploads import (
     remove_if_stale,
     upload_state,
 )
+from sync.payloads import fsync_dir
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # Parts of the final object's multipart upload: S3 wants at least 5 MiB but for the last one.
 PART_BYTES = 8 * 1024 * 1024
+_READ = 256 * 1024  # what a package download sends at a time
 _CHUNK_KEY = re.compile(r"(\d{16})-(\d{16})")
 
 
@@ -64,6 +67,19 @@ class PayloadObjects(Protocol):
 
     async def expire(self, ttl_s: float, now: float) -> list[tuple[str, str, int]]:
         """Delete uploads in progress untouched for `ttl_s`; (appliance, sha256, bytes) of each."""
+        ...
+
+    async def put_package(self, sha256: str, spooled: Path) -> None:
+        """Keep a published model package (verified, in a local spool file) under its sha256,
+        where every replica finds it."""
+        ...
+
+    async def package_size(self, sha256: str) -> int | None:
+        """Bytes of a published package; None when it is not kept."""
+        ...
+
+    def read_package(self, sha256: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes `start` to `end` (exclusive) of a published package."""
         ...
 
     async def close(self) -> None: ...
@@ -111,8 +127,44 @@ class DirectoryObjects:
                 removed.append((appliance_id, sha256, size))
         return removed
 
+    def package_path(self, sha256: str) -> Path:
+        return self.data_dir / MODELS_DIR / sha256
+
+    async def put_package(self, sha256: str, spooled: Path) -> None:
+        await asyncio.to_thread(_install, spooled, self.package_path(sha256))
+
+    async def package_size(self, sha256: str) -> int | None:
+        try:
+            return (await asyncio.to_thread(self.package_path(sha256).stat)).st_size
+        except FileNotFoundError:
+            return None
+
+    async def read_package(self, sha256: str, start: int, end: int) -> AsyncIterator[bytes]:
+        path = self.package_path(sha256)
+        offset = start
+        while offset < end:
+            block = await asyncio.to_thread(_read_range, path, offset, min(_READ, end - offset))
+            if not block:
+                return
+            offset += len(block)
+            yield block
+
     async def close(self) -> None:
         return None
+
+
+def _install(spooled: Path, final: Path) -> None:
+    """Rename the received file into place (over an older copy of the same bytes, which may be
+    damaged) and make the rename durable."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    spooled.replace(final)
+    fsync_dir(final.parent)
+
+
+def _read_range(path: Path, offset: int, size: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +400,62 @@ class S3Objects:
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
                 )
+
+    # -- published model packages ------------------------------------------------------------
+
+    def package_key(self, sha256: str) -> str:
+        return f"{self.settings.prefix}{MODELS_DIR}/{sha256}"
+
+    async def put_package(self, sha256: str, spooled: Path) -> None:
+        key = self.package_key(sha256)
+        async with self._available("keep a model package"):
+            size = (await asyncio.to_thread(spooled.stat)).st_size
+            if size <= PART_BYTES:
+                data = await asyncio.to_thread(spooled.read_bytes)
+                await self.client.put_object(Bucket=self.bucket, Key=key, Body=data)
+                return
+            upload = await self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
+            upload_id = upload["UploadId"]
+            parts: list[dict[str, Any]] = []
+            try:
+                for offset in range(0, size, PART_BYTES):
+                    block = await asyncio.to_thread(_read_range, spooled, offset, PART_BYTES)
+                    parts.append(await self._part(key, upload_id, len(parts) + 1, bytearray(block)))
+                await self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                )
+            except BaseException:
+                with contextlib.suppress(ClientError, BotoCoreError, OSError):
+                    await self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=key, UploadId=upload_id
+                    )
+                raise
+
+    async def package_size(self, sha256: str) -> int | None:
+        async with self._available("look up a model package"):
+            try:
+                head = await self.client.head_object(
+                    Bucket=self.bucket, Key=self.package_key(sha256)
+                )
+            except ClientError as exc:
+                if _status(exc) == 404:
+                    return None
+                raise
+            return int(head["ContentLength"])
+
+    async def read_package(self, sha256: str, start: int, end: int) -> AsyncIterator[bytes]:
+        if start >= end:
+            return
+        async with self._available("read a model package"):
+            answer = await self.client.get_object(
+                Bucket=self.bucket, Key=self.package_key(sha256), Range=f"bytes={start}-{end - 1}"
+            )
+            async with answer["Body"] as body:
+                while block := await body.read(_READ):
+                    yield block
 
     async def expire(self, ttl_s: float, now: float) -> list[tuple[str, str, int]]:
         """Uploads in progress whose newest chunk is older than `ttl_s`."""

@@ -27,6 +27,8 @@ DECOMPRESSED_FACTOR = 4
 RECEIVER_DB = "receiver.db"
 PAYLOADS_DIR = "payloads"
 PARTIAL_DIR = "partial"
+# Published model packages, by sha256 (receiver/model_feed.py): a folder, or a bucket prefix.
+MODELS_DIR = "models"
 PRIORITIES = ("alert", "event", "sample", "telemetry")
 # An appliance may stay offline for weeks and still resume; only far older partials are dropped.
 DEFAULT_PARTIAL_TTL_S = 30 * 86400.0

@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,9 @@ from receiver.model_feed import (
     publish_package,
     read_package_identity,
 )
+from receiver.objects import BucketSettings, S3Objects
 from tests.helpers import ROOT, cli_env, wait_for
+from tests.seaweed import BUCKET, S3Server
 
 TOKENS = {"boat-7": "token-boat-7", "boat-8": "token-boat-8", "tug-1": "token-tug-1"}
 ADMIN = "admin-secret"
@@ -79,6 +82,19 @@ class Receiver:
     base: str
     data: Path
     session: aiohttp.ClientSession
+    bucket: BucketSettings | None = None
+
+    async def stored(self, sha256: str) -> bytes:
+        """A published package's bytes where this receiver keeps them (folder or bucket)."""
+        if self.bucket is None:
+            return await asyncio.to_thread((self.data / MODELS_DIR / sha256).read_bytes)
+        objects = await S3Objects.open(self.bucket)
+        try:
+            size = await objects.package_size(sha256)
+            assert size is not None
+            return b"".join([block async for block in objects.read_package(sha256, 0, size)])
+        finally:
+            await objects.close()
 
     async def offered(
         self, appliance_id: str, group: str | None = None, token: str | None = None
@@ -127,22 +143,62 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def start(
-    data: Path, admin_tokens: tuple[str, ...] = (ADMIN,), database: str | None = None
+    data: Path,
+    admin_tokens: tuple[str, ...] = (ADMIN,),
+    database: str | None = None,
+    bucket: BucketSettings | None = None,
 ) -> AsyncIterator[Receiver]:
-    app = build_receiver_app(data, TOKENS, admin_tokens=admin_tokens, database=database)
+    app = build_receiver_app(
+        data, TOKENS, admin_tokens=admin_tokens, database=database, bucket=bucket
+    )
     async with (
         serve_receiver(app, "127.0.0.1", 0) as bound,
         aiohttp.ClientSession() as session,
     ):
-        yield Receiver(f"http://127.0.0.1:{bound[0][1]}", data, session)
+        yield Receiver(f"http://127.0.0.1:{bound[0][1]}", data, session, bucket)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+def fleet_bucket(request: pytest.FixtureRequest) -> BucketSettings:
+    """A fresh prefix of the session's SeaweedFS bucket."""
+    server: S3Server = request.getfixturevalue("s3_server")
+    return BucketSettings(
+        endpoint_url=server.endpoint_url,
+        bucket=BUCKET,
+        access_key_file=server.access_key_file,
+        secret_key_file=server.secret_key_file,
+        prefix=f"feed-{uuid.uuid4().hex[:8]}/",
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres", "postgres+s3"])
 async def receiver(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Receiver]:
-    """The receiver on each of its stores: receiver.db, and PostgreSQL."""
-    database = request.getfixturevalue("postgres_dsn") if request.param == "postgres" else None
-    async for running in start(tmp_path / "receiver", database=database):
+    """The receiver on each of its stores: receiver.db and files, PostgreSQL and files, and
+    PostgreSQL with packages in a bucket (a fleet's shore)."""
+    database = None if request.param == "sqlite" else request.getfixturevalue("postgres_dsn")
+    bucket = fleet_bucket(request) if request.param == "postgres+s3" else None
+    async for running in start(tmp_path / "receiver", database=database, bucket=bucket):
         yield running
+
+
+async def test_a_package_published_through_one_replica_downloads_through_another(
+    tmp_path: Path, key: Ed25519PrivateKey, request: pytest.FixtureRequest
+) -> None:
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    bucket = fleet_bucket(request)
+    package = make_package(tmp_path / "pub", key, "1.0", model_bytes=9_000_000)
+    data = package.read_bytes()
+    async for first in start(tmp_path / "a", database=dsn, bucket=bucket):
+        answer = await publish_package(first.base, ADMIN, package)
+        async for second in start(tmp_path / "b", database=dsn, bucket=bucket):
+            assert await second.names("tug-1") == ["pump 1.0"]
+            status, _, body = await second.download("tug-1", answer["sha256"])
+            assert (status, body) == (200, data)
+            offset = len(data) - 1000
+            status, headers, body = await second.download(
+                "tug-1", answer["sha256"], headers={"Range": f"bytes={offset}-"}
+            )
+            assert (status, body) == (206, data[offset:])
+            assert headers["Content-Range"] == f"bytes {offset}-{len(data) - 1}/{len(data)}"
 
 
 async def test_published_packages_are_listed_for_their_appliances_and_groups_only(
@@ -162,10 +218,8 @@ async def test_published_packages_are_listed_for_their_appliances_and_groups_onl
     assert answers[0]["size"] == for_boat.stat().st_size
     assert (answers[0]["appliances"], answers[1]["groups"]) == (["boat-7"], ["fleet-a"])
     assert all(a["warnings"] == [] for a in answers)
-    # Stored as a file named by its sha256, and a row.
-    assert (
-        receiver.data / MODELS_DIR / answers[1]["sha256"]
-    ).read_bytes() == for_fleet.read_bytes()
+    # Stored under its sha256 (a file, or an object in the bucket), and a row.
+    assert await receiver.stored(answers[1]["sha256"]) == for_fleet.read_bytes()
 
     assert await receiver.names("boat-7") == ["pump 1.0", "valve 2.0"]
     assert await receiver.names("boat-7", "fleet-b") == ["pump 1.0", "valve 2.0"]
