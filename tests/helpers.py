@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -134,3 +135,31 @@ def component_missing(what: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{what} is missing")
     pytest.skip(f"{what} is missing")
+
+
+@contextlib.contextmanager
+def receiver_process(args: list[str], folder: Path) -> Iterator[tuple[str, Path]]:
+    """`appliance receiver ARGS` in a subprocess: (its URL, once it printed it, and its log
+    file). Stopped with SIGTERM on the way out, which must end it cleanly (exit 0)."""
+    out, log = folder / "receiver.stdout", folder / "receiver.stderr"
+    with out.open("wb") as stdout, log.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "receiver", *args],
+            stdout=stdout,
+            stderr=stderr,
+            env=cli_env(),
+            cwd=ROOT,
+        )
+    try:
+        line = wait_for(
+            lambda: next((x for x in out.read_text().splitlines() if "listening on" in x), None),
+            20,
+            "the receiver to print its address",
+        )
+        yield line.rsplit(" ", 1)[1], log
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

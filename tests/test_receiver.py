@@ -10,10 +10,7 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,7 +35,7 @@ from receiver import (
     run_receiver,
     serve_receiver,
 )
-from tests.helpers import ROOT, cli_env, log_events, wait_for
+from tests.helpers import log_events, receiver_process
 
 TOKENS = {"ship-1": "token-one", "ship-2": "token-two"}
 MAX_BATCH = 32 * 1024
@@ -830,32 +827,13 @@ def test_cli_receiver_usage_errors_exit_2(
 def test_cli_receiver_serves_until_sigterm(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("ship-1 token-one\n")
-    args = ["--data", str(tmp_path / "data"), "--tokens", str(tokens)]
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "receiver", "--listen", "127.0.0.1:0", *args],
-            stdout=stdout,
-            stderr=stderr,
-            env=cli_env(),
-            cwd=ROOT,
-        )
-    try:
-        line = wait_for(
-            lambda: next((x for x in out.read_text().splitlines() if "listening on" in x), None),
-            20,
-            "the receiver to print its address",
-        )
-        url = line.rsplit(" ", 1)[1]
-        with urllib.request.urlopen(f"{url}/v1/health", timeout=5) as response:
-            assert json.loads(response.read()) == {"status": "ok"}
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    messages = [event["msg"] for event in log_events(err)]
+    args = ["--listen", "127.0.0.1:0", "--data", str(tmp_path / "data"), "--tokens", str(tokens)]
+    with (
+        receiver_process(args, tmp_path) as (url, log),
+        urllib.request.urlopen(f"{url}/v1/health", timeout=5) as response,
+    ):
+        assert json.loads(response.read()) == {"status": "ok"}
+    messages = [event["msg"] for event in log_events(log)]
     assert "receiver listening" in messages and messages[-1] == "receiver stopped"
 
 

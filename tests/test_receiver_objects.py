@@ -10,9 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -26,7 +23,7 @@ from appliance.cli import main as cli_main
 from receiver import build_receiver_app, serve_receiver
 from receiver.objects import PART_BYTES, BucketSettings, BucketUnavailable, S3Objects
 from tests.faultproxy import FaultProxy
-from tests.helpers import ROOT, cli_env, log_events, wait_for
+from tests.helpers import log_events, receiver_process
 from tests.seaweed import BUCKET, S3Server
 from tests.test_receiver import TOKENS, Client, ndjson, record
 
@@ -267,22 +264,7 @@ partial_ttl: 7d
 
     data = b"snapshot " * 500
     digest = hashlib.sha256(data).hexdigest()
-    out, log = tmp_path / "stdout", tmp_path / "stderr"
-    with out.open("wb") as stdout, log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", "receiver", "-c", str(config)],
-            stdout=stdout,
-            stderr=stderr,
-            env=cli_env(),
-            cwd=ROOT,
-        )
-    try:
-        line = wait_for(
-            lambda: next((x for x in out.read_text().splitlines() if "listening on" in x), None),
-            20,
-            "the receiver to print its address",
-        )
-        url = line.rsplit(" ", 1)[1]
+    with receiver_process(["-c", str(config)], tmp_path) as (url, log):
         auth = {"Authorization": "Bearer token-one"}
         request = urllib.request.Request(
             f"{url}/v1/appliances/ship-1/payloads/{digest}",
@@ -297,12 +279,6 @@ partial_ttl: 7d
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert response.headers["Upload-Complete"] == "1"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     listening = next(e for e in log_events(log) if e["msg"] == "receiver listening")
     assert listening["database"].startswith("postgresql 127.0.0.1:")
     assert listening["objects"] == f"s3 {s3_server.endpoint_url}/{BUCKET}/{prefix}"

@@ -11,9 +11,6 @@ import asyncio
 import contextlib
 import gzip
 import json
-import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +22,7 @@ import pytest
 from appliance.cli import main as cli_main
 from receiver.batches import BatchRecord, IncomingBatch
 from receiver.postgres import MIGRATIONS, PostgresStore, month_bounds, partition_name
-from tests.helpers import ROOT, cli_env, log_events, wait_for
+from tests.helpers import log_events, receiver_process
 from tests.mosquitto import free_port
 from tests.postgres import PostgresServer
 from tests.test_receiver import (
@@ -229,22 +226,7 @@ def test_cli_receiver_on_postgres_serves_and_refuses_bad_database_files(
 
     database = tmp_path / "database"
     database.write_text(postgres_dsn + "\n")
-    out, log = tmp_path / "stdout", tmp_path / "stderr"
-    with out.open("wb") as stdout, log.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance", *serve, "--database-file", str(database)],
-            stdout=stdout,
-            stderr=stderr,
-            env=cli_env(),
-            cwd=ROOT,
-        )
-    try:
-        line = wait_for(
-            lambda: next((x for x in out.read_text().splitlines() if "listening on" in x), None),
-            20,
-            "the receiver to print its address",
-        )
-        url = line.rsplit(" ", 1)[1]
+    with receiver_process([*serve[1:], "--database-file", str(database)], tmp_path) as (url, log):
         request = urllib.request.Request(
             f"{url}/v1/appliances/ship-1/batches/event-1-3",
             data=gzip.compress(ndjson([record(seq) for seq in (1, 2, 3)])),
@@ -253,12 +235,6 @@ def test_cli_receiver_on_postgres_serves_and_refuses_bad_database_files(
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert json.loads(response.read())["stored"] == 3
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     listening = next(e for e in log_events(log) if e["msg"] == "receiver listening")
     assert listening["database"].startswith("postgresql 127.0.0.1:")
     rows = asyncio.run(query(postgres_dsn, "SELECT count(*) AS n FROM receiver.records"))
