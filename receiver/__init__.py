@@ -4,8 +4,8 @@ on PostgreSQL for a fleet (docs/fleet.md).
 
 Rooms: `protocol` (limits, identifiers, tokens files, refusals), `batches` (reading and decoding
 batch bodies), `backend` (what every store does), `store` (receiver.db), `postgres` (the fleet
-store), `uploads` (payload files), `app` (the aiohttp handlers and serving), `model_feed` (model
-packages). Imports `sync` for its identities and file helpers; only
+store), `objects` (payload and package bytes: folder or bucket), `uploads` (payload files), `app` (the
+aiohttp handlers and serving), `model_feed` (model packages), `cli` (`appliance receiver`). Imports `sync` for its identities and file helpers; only
 the CLI, tests and benchmarks import this package (tests/test_layering.py)."""
 
 from receiver.app import (

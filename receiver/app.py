@@ -59,6 +59,10 @@ _EXPIRY_INTERVAL_S = 3600.0
 _UPLOAD_LOCK_STRIPES = 64
 
 
+TOKENS_REFRESH_S = 5.0
+"""How soon a token added or revoked in the store applies on every replica."""
+
+
 def _token_digest(token: str) -> bytes:
     # Look tokens up by digest: the dict lookup then leaks nothing about a token's prefix.
     return hashlib.sha256(token.encode()).digest()
@@ -143,7 +147,13 @@ class _Receiver:
         self.database = database
         self.max_batch_bytes = max_batch_bytes
         self.max_chunk_bytes = max_chunk_bytes
-        self.open_access = tokens is None
+        # No tokens file and no token ever kept in the store: every appliance is accepted.
+        self._tokens_file = tokens is not None
+        self._store_tokens_ever = False
+        # Tokens kept in the store (`appliance receiver tokens`), read again every
+        # TOKENS_REFRESH_S so one added or revoked through any replica applies on all of them.
+        self._store_owners: dict[bytes, str] = {}
+        self.store_admins: set[bytes] = set()
         self._owners: dict[bytes, str] = {}
         for appliance_id, token in (tokens or {}).items():
             if not valid_appliance_id(appliance_id):
@@ -194,17 +204,23 @@ class _Receiver:
                 )
             stack.push_async_callback(store.close)
             self._objects, self._store = objects, store
+            await self.refresh_tokens()
             if self.open_access:
                 log.warning(
                     "no tokens file: accepting every appliance without a token (local tests only)"
                 )
-            expiry = asyncio.create_task(self._expire_partials_forever(), name="partial-expiry")
+            loops = [
+                asyncio.create_task(self._expire_partials_forever(), name="partial-expiry"),
+                asyncio.create_task(self._refresh_tokens_forever(), name="tokens-refresh"),
+            ]
             try:
                 yield
             finally:
-                expiry.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await expiry
+                for task in loops:
+                    task.cancel()
+                for task in loops:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _expire_partials_forever(self) -> None:
         while True:
@@ -227,6 +243,32 @@ class _Receiver:
 
     # ------------------------------------------------------------------------- helpers
 
+    @property
+    def open_access(self) -> bool:
+        """No tokens file, and no token ever kept in the store (a revoked last one does not
+        open the receiver up)."""
+        return not self._tokens_file and not self._store_tokens_ever
+
+    async def refresh_tokens(self) -> None:
+        """Read the store's tokens again."""
+        entries = await self.store.tokens()
+        self._store_tokens_ever = self._store_tokens_ever or bool(entries)
+        active = [entry for entry in entries if entry.revoked_at is None]
+        self._store_owners = {
+            e.digest: e.appliance_id
+            for e in active
+            if e.role == "appliance" and e.appliance_id is not None
+        }
+        self.store_admins = {e.digest for e in active if e.role == "admin"}
+
+    async def _refresh_tokens_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TOKENS_REFRESH_S)
+            try:
+                await self.refresh_tokens()
+            except (OSError, Refusal) as exc:  # the database away: keep the last known tokens
+                log.warning("tokens not refreshed", extra={"fields": {"error": str(exc)}})
+
     def authorize(self, request: web.Request) -> str:
         """The path's appliance id: 401 before 400 before 403, so strangers learn nothing."""
         owner: str | None = None
@@ -240,12 +282,12 @@ class _Receiver:
                     "send Authorization: Bearer TOKEN",
                     {"WWW-Authenticate": "Bearer"},
                 )
-            owner = self._owners.get(_token_digest(token))
+            owner = self.appliance_of_token(token)
             if owner is None:
                 raise Refusal(
                     401,
                     "unknown token",
-                    "the token is not in the receiver's tokens file",
+                    "the token is not in the receiver's tokens file nor among its tokens",
                     {"WWW-Authenticate": "Bearer"},
                 )
         appliance_id = request.match_info["appliance_id"]
@@ -256,8 +298,9 @@ class _Receiver:
         return appliance_id
 
     def appliance_of_token(self, token: str) -> str | None:
-        """The appliance a bearer token belongs to, if any."""
-        return self._owners.get(_token_digest(token))
+        """The appliance a bearer token belongs to, if any (tokens file, then the store)."""
+        digest = _token_digest(token)
+        return self._owners.get(digest) or self._store_owners.get(digest)
 
     @staticmethod
     def sha256_of(request: web.Request) -> str:

@@ -5,11 +5,12 @@ batch gets. Docs: docs/sync-protocol.md ("Journals"), docs/fleet.md."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from receiver.batches import IncomingBatch
 from receiver.protocol import Refusal
@@ -134,6 +135,33 @@ class PublishedPackage:
         return doc
 
 
+TokenRole = Literal["appliance", "admin"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEntry:
+    """A bearer token kept in the store: its sha256 only, never the token itself."""
+
+    token_id: str  # the first 12 hex digits of the digest: names the token in lists and revokes
+    digest: bytes
+    role: TokenRole
+    appliance_id: str | None  # the appliance an appliance token belongs to; None for admin
+    label: str
+    created_at: str
+    revoked_at: str | None = None
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def new_token_entry(
+    token: str, role: TokenRole, appliance_id: str | None, label: str = ""
+) -> TokenEntry:
+    digest = token_digest(token)
+    return TokenEntry(digest.hex()[:12], digest, role, appliance_id, label, now_ts())
+
+
 class RecordStore(Protocol):
     """What the receiver's handlers need of a store. Every method is durable when it returns
     (committed, fsync'd by the database) and safe to call from several replicas at once."""
@@ -164,6 +192,20 @@ class RecordStore(Protocol):
     async def save_package(self, package: PublishedPackage) -> PublishedPackage:
         """Insert the row, or give an existing one (same name, version and bytes) the new
         targets; what is stored now."""
+        ...
+
+    async def tokens(self) -> list[TokenEntry]:
+        """Every token ever added, revoked ones included, oldest first."""
+        ...
+
+    async def add_token(self, entry: TokenEntry) -> None:
+        """Keep a new token (its digest); ValueError when that digest is already kept."""
+        ...
+
+    async def revoke_tokens(
+        self, *, appliance_id: str | None = None, token_id: str | None = None
+    ) -> int:
+        """Revoke the appliance's tokens, or one token by id; how many were still active."""
         ...
 
     async def close(self) -> None: ...

@@ -148,6 +148,9 @@ class ApplianceAuthority(Protocol):
 
     def appliance_of_token(self, token: str) -> str | None: ...
 
+    store_admins: set[bytes]
+    """Digests of the admin tokens kept in the store, read again every few seconds."""
+
 
 def _digest(token: str) -> bytes:
     # Looked up by digest, like appliance tokens: a set lookup then leaks nothing of a prefix.
@@ -230,11 +233,12 @@ class ModelFeed:
     # -- checks ---------------------------------------------------------------------------------
 
     def _authorize_admin(self, request: web.Request) -> None:
-        if not self._admins:
+        if not self._admins and not self.receiver.store_admins:
             raise Refusal(
                 403,
                 "publishing disabled",
-                "this receiver has no admin tokens; start it with --admin-tokens FILE",
+                "this receiver has no admin tokens; start it with --admin-tokens FILE or add "
+                "one with `appliance receiver tokens add --admin`",
             )
         token = _bearer(request)
         if token is None:
@@ -244,11 +248,12 @@ class ModelFeed:
                 "send Authorization: Bearer ADMIN_TOKEN",
                 {"WWW-Authenticate": "Bearer"},
             )
-        if _digest(token) not in self._admins:
+        digest = _digest(token)
+        if digest not in self._admins and digest not in self.receiver.store_admins:
             raise Refusal(
                 401,
                 "unknown admin token",
-                "the token is not in the receiver's admin tokens file",
+                "the token is not among the receiver's admin tokens",
                 {"WWW-Authenticate": "Bearer"},
             )
 

@@ -29,6 +29,7 @@ from receiver.backend import (
     BatchResult,
     JournalSpan,
     PublishedPackage,
+    TokenEntry,
     concurrent_journals,
     conflict_refusal,
     format_ts,
@@ -134,6 +135,20 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             groups jsonb NOT NULL,
             published_at text NOT NULL,
             PRIMARY KEY (name, version)
+        );
+        """,
+    ),
+    (
+        "0002_tokens",
+        f"""
+        CREATE TABLE {SCHEMA}.tokens (
+            token_id text PRIMARY KEY,
+            digest bytea NOT NULL UNIQUE,
+            role text NOT NULL CHECK (role IN ('appliance', 'admin')),
+            appliance_id text,
+            label text NOT NULL,
+            created_at timestamptz NOT NULL,
+            revoked_at timestamptz
         );
         """,
     ),
@@ -646,6 +661,42 @@ class PostgresStore:
             )
             return None if row is None else _package(row)
 
+    async def tokens(self) -> list[TokenEntry]:
+        async with self._available():
+            rows = await self.pool.fetch(
+                "SELECT token_id, digest, role, appliance_id, label, created_at, revoked_at "
+                f"FROM {SCHEMA}.tokens ORDER BY created_at, token_id"
+            )
+            return [_token(row) for row in rows]
+
+    async def add_token(self, entry: TokenEntry) -> None:
+        async with self._available():
+            try:
+                await self.pool.execute(
+                    f"INSERT INTO {SCHEMA}.tokens (token_id, digest, role, appliance_id, label, "
+                    "created_at) VALUES ($1, $2, $3, $4, $5, now())",
+                    entry.token_id,
+                    entry.digest,
+                    entry.role,
+                    entry.appliance_id,
+                    entry.label,
+                )
+            except asyncpg.UniqueViolationError:
+                raise ValueError("that token is already kept; make another one") from None
+
+    async def revoke_tokens(
+        self, *, appliance_id: str | None = None, token_id: str | None = None
+    ) -> int:
+        async with self._available():
+            status = await self.pool.execute(
+                f"UPDATE {SCHEMA}.tokens SET revoked_at = now() WHERE revoked_at IS NULL "
+                "AND ($1::text IS NULL OR appliance_id = $1) "
+                "AND ($2::text IS NULL OR token_id = $2)",
+                appliance_id,
+                token_id,
+            )
+            return int(status.split()[-1])
+
     async def save_package(self, package: PublishedPackage) -> PublishedPackage:
         async with self._available():
             row = await self.pool.fetchrow(
@@ -663,6 +714,19 @@ class PostgresStore:
             )
             assert row is not None
             return _package(row)
+
+
+def _token(row: asyncpg.Record) -> TokenEntry:
+    revoked = row["revoked_at"]
+    return TokenEntry(
+        row["token_id"],
+        bytes(row["digest"]),
+        row["role"],
+        row["appliance_id"],
+        row["label"],
+        _ts(row["created_at"]),
+        None if revoked is None else _ts(revoked),
+    )
 
 
 def is_retryable(exc: BaseException) -> bool:

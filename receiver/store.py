@@ -20,6 +20,7 @@ from receiver.backend import (
     BatchResult,
     JournalSpan,
     PublishedPackage,
+    TokenEntry,
     concurrent_journals,
     conflict_refusal,
     format_ts,
@@ -175,6 +176,22 @@ _MIGRATIONS: tuple[tuple[str, str], ...] = (
                 a.duplicates_ignored, a.batches, a.payloads, a.payload_bytes, a.first_seen_ts,
                 a.last_seen_ts
             FROM appliances a;
+        """,
+    ),
+    (
+        # Tokens kept in the store (`appliance receiver tokens`), beside any tokens file: only
+        # their sha256.
+        "0004_tokens",
+        """
+        CREATE TABLE tokens (
+            token_id TEXT PRIMARY KEY,
+            digest BLOB NOT NULL UNIQUE,
+            role TEXT NOT NULL,
+            appliance_id TEXT,
+            label TEXT NOT NULL,
+            created_ts TEXT NOT NULL,
+            revoked_ts TEXT
+        );
         """,
     ),
 )
@@ -583,6 +600,17 @@ class ReceiverStore:
     async def save_package(self, package: PublishedPackage) -> PublishedPackage:
         return await self._run(lambda: _save_package(self._db(), package))
 
+    async def tokens(self) -> list[TokenEntry]:
+        return await self._run(lambda: _tokens(self._db()))
+
+    async def add_token(self, entry: TokenEntry) -> None:
+        await self._run(lambda: _add_token(self._db(), entry))
+
+    async def revoke_tokens(
+        self, *, appliance_id: str | None = None, token_id: str | None = None
+    ) -> int:
+        return await self._run(lambda: _revoke_tokens(self._db(), appliance_id, token_id))
+
 
 _PACKAGE_COLUMNS = "name, version, sha256, size, appliances, groups, published_ts"
 
@@ -648,3 +676,41 @@ def _save_package(conn: sqlite3.Connection, package: PublishedPackage) -> Publis
         raise
     assert stored is not None
     return stored
+
+
+def _tokens(conn: sqlite3.Connection) -> list[TokenEntry]:
+    rows = conn.execute(
+        "SELECT token_id, digest, role, appliance_id, label, created_ts, revoked_ts FROM tokens "
+        "ORDER BY created_ts, token_id"
+    ).fetchall()
+    return [
+        TokenEntry(token_id, bytes(digest), role, appliance_id, label, created, revoked)
+        for token_id, digest, role, appliance_id, label, created, revoked in rows
+    ]
+
+
+def _add_token(conn: sqlite3.Connection, entry: TokenEntry) -> None:
+    try:
+        conn.execute(
+            "INSERT INTO tokens (token_id, digest, role, appliance_id, label, created_ts) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                entry.token_id,
+                entry.digest,
+                entry.role,
+                entry.appliance_id,
+                entry.label,
+                entry.created_at,
+            ),
+        )
+    except sqlite3.IntegrityError:
+        raise ValueError("that token is already kept; make another one") from None
+
+
+def _revoke_tokens(conn: sqlite3.Connection, appliance_id: str | None, token_id: str | None) -> int:
+    cursor = conn.execute(
+        "UPDATE tokens SET revoked_ts = ? WHERE revoked_ts IS NULL "
+        "AND (? IS NULL OR appliance_id = ?) AND (? IS NULL OR token_id = ?)",
+        (now_ts(), appliance_id, appliance_id, token_id, token_id),
+    )
+    return cursor.rowcount

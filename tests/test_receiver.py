@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -35,7 +37,7 @@ from receiver import (
     run_receiver,
     serve_receiver,
 )
-from tests.helpers import log_events, receiver_process
+from tests.helpers import ROOT, cli_env, log_events, receiver_process
 
 TOKENS = {"ship-1": "token-one", "ship-2": "token-two"}
 MAX_BATCH = 32 * 1024
@@ -938,3 +940,65 @@ async def test_concurrent_journals_flag_and_clear(data_dir: Path, database: str 
         assert "warnings" not in await ship(journal_c, 7, **{"Journal-Follows": JOURNAL_B})
         journals = {j["journal_id"]: j for j in (await client.summary())["journals"]}
         assert journals[journal_c]["follows"] == JOURNAL_B
+
+
+# ------------------------------------------------------------------------------ tokens
+
+
+async def test_tokens_kept_in_the_store_are_added_used_and_revoked(
+    data_dir: Path, database: str | None, tmp_path: Path
+) -> None:
+    where = ["receiver", "--data", str(data_dir)]
+    if database is not None:
+        (tmp_path / "database").write_text(database + "\n")
+        where += ["--database-file", str(tmp_path / "database")]
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "appliance", *where, "tokens", *args],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            cwd=ROOT,
+            timeout=60,
+        )
+        return done.returncode, done.stdout, done.stderr
+
+    code, token, err = await asyncio.to_thread(cli, "add", "ship-1", "--label", "bridge PC")
+    assert code == 0, err
+    token = token.strip()
+    assert len(token) >= 40 and token not in err and "only time it is shown" in err
+    code, admin, _ = await asyncio.to_thread(cli, "add", "--admin")
+    assert code == 0
+    assert (await asyncio.to_thread(cli, "add"))[0] == 2  # neither an appliance nor --admin
+    # No tokens file, but tokens in the store: the receiver is not open to everyone.
+    async with running(data_dir, None, database=database) as client:
+        body = ndjson([record(1)])
+        status, _ = await client.put_batch("event-1-1", body, headers={})
+        assert status == 401
+        mine = {"Authorization": f"Bearer {token}"}
+        assert (await client.put_batch("event-1-1", body, headers=mine))[0] == 200
+        other = ndjson([record(1, appliance_id="ship-2")])
+        status, _ = await client.put_batch("event-1-1", other, appliance_id="ship-2", headers=mine)
+        assert status == 403
+        async with client.session.get(
+            client.url("/v1/models"), headers={"Authorization": f"Bearer {admin.strip()}"}
+        ) as response:
+            assert response.status == 200
+        # Revoked through the command (any replica's store): refused within seconds.
+        code, out, err = await asyncio.to_thread(cli, "revoke", "ship-1")
+        assert (code, out.strip()) == (
+            0,
+            "1 token(s) revoked; running receivers refuse them within 5 s",
+        ), err
+        assert (await asyncio.to_thread(cli, "revoke", "ship-1"))[0] == 1  # nothing left to revoke
+        deadline = time.monotonic() + 30
+        while (await client.put_batch("event-2-2", ndjson([record(2)]), headers=mine))[0] != 401:
+            assert time.monotonic() < deadline, "the revoked token is still accepted"
+            await asyncio.sleep(0.2)
+    code, listing, _ = await asyncio.to_thread(cli, "list")
+    lines = listing.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert "ship-1" in lines[0] and "revoked" in lines[0] and "bridge PC" in lines[0]
+    assert "admin" in lines[1] and "active" in lines[1]
+    assert token not in listing
