@@ -1,12 +1,13 @@
 """The shore side: the reference receiver that a fleet's appliances ship to (docs/sync-protocol.md)
 and the model feed that publishes model packages to them. Embedded on SQLite and local files, or
-on PostgreSQL for a fleet (docs/fleet.md).
+on PostgreSQL and an S3 bucket for a fleet (docs/fleet.md).
 
 Rooms: `protocol` (limits, identifiers, tokens files, refusals), `batches` (reading and decoding
 batch bodies), `backend` (what every store does), `store` (receiver.db), `postgres` (the fleet
-store), `objects` (payload and package bytes: folder or bucket), `uploads` (payload files), `app` (the
-aiohttp handlers and serving), `model_feed` (model packages), `cli` (`appliance receiver`). Imports `sync` for its identities and file helpers; only
-the CLI, tests and benchmarks import this package (tests/test_layering.py)."""
+store), `objects` (payload and package bytes: folder or bucket), `uploads` (payload files),
+`app` (the aiohttp handlers and serving), `model_feed` (model packages), `cli` (`appliance
+receiver`). Imports `sync` for its identities and file helpers; only the CLI, tests and
+benchmarks import this package (tests/test_layering.py)."""
 
 from receiver.app import (
     RECEIVER_KEY,
