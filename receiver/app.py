@@ -337,6 +337,22 @@ class _Receiver:
     # ------------------------------------------------------------------------ handlers
 
     async def health(self, request: web.Request) -> web.Response:
+        """`/v1/health`: the process answers (what a load balancer's check wants: a database
+        outage must not take every replica out of its pool)."""
+        return web.json_response({"status": "ok"})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """`/healthz`: 200 when the store and the bytes answer, else 503 naming which does not
+        (for monitoring; no token)."""
+        reasons = []
+        for name, part in (("database", self.store), ("objects", self.objects)):
+            try:
+                async with asyncio.timeout(5.0):
+                    await part.ping()
+            except Exception as exc:  # whatever keeps it from answering is the reason
+                reasons.append(f"{name}: {type(exc).__name__}: {exc}"[:300])
+        if reasons:
+            return web.json_response({"status": "degraded", "reasons": reasons}, status=503)
         return web.json_response({"status": "ok"})
 
     async def put_batch(self, request: web.Request) -> web.Response:
@@ -555,6 +571,7 @@ def build_receiver_app(
     app.cleanup_ctx.append(receiver.lifecycle)
     base = "/v1/appliances/{appliance_id}"
     app.router.add_get("/v1/health", receiver.health)
+    app.router.add_get("/healthz", receiver.healthz)
     app.router.add_put(f"{base}/batches/{{batch_id}}", receiver.put_batch)
     app.router.add_route("HEAD", f"{base}/payloads/{{sha256}}", receiver.head_payload)
     app.router.add_patch(f"{base}/payloads/{{sha256}}", receiver.patch_payload)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from receiver.uploads import (
     abandoned_partials,
     append_chunk,
     complete_upload,
+    ensure_dir,
     remove_if_stale,
     upload_state,
 )
@@ -82,6 +84,10 @@ class PayloadObjects(Protocol):
         """Bytes `start` to `end` (exclusive) of a published package."""
         ...
 
+    async def ping(self) -> None:
+        """Raise when the bytes cannot be reached now (for `/healthz`)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -91,6 +97,8 @@ class DirectoryObjects:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
+        for name in (PAYLOADS_DIR, PARTIAL_DIR):
+            ensure_dir(data_dir / name)
 
     def final_path(self, appliance_id: str, sha256: str) -> Path:
         return self.data_dir / PAYLOADS_DIR / appliance_id / sha256
@@ -148,6 +156,11 @@ class DirectoryObjects:
                 return
             offset += len(block)
             yield block
+
+    async def ping(self) -> None:
+        root = self.data_dir / PAYLOADS_DIR
+        if not await asyncio.to_thread(os.access, root, os.W_OK):
+            raise OSError(f"{root} is not writable")
 
     async def close(self) -> None:
         return None
@@ -234,6 +247,9 @@ class S3Objects:
                 f"cannot use bucket {settings.bucket!r} at {settings.endpoint_url}: {exc}"
             ) from exc
         return cls(settings, client, client_cm)
+
+    async def ping(self) -> None:
+        await self.client.head_bucket(Bucket=self.bucket)
 
     async def close(self) -> None:
         if self._client_cm is not None:

@@ -661,6 +661,9 @@ class PostgresStore:
             )
             return None if row is None else _package(row)
 
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1", timeout=2.0)
+
     async def tokens(self) -> list[TokenEntry]:
         async with self._available():
             rows = await self.pool.fetch(

@@ -600,6 +600,9 @@ class ReceiverStore:
     async def save_package(self, package: PublishedPackage) -> PublishedPackage:
         return await self._run(lambda: _save_package(self._db(), package))
 
+    async def ping(self) -> None:
+        await self._run(lambda: self._db().execute("SELECT 1").fetchone())
+
     async def tokens(self) -> list[TokenEntry]:
         return await self._run(lambda: _tokens(self._db()))
 

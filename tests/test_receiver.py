@@ -239,6 +239,11 @@ async def test_health_needs_no_token(client: Client) -> None:
         assert await response.json() == {"status": "ok"}
 
 
+async def test_healthz_reports_the_store_and_the_payload_folder(client: Client) -> None:
+    async with client.session.get(client.url("/healthz")) as response:
+        assert (response.status, await response.json()) == (200, {"status": "ok"})
+
+
 async def test_unknown_routes_and_methods_answer_json(client: Client) -> None:
     async with client.session.get(client.url("/v1/nothing")) as response:
         assert_error(response.status, await response.json(), 404)

@@ -188,6 +188,10 @@ async def test_a_bucket_that_stops_answering_is_a_retryable_503(
             status, headers, body = await a.patch(digest, data[1500:], 1500, len(data))
             assert status == 503, body
             assert (body["error"], headers["Retry-After"]) == ("object store unavailable", "5")
+            async with a.session.get(a.url("/healthz")) as response:
+                health = await response.json()
+                assert response.status == 503
+                assert [r.split(":")[0] for r in health["reasons"]] == ["objects"]
             # Records do not need the bucket.
             status, answer = await a.put_batch("event-1-1", ndjson([record(1)]))
             assert (status, answer["stored"]) == (200, 1)

@@ -178,6 +178,10 @@ async def test_the_database_down_is_a_retryable_503_and_nothing_half_stored(
             # answered 503 so the appliance asks again, and counted when it does.
             status, _, body = await client.patch(sha(PAYLOAD), PAYLOAD, 0, len(PAYLOAD))
             assert status == 503, body
+            async with client.session.get(client.url("/healthz")) as response:
+                health = await response.json()
+                assert response.status == 503 and health["status"] == "degraded"
+                assert [r.split(":")[0] for r in health["reasons"]] == ["database"]
         finally:
             postgres_server.start()
         status, headers, _ = await client.patch(sha(PAYLOAD), PAYLOAD, 0, len(PAYLOAD))
