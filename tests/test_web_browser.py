@@ -367,6 +367,8 @@ async def test_the_charts_draw_the_history_on_desktop_and_phone(
         small = await phone.new_page()
         await small.goto(daemon.base + "/")
         chart = small.locator('#live figure[data-name="backlog"] svg')
+        # The live fragment may be replaced by the stream at any moment: wait until it is shown.
+        await chart.wait_for(state="visible")
         box = await chart.bounding_box()
         assert box is not None and 300 < box["width"] <= 390
         # Tables scroll inside their own box; the page itself never scrolls sideways.
