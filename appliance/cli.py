@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from appliance.models.cli import add_models_parser, run_models
+from appliance.models.commands import add_models_parser
 from appliance.runtime.logs import setup_logging
 from appliance.status.export import export_records
 from appliance.status.report import collect_status, render_status
@@ -173,6 +173,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "receiver":
         return run_receiver_command(args, setup_logging)
     if args.command == "models":
+        # Imported here: model libraries (onnx, scikit-learn) take seconds to load.
+        from appliance.models.cli import run_models
+
         return run_models(args)
 
     cfg = load_config(args.config, data_dir=args.data_dir)

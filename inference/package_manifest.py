@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-import onnx
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -41,12 +40,14 @@ RESERVED_VERSIONS = frozenset({"active.json"})
 
 Task = Literal["detector", "anomaly"]
 Dtype = Literal["float32", "float16", "float64", "uint8", "int64"]
+# onnx.TensorProto's element types (fixed by the ONNX spec), written out so that importing this
+# module does not import onnx (seconds, for CLI commands that never read a model).
 _ONNX_DTYPES: dict[int, Dtype] = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.UINT8: "uint8",
-    onnx.TensorProto.INT64: "int64",
+    1: "float32",  # FLOAT
+    10: "float16",  # FLOAT16
+    11: "float64",  # DOUBLE
+    2: "uint8",  # UINT8
+    7: "int64",  # INT64
 }
 _IMAGE_DTYPES: frozenset[str] = frozenset({"float32", "float16", "uint8"})
 
@@ -220,6 +221,8 @@ def validation_message(exc: ValidationError) -> str:
 def describe_onnx_input(path: Path, task: Task) -> InputSpec:
     """The first graph input of an ONNX file as an InputSpec (layout derived for detectors the way
     the session does: 3 channels second -> nchw, last -> nhwc)."""
+    import onnx
+
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... (no common base)

@@ -5,7 +5,8 @@ on PostgreSQL and an S3 bucket for a fleet (docs/fleet.md).
 Rooms: `protocol` (limits, identifiers, tokens files, refusals), `batches` (reading and decoding
 batch bodies), `backend` (what every store does), `store` (receiver.db), `postgres` (the fleet
 store), `objects` (payload and package bytes: folder or bucket), `uploads` (payload files),
-`app` (the aiohttp handlers and serving), `model_feed` (model packages), `cli` (`appliance
+`app` (the aiohttp handlers and serving), `model_feed` (model packages), `fleet`,
+`fleet_page`, `fleet_store` (the fleet view), `metrics` (`/metrics`), `cli` (`appliance
 receiver`). Imports `sync` for its identities and file helpers; only the CLI, tests and
 benchmarks import this package (tests/test_layering.py)."""
 

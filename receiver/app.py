@@ -31,6 +31,8 @@ from aiohttp import web
 from config.names import NAME_PATTERN
 from receiver.backend import DEFAULT_CONCURRENT_QUIET_S, RecordStore
 from receiver.batches import IncomingBatch, decode_batch, read_batch_body, too_large
+from receiver.fleet import add_fleet_routes
+from receiver.metrics import ReceiverMetrics
 from receiver.model_feed import add_model_routes
 from receiver.objects import BucketSettings, DirectoryObjects, PayloadObjects, S3Objects
 from receiver.postgres import PostgresStore, describe_dsn
@@ -40,19 +42,20 @@ from receiver.protocol import (
     DEFAULT_PARTIAL_TTL_S,
     READ_CHUNK,
     SHA256_RE,
-    SQLITE_MAX_INT,
-    UINT_RE,
     Refusal,
     client_certificate_required,
+    follows_of,
+    journal_of,
     json_errors,
     parse_admin_tokens_file,
     parse_batch_id,
     parse_listen,
     parse_tokens_file,
+    uint_header,
     valid_appliance_id,
 )
+from receiver.reads import add_read_routes
 from receiver.store import ReceiverStore
-from sync.identity import LEGACY_JOURNAL, valid_journal_id
 
 log = logging.getLogger(__name__)
 _EXPIRY_INTERVAL_S = 3600.0
@@ -66,45 +69,6 @@ TOKENS_REFRESH_S = 5.0
 def _token_digest(token: str) -> bytes:
     # Look tokens up by digest: the dict lookup then leaks nothing about a token's prefix.
     return hashlib.sha256(token.encode()).digest()
-
-
-def _parse_uint_header(request: web.Request, name: str) -> int:
-    value = request.headers.get(name)
-    if value is None:
-        raise Refusal(400, f"missing {name}", f"send {name}: a non-negative integer")
-    value = value.strip()
-    if not UINT_RE.fullmatch(value) or int(value) > SQLITE_MAX_INT:
-        raise Refusal(400, f"bad {name}", f"{name} must be a non-negative integer")
-    return int(value)
-
-
-def journal_of(request: web.Request) -> str:
-    """The request's Journal-Id (400 when it is not 32 lowercase hex digits); LEGACY_JOURNAL
-    when there is none (an appliance of a version before journal identities)."""
-    value = request.headers.get("Journal-Id")
-    if value is None:
-        return LEGACY_JOURNAL
-    value = value.strip()
-    if not valid_journal_id(value):
-        raise Refusal(400, "bad journal id", "Journal-Id must be 32 lowercase hex digits")
-    return value
-
-
-def _follows_of(request: web.Request, journal_id: str) -> str | None:
-    """Journal-Follows: the journal (or `legacy`) this one continues; only beside a Journal-Id."""
-    value = request.headers.get("Journal-Follows")
-    if value is None:
-        return None
-    value = value.strip()
-    if journal_id == LEGACY_JOURNAL or value == journal_id:
-        raise Refusal(
-            400, "bad journal follows", "Journal-Follows needs a Journal-Id of another journal"
-        )
-    if value != LEGACY_JOURNAL and not valid_journal_id(value):
-        raise Refusal(
-            400, "bad journal follows", "Journal-Follows is 32 lowercase hex digits or legacy"
-        )
-    return value
 
 
 def concurrent_warning(appliance_id: str, journals: Sequence[str]) -> dict[str, Any]:
@@ -137,6 +101,7 @@ class _Receiver:
         database: str | None = None,
         bucket: BucketSettings | None = None,
         max_connections: int = 10,
+        store: RecordStore | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.bucket = bucket
@@ -165,7 +130,10 @@ class _Receiver:
         # Striped: uploads of the same payload serialise, memory stays fixed however many there are.
         self._upload_locks = [asyncio.Lock() for _ in range(_UPLOAD_LOCK_STRIPES)]
         self._store: RecordStore | None = None
+        self._given_store = store
         self._objects: PayloadObjects | None = None
+        # This replica's traffic counters for /metrics (receiver/fleet.py serves them).
+        self.metrics = ReceiverMetrics()
 
     @property
     def objects(self) -> PayloadObjects:
@@ -188,9 +156,11 @@ class _Receiver:
                 else await S3Objects.open(self.bucket)
             )
             stack.push_async_callback(objects.close)
-            if self.database is not None:
+            if self._given_store is not None:  # a store made elsewhere (tests' in-memory fake)
+                store: RecordStore = self._given_store
+            elif self.database is not None:
                 # A fleet's store: PostgreSQL, whose clock (not this replica's) stamps the rows.
-                store: RecordStore = await PostgresStore.open(
+                store = await PostgresStore.open(
                     self.database,
                     concurrent_quiet=self.concurrent_quiet,
                     clock=self.clock,
@@ -230,10 +200,10 @@ class _Receiver:
                 log.error("partial upload expiry failed", extra={"fields": {"error": str(exc)}})
             await asyncio.sleep(min(_EXPIRY_INTERVAL_S, self.partial_ttl / 4))
 
-    async def expire_partials(self, now: float | None = None) -> int:
-        """Delete partial uploads nobody has resumed within `partial_ttl`; how many went."""
-        now = time.time() if now is None else now
-        removed = await self.objects.expire(self.partial_ttl, now)
+    async def expire_partials(self, ahead_s: float = 0.0) -> int:
+        """Delete partial uploads nobody has resumed within `partial_ttl`; how many went.
+        `ahead_s` judges ages as if that much more time had passed (tests age uploads so)."""
+        removed = await self.objects.expire(self.partial_ttl, ahead_s)
         for appliance_id, sha256, size in removed:
             log.info(
                 "abandoned partial upload deleted",
@@ -358,7 +328,7 @@ class _Receiver:
     async def put_batch(self, request: web.Request) -> web.Response:
         appliance_id = self.authorize(request)
         journal_id = journal_of(request)
-        follows = _follows_of(request, journal_id)
+        follows = follows_of(request, journal_id)
         batch_id = request.match_info["batch_id"]
         parsed = parse_batch_id(batch_id)
         if parsed is None:
@@ -392,6 +362,7 @@ class _Receiver:
                 )
             raise
         fields.update(stored=result.stored, duplicates=result.duplicates)
+        self.metrics.batch(result.stored, result.duplicates)
         log.info("batch stored", extra={"fields": fields})
         answer: dict[str, Any] = {
             "batch_id": batch_id,
@@ -445,8 +416,8 @@ class _Receiver:
             raise Refusal(
                 415, "unsupported content-encoding", "payload chunks are sent as identity"
             )
-        offset = _parse_uint_header(request, "Upload-Offset")
-        length = _parse_uint_header(request, "Upload-Length")
+        offset = uint_header(request, "Upload-Offset")
+        length = uint_header(request, "Upload-Length")
         if offset > length:
             raise Refusal(400, "bad Upload-Offset", "Upload-Offset is past Upload-Length")
         if request.content_length is not None and request.content_length > self.max_chunk_bytes:
@@ -482,6 +453,7 @@ class _Receiver:
                 if body
                 else held
             )
+            self.metrics.payload_bytes.inc(len(body))
             if new_offset < length:
                 return web.Response(
                     status=204,
@@ -500,6 +472,7 @@ class _Receiver:
             )
         await self._index(appliance_id, sha256, new_offset, journal_id)
         log.info("payload complete", extra={"fields": fields})
+        self.metrics.payloads.inc()
         return self._complete_response(new_offset)
 
     @staticmethod
@@ -533,6 +506,7 @@ def build_receiver_app(
     database: str | None = None,
     bucket: BucketSettings | None = None,
     max_connections: int = 10,
+    store: RecordStore | None = None,
 ) -> web.Application:
     """The receiver as an aiohttp app; receiver.db opens on startup and closes on cleanup.
 
@@ -545,7 +519,8 @@ def build_receiver_app(
     `concurrent_quiet` seconds are flagged as concurrent (`clock` gives wall-clock seconds; by
     default the machine's, or PostgreSQL's). `database`: a PostgreSQL DSN for the records
     (receiver/postgres.py); None keeps them in DATA_DIR/receiver.db. `bucket`: an S3 bucket for
-    payload bytes (receiver/objects.py); None keeps them under DATA_DIR. Serve it with
+    payload bytes (receiver/objects.py); None keeps them under DATA_DIR. `store`: any other
+    `RecordStore` (it is closed with the app). Serve it with
     `serve_receiver()` (or an AppRunner with auto_decompress=False): the app inflates gzip
     bodies itself, under its own limits."""
     receiver = _Receiver(
@@ -559,6 +534,7 @@ def build_receiver_app(
         database=database,
         bucket=bucket,
         max_connections=max_connections,
+        store=store,
     )
     # Handlers stream bodies under their own limits; this caps anything that reads whole bodies.
     middlewares: list[Any] = [json_errors]
@@ -576,7 +552,9 @@ def build_receiver_app(
     app.router.add_route("HEAD", f"{base}/payloads/{{sha256}}", receiver.head_payload)
     app.router.add_patch(f"{base}/payloads/{{sha256}}", receiver.patch_payload)
     app.router.add_get(f"{base}/summary", receiver.summary, allow_head=False)
-    add_model_routes(app, receiver, admin_tokens)
+    feed = add_model_routes(app, receiver, admin_tokens)
+    add_read_routes(app, receiver, feed.authorize_admin)
+    add_fleet_routes(app, receiver, admin_tokens)
     return app
 
 

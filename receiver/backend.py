@@ -162,6 +162,113 @@ def new_token_entry(
     return TokenEntry(digest.hex()[:12], digest, role, appliance_id, label, now_ts())
 
 
+@dataclass(frozen=True, slots=True)
+class RecordFilter:
+    """Which records a consumer reads (`GET /v1/records`): all of them, or one appliance's, or
+    some kinds or priorities (each a set: a record matches any of its values)."""
+
+    appliance_id: str | None = None
+    kinds: tuple[str, ...] = ()
+    priorities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    appliance_id: str
+    journal_id: str
+    seq: int
+    received_at: str
+    line: str  # the record as the appliance shipped it
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPage:
+    """One page of records in commit order, and the cursor to ask for the next one."""
+
+    records: list[StoredRecord]
+    cursor: str
+    more: bool
+
+
+def bad_cursor(cursor: str) -> Refusal:
+    return Refusal(
+        400,
+        "bad cursor",
+        f"after={cursor[:80]!r} is not a cursor this receiver gave: send the `next` of the "
+        "previous page, or no `after` to start from the oldest record",
+    )
+
+
+# ------------------------------------------------------------------------ the fleet view's rows
+
+HEALTH_FIELDS = ("state", "reasons", "version", "mode", "started", "models", "cameras", "backlog")
+"""What the fleet view reads of the body of an appliance's newest `health` record (the
+appliance's `HealthSnapshot`, appliance/status/schema.py): both stores select only these."""
+
+ALERT_WINDOW_S = 86400.0
+"""Alerts are counted over this long, by the records' own time."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRow:
+    """One appliance as the fleet view sees it, all from the store, so every replica agrees:
+    its totals, what arrived today (the store's UTC day, by arrival), its alerts of the last
+    `ALERT_WINDOW_S` (by record time) and its newest `health` record (`HEALTH_FIELDS` of its
+    body, as the appliance sent them: the fleet view checks their shapes)."""
+
+    appliance_id: str
+    first_seen: str
+    last_seen: str
+    records: int
+    payloads: int
+    payload_bytes: int
+    records_today: int
+    payloads_today: int
+    payload_bytes_today: int
+    alerts_24h: int
+    health_ts: str | None
+    health: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetFigures:
+    """Every appliance (or the one asked for), at the store's time `now_s`."""
+
+    now_s: float
+    rows: list[FleetRow]
+
+
+@dataclass(frozen=True, slots=True)
+class ShoreRecord:
+    """A stored record for the fleet view: where it is kept and its line as shipped."""
+
+    journal_id: str
+    seq: int
+    received_at: str
+    line: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecentRecords:
+    """One appliance's newest alerts and newest records with payloads (snapshots, clips,
+    sampled windows), newest first by record time, and the size of each of their payloads
+    the receiver holds whole (one it lacks is not there: not uploaded yet, or lost)."""
+
+    alerts: list[ShoreRecord]
+    media: list[ShoreRecord]
+    payloads: dict[str, int]
+
+
+def payload_refs(line: str) -> list[str]:
+    """The sha256s a record line refers to (none when `payloads` is missing or not a list)."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return []
+    refs = value.get("payloads") if isinstance(value, dict) else None
+    return [r for r in refs if isinstance(r, str)] if isinstance(refs, list) else []
+
+
 class RecordStore(Protocol):
     """What the receiver's handlers need of a store. Every method is durable when it returns
     (committed, fsync'd by the database) and safe to call from several replicas at once."""
@@ -208,8 +315,32 @@ class RecordStore(Protocol):
         """Revoke the appliance's tokens, or one token by id; how many were still active."""
         ...
 
+    async def records_after(
+        self, cursor: str | None, wanted: RecordFilter, limit: int
+    ) -> RecordPage:
+        """Up to `limit` records committed after `cursor` (None: from the oldest), in commit
+        order, that match `wanted`. A record whose transaction is still open when the page is
+        read is never passed over: the cursor stops before it until it commits, so a consumer
+        that follows `cursor` sees every record once, whichever replica stored it. Raises
+        `Refusal` (400) for a cursor this store did not give."""
+        ...
+
     async def ping(self) -> None:
         """Raise when the store cannot answer now (for `/healthz`)."""
         ...
 
     async def close(self) -> None: ...
+
+    async def fleet(self, appliance_id: str | None = None) -> FleetFigures:
+        """Every appliance the store knows (or only `appliance_id`: no rows when unknown), by
+        id, with the figures of `FleetRow` at the store's time."""
+        ...
+
+    async def recent_records(self, appliance_id: str, limit: int) -> RecentRecords:
+        """An appliance's `limit` newest alerts and `limit` newest records with payloads."""
+        ...
+
+    async def payload_size(self, appliance_id: str, sha256: str) -> int | None:
+        """Bytes of a payload of this appliance the receiver holds whole; None when it does
+        not (unknown, in progress, or another appliance's)."""
+        ...

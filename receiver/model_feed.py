@@ -232,11 +232,12 @@ class ModelFeed:
 
     # -- checks ---------------------------------------------------------------------------------
 
-    def _authorize_admin(self, request: web.Request) -> None:
+    def authorize_admin(self, request: web.Request, action: str = "publishing") -> None:
+        """401 without an admin token; 403 "ACTION disabled" when the receiver has none at all."""
         if not self._admins and not self.receiver.store_admins:
             raise Refusal(
                 403,
-                "publishing disabled",
+                f"{action} disabled",
                 "this receiver has no admin tokens; start it with --admin-tokens FILE or add "
                 "one with `appliance receiver tokens add --admin`",
             )
@@ -287,7 +288,7 @@ class ModelFeed:
 
     async def publish(self, request: web.Request) -> web.Response:
         """PUT /v1/models/{name}/{version}?appliance=ID&group=G: the package file as the body."""
-        self._authorize_admin(request)
+        self.authorize_admin(request)
         name, version = request.match_info["name"], request.match_info["version"]
         if not NAME_RE.fullmatch(name) or not VERSION_RE.fullmatch(version):
             raise Refusal(400, "bad name or version", "NAME and VERSION as in the package format")
@@ -350,7 +351,7 @@ class ModelFeed:
 
     async def published(self, request: web.Request) -> web.Response:
         """GET /v1/models: every published package with its targets (admin)."""
-        self._authorize_admin(request)
+        self.authorize_admin(request)
         packages = await self.receiver.store.packages()
         return web.json_response({"packages": [p.as_dict() for p in packages]})
 

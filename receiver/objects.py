@@ -14,12 +14,15 @@ retryable 503: nothing was lost, the appliance sends again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import email.utils
 import hashlib
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -67,8 +70,9 @@ class PayloadObjects(Protocol):
         them (False: the appliance uploads again from 0)."""
         ...
 
-    async def expire(self, ttl_s: float, now: float) -> list[tuple[str, str, int]]:
-        """Delete uploads in progress untouched for `ttl_s`; (appliance, sha256, bytes) of each."""
+    async def expire(self, ttl_s: float, ahead_s: float = 0.0) -> list[tuple[str, str, int]]:
+        """Delete uploads in progress untouched for `ttl_s` (as if `ahead_s` more seconds had
+        passed); (appliance, sha256, bytes) of each."""
         ...
 
     async def put_package(self, sha256: str, spooled: Path) -> None:
@@ -82,6 +86,13 @@ class PayloadObjects(Protocol):
 
     def read_package(self, sha256: str, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes `start` to `end` (exclusive) of a published package."""
+        ...
+
+    def read_payload(
+        self, appliance_id: str, sha256: str, start: int, end: int
+    ) -> AsyncIterator[bytes]:
+        """Bytes `start` to `end` (exclusive) of a complete payload (the fleet view's images
+        and clips); nothing when it is not held."""
         ...
 
     async def ping(self) -> None:
@@ -124,7 +135,8 @@ class DirectoryObjects:
             complete_upload, partial, self.final_path(appliance_id, sha256), sha256
         )
 
-    async def expire(self, ttl_s: float, now: float) -> list[tuple[str, str, int]]:
+    async def expire(self, ttl_s: float, ahead_s: float = 0.0) -> list[tuple[str, str, int]]:
+        now = time.time() + ahead_s
         removed: list[tuple[str, str, int]] = []
         stale = await asyncio.to_thread(abandoned_partials, self.data_dir, ttl_s, now)
         for appliance_id, sha256 in stale:
@@ -152,6 +164,21 @@ class DirectoryObjects:
         offset = start
         while offset < end:
             block = await asyncio.to_thread(_read_range, path, offset, min(_READ, end - offset))
+            if not block:
+                return
+            offset += len(block)
+            yield block
+
+    async def read_payload(
+        self, appliance_id: str, sha256: str, start: int, end: int
+    ) -> AsyncIterator[bytes]:
+        path = self.final_path(appliance_id, sha256)
+        offset = start
+        while offset < end:
+            try:
+                block = await asyncio.to_thread(_read_range, path, offset, min(_READ, end - offset))
+            except FileNotFoundError:
+                return
             if not block:
                 return
             offset += len(block)
@@ -245,6 +272,7 @@ class S3Objects:
             await client_cm.__aexit__(None, None, None)
             raise BucketUnavailable(
                 f"cannot use bucket {settings.bucket!r} at {settings.endpoint_url}: {exc}"
+                f"{clock_skew_note(exc)}"
             ) from exc
         return cls(settings, client, client_cm)
 
@@ -285,7 +313,13 @@ class S3Objects:
         except (TimeoutError, ClientError, BotoCoreError, OSError) as exc:
             log.warning(
                 "receiver bucket unavailable",
-                extra={"fields": {"bucket": self.bucket, "action": what, "error": str(exc)}},
+                extra={
+                    "fields": {
+                        "bucket": self.bucket,
+                        "action": what,
+                        "error": f"{exc}{clock_skew_note(exc)}",
+                    }
+                },
             )
             raise Refusal(
                 503,
@@ -298,17 +332,25 @@ class S3Objects:
     # -- the chunks of an upload in progress -----------------------------------------------
 
     async def _chunks(self, appliance_id: str, sha256: str) -> list[tuple[int, int, str, float]]:
-        """(start, end, key, last modified) of every chunk object held, by start."""
+        """(start, end, key, last modified) of every whole chunk object held, by start. A chunk
+        object shorter or longer than its name says (a store that kept a write cut off midway)
+        is not counted: the appliance sends those bytes again."""
         found: list[tuple[int, int, str, float]] = []
         prefix = self.partial_prefix(appliance_id, sha256)
+        for key, size, modified in await self._listing(prefix):
+            match = _CHUNK_KEY.fullmatch(key[len(prefix) :])
+            if match and size == int(match[2]) - int(match[1]):
+                found.append((int(match[1]), int(match[2]), key, modified))
+        return sorted(found)
+
+    async def _listing(self, prefix: str) -> list[tuple[str, int, float]]:
+        """(key, size, last modified) of every object under `prefix`."""
+        listed: list[tuple[str, int, float]] = []
         paginator = self.client.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
             for item in page.get("Contents", []):
-                match = _CHUNK_KEY.fullmatch(item["Key"][len(prefix) :])
-                if match:
-                    modified = item["LastModified"].timestamp()
-                    found.append((int(match[1]), int(match[2]), item["Key"], modified))
-        return sorted(found)
+                listed.append((item["Key"], int(item["Size"]), item["LastModified"].timestamp()))
+        return listed
 
     @staticmethod
     def _chain(chunks: list[tuple[int, int, str, float]]) -> list[tuple[int, int, str, float]]:
@@ -341,10 +383,12 @@ class S3Objects:
             return offset
         end = offset + len(data)
         async with self._available("store a chunk"):
+            # Content-MD5: the store refuses a body that arrives damaged or cut short.
             await self.client.put_object(
                 Bucket=self.bucket,
                 Key=self.chunk_key(appliance_id, sha256, offset, end),
                 Body=data,
+                ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode(),
             )
         return end
 
@@ -370,10 +414,14 @@ class S3Objects:
             parts: list[dict[str, Any]] = []
             buffer = bytearray()
             try:
-                for _start, _end, chunk_key, _ in chain:
+                for start, end, chunk_key, _ in chain:
                     answer = await self.client.get_object(Bucket=self.bucket, Key=chunk_key)
                     async with answer["Body"] as body:
                         data = await body.read()
+                    if len(data) != end - start:  # the bucket's answer, not the upload, is short
+                        raise OSError(
+                            f"chunk {chunk_key} read back as {len(data)} of {end - start} bytes"
+                        )
                     digest.update(data)
                     buffer += data
                     if len(buffer) >= PART_BYTES:
@@ -399,7 +447,17 @@ class S3Objects:
                 await self.client.abort_multipart_upload(
                     Bucket=self.bucket, Key=key, UploadId=upload_id
                 )
-            await self._delete([chunk[2] for chunk in chunks])
+                # Only bytes that stood still are judged: another replica finishing the same
+                # payload (the appliance's retry of its last chunk) deletes the chunks as it
+                # goes, and what was read then is not what the appliance sent.
+                if (await self.held(appliance_id, sha256))[1]:
+                    return True
+                if [c[2] for c in await self._chunks(appliance_id, sha256)] != [
+                    c[2] for c in chunks
+                ]:
+                    raise OSError("the upload's chunks changed while they were being verified")
+            prefix = self.partial_prefix(appliance_id, sha256)
+            await self._delete([chunk_key for chunk_key, _, _ in await self._listing(prefix)])
         return verified
 
     async def _part(self, key: str, upload_id: str, number: int, data: bytearray) -> dict[str, Any]:
@@ -473,13 +531,37 @@ class S3Objects:
                 while block := await body.read(_READ):
                     yield block
 
-    async def expire(self, ttl_s: float, now: float) -> list[tuple[str, str, int]]:
-        """Uploads in progress whose newest chunk is older than `ttl_s`."""
+    async def read_payload(
+        self, appliance_id: str, sha256: str, start: int, end: int
+    ) -> AsyncIterator[bytes]:
+        if start >= end:
+            return
+        async with self._available("read a payload"):
+            try:
+                answer = await self.client.get_object(
+                    Bucket=self.bucket,
+                    Key=self.final_key(appliance_id, sha256),
+                    Range=f"bytes={start}-{end - 1}",
+                )
+            except ClientError as exc:
+                if _status(exc) in (404, 416):
+                    return
+                raise
+            async with answer["Body"] as body:
+                while block := await body.read(_READ):
+                    yield block
+
+    async def expire(self, ttl_s: float, ahead_s: float = 0.0) -> list[tuple[str, str, int]]:
+        """Uploads in progress whose newest chunk is older than `ttl_s`. Ages are measured on
+        the bucket's clock (its `Date`), not this replica's: a replica whose clock runs days
+        ahead must not delete uploads other replicas are still taking."""
         uploads: dict[tuple[str, str], list[tuple[str, int, float]]] = {}
         prefix = self.partial_prefix()
+        now = time.time() + ahead_s
         async with self._available("expire uploads"):
             paginator = self.client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                now = (_bucket_time(page) or time.time()) + ahead_s
                 for item in page.get("Contents", []):
                     parts = item["Key"][len(prefix) :].split("/")
                     if len(parts) != 3:
@@ -495,6 +577,42 @@ class S3Objects:
                 await self._delete([key for key, _, _ in chunks])
                 removed.append((appliance_id, sha256, sum(size for _, size, _ in chunks)))
         return removed
+
+
+def _bucket_time(response: Mapping[str, Any]) -> float | None:
+    """The bucket's clock: the `Date` header of its answer (None when it sent none)."""
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if not isinstance(date, str):
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+# S3 refuses a request signed this far from its own clock (AWS: 15 minutes; others alike).
+_SIGNING_SKEW_S = 900.0
+
+
+def clock_skew_note(exc: BaseException) -> str:
+    """Why a bucket refuses keys that are right: this machine's clock is too far from the
+    bucket's for request signatures (what a 403 then means); empty when that is not it."""
+    if not isinstance(exc, ClientError) or _status(exc) != 403:
+        return ""
+    bucket_now = _bucket_time(exc.response)
+    if bucket_now is None:
+        return ""
+    skew = time.time() - bucket_now
+    if abs(skew) < _SIGNING_SKEW_S:
+        return ""
+    way = "ahead of" if skew > 0 else "behind"
+    amount = (
+        f"{abs(skew) / 3600:.1f} hours" if abs(skew) >= 3600 else f"{abs(skew) / 60:.0f} minutes"
+    )
+    return (
+        f" (this machine's clock is {amount} {way} the bucket's, and S3 refuses requests "
+        "signed more than 15 minutes off: set the clock right, e.g. with NTP)"
+    )
 
 
 def _status(exc: ClientError) -> int:

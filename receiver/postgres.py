@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -27,8 +27,12 @@ import asyncpg
 from receiver.backend import (
     DEFAULT_CONCURRENT_QUIET_S,
     BatchResult,
+    FleetFigures,
     JournalSpan,
     PublishedPackage,
+    RecentRecords,
+    RecordFilter,
+    RecordPage,
     TokenEntry,
     concurrent_journals,
     conflict_refusal,
@@ -36,123 +40,27 @@ from receiver.backend import (
     same_record,
 )
 from receiver.batches import IncomingBatch
+from receiver.fleet_store import (
+    postgres_fleet,
+    postgres_payload_size,
+    postgres_recent,
+)
+from receiver.postgres_schema import (
+    MIGRATIONS,
+    PARTITION_LOCK,
+    SCHEMA,
+    migrate,
+    month_bounds,
+    partition_name,
+)
 from receiver.protocol import Refusal
+from receiver.reads_store import postgres_records_after
 from sync.identity import LEGACY_JOURNAL
 
 if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
-
-    # A connection of the pool or one of its own (migrations run on either).
-    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+    from receiver.postgres_schema import Conn
 
 log = logging.getLogger(__name__)
-
-SCHEMA = "receiver"
-# Migrations run under this advisory lock: replicas starting together apply each one once.
-_MIGRATION_LOCK = 0x72656376  # "recv"
-_PARTITION_LOCK = 0x70617274  # "part"
-
-MIGRATIONS: tuple[tuple[str, str], ...] = (
-    (
-        "0001_initial",
-        f"""
-        CREATE TABLE {SCHEMA}.appliances (
-            appliance_id text PRIMARY KEY,
-            records bigint NOT NULL DEFAULT 0,
-            duplicates_ignored bigint NOT NULL DEFAULT 0,
-            batches bigint NOT NULL DEFAULT 0,
-            payloads bigint NOT NULL DEFAULT 0,
-            payload_bytes bigint NOT NULL DEFAULT 0,
-            first_seen timestamptz NOT NULL,
-            last_seen timestamptz NOT NULL,
-            concurrent_journals jsonb
-        );
-        CREATE TABLE {SCHEMA}.journals (
-            appliance_id text NOT NULL REFERENCES {SCHEMA}.appliances,
-            journal_id text NOT NULL,
-            records bigint NOT NULL DEFAULT 0,
-            max_seq bigint,
-            duplicates_ignored bigint NOT NULL DEFAULT 0,
-            conflicts_refused bigint NOT NULL DEFAULT 0,
-            batches bigint NOT NULL DEFAULT 0,
-            payloads bigint NOT NULL DEFAULT 0,
-            payload_bytes bigint NOT NULL DEFAULT 0,
-            first_seen timestamptz NOT NULL,
-            last_seen timestamptz NOT NULL,
-            follows text,
-            PRIMARY KEY (appliance_id, journal_id)
-        );
-        CREATE TABLE {SCHEMA}.record_keys (
-            appliance_id text NOT NULL,
-            journal_id text NOT NULL,
-            seq bigint NOT NULL,
-            received_at timestamptz NOT NULL,
-            PRIMARY KEY (appliance_id, journal_id, seq)
-        );
-        CREATE TABLE {SCHEMA}.records (
-            appliance_id text NOT NULL,
-            journal_id text NOT NULL,
-            seq bigint NOT NULL,
-            priority text NOT NULL,
-            kind text NOT NULL,
-            ts text NOT NULL,
-            at timestamptz,
-            batch_id text NOT NULL,
-            received_at timestamptz NOT NULL,
-            record jsonb,
-            line text,
-            PRIMARY KEY (appliance_id, journal_id, seq, received_at)
-        ) PARTITION BY RANGE (received_at);
-        CREATE INDEX records_kind_at ON {SCHEMA}.records (appliance_id, kind, at);
-        CREATE TABLE {SCHEMA}.batches (
-            appliance_id text NOT NULL,
-            journal_id text NOT NULL,
-            batch_id text NOT NULL,
-            priority text NOT NULL,
-            first_seq bigint NOT NULL,
-            last_seq bigint NOT NULL,
-            times_received integer NOT NULL,
-            stored integer NOT NULL,
-            duplicates integer NOT NULL,
-            first_received timestamptz NOT NULL,
-            last_received timestamptz NOT NULL,
-            PRIMARY KEY (appliance_id, journal_id, batch_id)
-        );
-        CREATE TABLE {SCHEMA}.payloads (
-            appliance_id text NOT NULL,
-            sha256 text NOT NULL,
-            size bigint NOT NULL,
-            journal_id text NOT NULL,
-            completed_at timestamptz NOT NULL,
-            PRIMARY KEY (appliance_id, sha256)
-        );
-        CREATE TABLE {SCHEMA}.model_packages (
-            name text NOT NULL,
-            version text NOT NULL,
-            sha256 text NOT NULL UNIQUE,
-            size bigint NOT NULL,
-            appliances jsonb NOT NULL,
-            groups jsonb NOT NULL,
-            published_at text NOT NULL,
-            PRIMARY KEY (name, version)
-        );
-        """,
-    ),
-    (
-        "0002_tokens",
-        f"""
-        CREATE TABLE {SCHEMA}.tokens (
-            token_id text PRIMARY KEY,
-            digest bytea NOT NULL UNIQUE,
-            role text NOT NULL CHECK (role IN ('appliance', 'admin')),
-            appliance_id text,
-            label text NOT NULL,
-            created_at timestamptz NOT NULL,
-            revoked_at timestamptz
-        );
-        """,
-    ),
-)
 
 
 def _ts(moment: datetime) -> str:
@@ -172,38 +80,6 @@ def storable_json(line: str) -> bool:
     """Whether jsonb can hold the line's record: it cannot hold a NUL character (`\\u0000`);
     such a record keeps its exact line in `records.line` instead."""
     return "\\u0000" not in line
-
-
-def month_bounds(moment: datetime) -> tuple[datetime, datetime]:
-    start = moment.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    end = (start + timedelta(days=32)).replace(day=1)
-    return start, end
-
-
-def partition_name(start: datetime) -> str:
-    return f"records_{start:%Y_%m}"
-
-
-async def migrate(conn: Conn) -> list[str]:
-    """Apply the migrations this database lacks, each in its own transaction, under an
-    advisory lock; the names applied now."""
-    applied_now: list[str] = []
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
-        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {SCHEMA}.migrations "
-            "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {row["name"] for row in await conn.fetch(f"SELECT name FROM {SCHEMA}.migrations")}
-        for name, script in MIGRATIONS:
-            if name in done:
-                continue
-            await conn.execute(script)
-            await conn.execute(f"INSERT INTO {SCHEMA}.migrations (name) VALUES ($1)", name)
-            applied_now.append(name)
-            log.info("receiver migration applied", extra={"fields": {"name": name}})
-    return applied_now
 
 
 _INSERT_RECORDS = f"""
@@ -364,7 +240,7 @@ class PostgresStore:
         if name in self._partitions:
             return
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
             await conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {SCHEMA}.{name} PARTITION OF {SCHEMA}.records "
                 f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
@@ -664,6 +540,12 @@ class PostgresStore:
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1", timeout=2.0)
 
+    async def records_after(
+        self, cursor: str | None, wanted: RecordFilter, limit: int
+    ) -> RecordPage:
+        async with self._available(), self.pool.acquire() as conn:
+            return await postgres_records_after(conn, cursor, wanted, limit)
+
     async def tokens(self) -> list[TokenEntry]:
         async with self._available():
             rows = await self.pool.fetch(
@@ -717,6 +599,18 @@ class PostgresStore:
             )
             assert row is not None
             return _package(row)
+
+    async def fleet(self, appliance_id: str | None = None) -> FleetFigures:
+        async with self._available(), self.pool.acquire() as conn:
+            return await postgres_fleet(conn, SCHEMA, await self._now(conn), appliance_id)
+
+    async def recent_records(self, appliance_id: str, limit: int) -> RecentRecords:
+        async with self._available(), self.pool.acquire() as conn:
+            return await postgres_recent(conn, SCHEMA, appliance_id, limit)
+
+    async def payload_size(self, appliance_id: str, sha256: str) -> int | None:
+        async with self._available(), self.pool.acquire() as conn:
+            return await postgres_payload_size(conn, SCHEMA, appliance_id, sha256)
 
 
 def _token(row: asyncpg.Record) -> TokenEntry:

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import ClientPayloadError, web
 
 from config.names import NAME_RE
+from sync.identity import LEGACY_JOURNAL, valid_journal_id
 
 log = logging.getLogger(__name__)
 
@@ -222,3 +223,45 @@ async def client_certificate_required(
             "this receiver only accepts clients with a certificate signed by its client CA",
         )
     return await handler(request)
+
+
+# ------------------------------------------------------------------ request headers
+
+
+def uint_header(request: web.Request, name: str) -> int:
+    value = request.headers.get(name)
+    if value is None:
+        raise Refusal(400, f"missing {name}", f"send {name}: a non-negative integer")
+    value = value.strip()
+    if not UINT_RE.fullmatch(value) or int(value) > SQLITE_MAX_INT:
+        raise Refusal(400, f"bad {name}", f"{name} must be a non-negative integer")
+    return int(value)
+
+
+def journal_of(request: web.Request) -> str:
+    """The request's Journal-Id (400 when it is not 32 lowercase hex digits); LEGACY_JOURNAL
+    when there is none (an appliance of a version before journal identities)."""
+    value = request.headers.get("Journal-Id")
+    if value is None:
+        return LEGACY_JOURNAL
+    value = value.strip()
+    if not valid_journal_id(value):
+        raise Refusal(400, "bad journal id", "Journal-Id must be 32 lowercase hex digits")
+    return value
+
+
+def follows_of(request: web.Request, journal_id: str) -> str | None:
+    """Journal-Follows: the journal (or `legacy`) this one continues; only beside a Journal-Id."""
+    value = request.headers.get("Journal-Follows")
+    if value is None:
+        return None
+    value = value.strip()
+    if journal_id == LEGACY_JOURNAL or value == journal_id:
+        raise Refusal(
+            400, "bad journal follows", "Journal-Follows needs a Journal-Id of another journal"
+        )
+    if value != LEGACY_JOURNAL and not valid_journal_id(value):
+        raise Refusal(
+            400, "bad journal follows", "Journal-Follows is 32 lowercase hex digits or legacy"
+        )
+    return value

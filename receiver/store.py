@@ -18,8 +18,12 @@ from typing import Any, TypeVar
 from receiver.backend import (
     DEFAULT_CONCURRENT_QUIET_S,
     BatchResult,
+    FleetFigures,
     JournalSpan,
     PublishedPackage,
+    RecentRecords,
+    RecordFilter,
+    RecordPage,
     TokenEntry,
     concurrent_journals,
     conflict_refusal,
@@ -29,6 +33,7 @@ from receiver.backend import (
     same_record,
 )
 from receiver.batches import IncomingBatch
+from receiver.fleet_store import sqlite_fleet, sqlite_payload_size, sqlite_recent
 from receiver.protocol import (
     PARTIAL_DIR,
     PAYLOADS_DIR,
@@ -37,164 +42,15 @@ from receiver.protocol import (
     Refusal,
     valid_appliance_id,
 )
+from receiver.reads_store import sqlite_records_after
+from receiver.store_schema import migrate
 from receiver.uploads import ensure_dir
 
 # LEGACY_JOURNAL: the journal of records shipped without a Journal-Id: by appliances of a version
 # before journal identities, and by upgraded ones for what they journalled before the upgrade.
-from sync.identity import LEGACY_JOURNAL
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-_MIGRATIONS: tuple[tuple[str, str], ...] = (
-    (
-        "0001_initial",
-        """
-        CREATE TABLE records (
-            appliance_id TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            priority TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            ts TEXT NOT NULL,
-            batch_id TEXT NOT NULL,
-            received_ts TEXT NOT NULL,
-            line TEXT NOT NULL,
-            PRIMARY KEY (appliance_id, seq)
-        ) WITHOUT ROWID;
-        CREATE TABLE batches (
-            appliance_id TEXT NOT NULL,
-            batch_id TEXT NOT NULL,
-            priority TEXT NOT NULL,
-            first_seq INTEGER NOT NULL,
-            last_seq INTEGER NOT NULL,
-            times_received INTEGER NOT NULL,
-            stored INTEGER NOT NULL,
-            duplicates INTEGER NOT NULL,
-            first_received_ts TEXT NOT NULL,
-            last_received_ts TEXT NOT NULL,
-            PRIMARY KEY (appliance_id, batch_id)
-        ) WITHOUT ROWID;
-        CREATE TABLE payloads (
-            appliance_id TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            completed_ts TEXT NOT NULL,
-            PRIMARY KEY (appliance_id, sha256)
-        ) WITHOUT ROWID;
-        CREATE TABLE appliances (
-            appliance_id TEXT PRIMARY KEY,
-            records INTEGER NOT NULL DEFAULT 0,
-            duplicates_ignored INTEGER NOT NULL DEFAULT 0,
-            batches INTEGER NOT NULL DEFAULT 0,
-            payloads INTEGER NOT NULL DEFAULT 0,
-            payload_bytes INTEGER NOT NULL DEFAULT 0,
-            first_seen_ts TEXT NOT NULL,
-            last_seen_ts TEXT NOT NULL
-        );
-        """,
-    ),
-    (
-        # Published model packages (receiver/model_feed.py); `appliances` and `groups` are JSON lists,
-        # both empty: addressed to every appliance.
-        "0002_model_packages",
-        """
-        CREATE TABLE model_packages (
-            name TEXT NOT NULL,
-            version TEXT NOT NULL,
-            sha256 TEXT NOT NULL UNIQUE,
-            size INTEGER NOT NULL,
-            appliances TEXT NOT NULL,
-            groups TEXT NOT NULL,
-            published_ts TEXT NOT NULL,
-            PRIMARY KEY (name, version)
-        ) WITHOUT ROWID;
-        """,
-    ),
-    (
-        # Journal identities (docs/sync-protocol.md, "Journals"): records and batches are keyed
-        # by (appliance, journal, seq). Everything stored before belongs to the appliance's
-        # legacy journal, which is where its appliances keep shipping their older records.
-        "0003_journals",
-        f"""
-        CREATE TABLE records_by_journal (
-            appliance_id TEXT NOT NULL,
-            journal_id TEXT NOT NULL,
-            seq INTEGER NOT NULL,
-            priority TEXT NOT NULL,
-            kind TEXT NOT NULL,
-            ts TEXT NOT NULL,
-            batch_id TEXT NOT NULL,
-            received_ts TEXT NOT NULL,
-            line TEXT NOT NULL,
-            PRIMARY KEY (appliance_id, journal_id, seq)
-        ) WITHOUT ROWID;
-        INSERT INTO records_by_journal SELECT appliance_id, '{LEGACY_JOURNAL}', seq, priority, kind,
-            ts, batch_id, received_ts, line FROM records;
-        DROP TABLE records;
-        ALTER TABLE records_by_journal RENAME TO records;
-        CREATE TABLE batches_by_journal (
-            appliance_id TEXT NOT NULL,
-            journal_id TEXT NOT NULL,
-            batch_id TEXT NOT NULL,
-            priority TEXT NOT NULL,
-            first_seq INTEGER NOT NULL,
-            last_seq INTEGER NOT NULL,
-            times_received INTEGER NOT NULL,
-            stored INTEGER NOT NULL,
-            duplicates INTEGER NOT NULL,
-            first_received_ts TEXT NOT NULL,
-            last_received_ts TEXT NOT NULL,
-            PRIMARY KEY (appliance_id, journal_id, batch_id)
-        ) WITHOUT ROWID;
-        INSERT INTO batches_by_journal SELECT appliance_id, '{LEGACY_JOURNAL}', batch_id, priority,
-            first_seq, last_seq, times_received, stored, duplicates, first_received_ts,
-            last_received_ts FROM batches;
-        DROP TABLE batches;
-        ALTER TABLE batches_by_journal RENAME TO batches;
-        ALTER TABLE payloads ADD COLUMN journal_id TEXT NOT NULL DEFAULT '{LEGACY_JOURNAL}';
-        ALTER TABLE appliances ADD COLUMN concurrent_journals TEXT;
-        CREATE TABLE journals (
-            appliance_id TEXT NOT NULL,
-            journal_id TEXT NOT NULL,
-            records INTEGER NOT NULL DEFAULT 0,
-            max_seq INTEGER,
-            duplicates_ignored INTEGER NOT NULL DEFAULT 0,
-            conflicts_refused INTEGER NOT NULL DEFAULT 0,
-            batches INTEGER NOT NULL DEFAULT 0,
-            payloads INTEGER NOT NULL DEFAULT 0,
-            payload_bytes INTEGER NOT NULL DEFAULT 0,
-            first_seen_ts TEXT NOT NULL,
-            last_seen_ts TEXT NOT NULL,
-            follows TEXT,
-            PRIMARY KEY (appliance_id, journal_id)
-        ) WITHOUT ROWID;
-        INSERT INTO journals (appliance_id, journal_id, records, max_seq, duplicates_ignored,
-            batches, payloads, payload_bytes, first_seen_ts, last_seen_ts)
-            SELECT a.appliance_id, '{LEGACY_JOURNAL}', a.records,
-                (SELECT MAX(seq) FROM records r WHERE r.appliance_id = a.appliance_id),
-                a.duplicates_ignored, a.batches, a.payloads, a.payload_bytes, a.first_seen_ts,
-                a.last_seen_ts
-            FROM appliances a;
-        """,
-    ),
-    (
-        # Tokens kept in the store (`appliance receiver tokens`), beside any tokens file: only
-        # their sha256.
-        "0004_tokens",
-        """
-        CREATE TABLE tokens (
-            token_id TEXT PRIMARY KEY,
-            digest BLOB NOT NULL UNIQUE,
-            role TEXT NOT NULL,
-            appliance_id TEXT,
-            label TEXT NOT NULL,
-            created_ts TEXT NOT NULL,
-            revoked_ts TEXT
-        );
-        """,
-    ),
-)
 
 
 def _journal_spans(conn: sqlite3.Connection, appliance_id: str) -> list[JournalSpan]:
@@ -297,24 +153,7 @@ class ReceiverStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_ts TEXT NOT NULL)"
-        )
-        applied = {row[0] for row in conn.execute("SELECT name FROM migrations")}
-        for name, script in _MIGRATIONS:
-            if name in applied:
-                continue
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, now_ts()))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            log.info("receiver migration applied", extra={"fields": {"name": name}})
+        migrate(conn)
         self._reconcile_payloads()
 
     def _reconcile_payloads(self) -> None:
@@ -358,10 +197,11 @@ class ReceiverStore:
         try:
             _ensure_appliance(conn, appliance_id, now)
             _ensure_journal(conn, appliance_id, journal_id, now, batch.follows)
+            (arrival,) = conn.execute("SELECT COALESCE(MAX(arrival), 0) FROM records").fetchone()
             for record in batch.records:
                 cursor = conn.execute(
                     "INSERT INTO records (appliance_id, journal_id, seq, priority, kind, ts, "
-                    "batch_id, received_ts, line) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "batch_id, received_ts, line, arrival) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(appliance_id, journal_id, seq) DO NOTHING",
                     (
                         appliance_id,
@@ -373,10 +213,12 @@ class ReceiverStore:
                         batch.batch_id,
                         now,
                         record.line,
+                        arrival + 1,
                     ),
                 )
                 if cursor.rowcount == 1:
                     stored += 1
+                    arrival += 1
                     continue
                 duplicates += 1
                 (stored_line,) = conn.execute(
@@ -603,6 +445,11 @@ class ReceiverStore:
     async def ping(self) -> None:
         await self._run(lambda: self._db().execute("SELECT 1").fetchone())
 
+    async def records_after(
+        self, cursor: str | None, wanted: RecordFilter, limit: int
+    ) -> RecordPage:
+        return await self._run(lambda: sqlite_records_after(self._db(), cursor, wanted, limit))
+
     async def tokens(self) -> list[TokenEntry]:
         return await self._run(lambda: _tokens(self._db()))
 
@@ -613,6 +460,16 @@ class ReceiverStore:
         self, *, appliance_id: str | None = None, token_id: str | None = None
     ) -> int:
         return await self._run(lambda: _revoke_tokens(self._db(), appliance_id, token_id))
+
+    async def fleet(self, appliance_id: str | None = None) -> FleetFigures:
+        now_s = self.clock()
+        return await self._run(lambda: sqlite_fleet(self._db(), now_s, appliance_id))
+
+    async def recent_records(self, appliance_id: str, limit: int) -> RecentRecords:
+        return await self._run(lambda: sqlite_recent(self._db(), appliance_id, limit))
+
+    async def payload_size(self, appliance_id: str, sha256: str) -> int | None:
+        return await self._run(lambda: sqlite_payload_size(self._db(), appliance_id, sha256))
 
 
 _PACKAGE_COLUMNS = "name, version, sha256, size, appliances, groups, published_ts"

@@ -74,6 +74,15 @@ def postgres_dsn(postgres_server: PostgresServer) -> str:
     return create_database(postgres_server, f"test_{uuid.uuid4().hex[:12]}")
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest) -> str | None:
+    """Each store the receiver has: receiver.db (None), and PostgreSQL (its DSN)."""
+    if request.param == "sqlite":
+        return None
+    dsn: str = request.getfixturevalue("postgres_dsn")
+    return dsn
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One SeaweedFS server for the session (tests/seaweed.py); tests keep apart by key prefix."""

@@ -137,6 +137,17 @@ def component_missing(what: str) -> NoReturn:
     pytest.skip(f"{what} is missing")
 
 
+def wrong_clock_env(offset: str, **extra: str) -> dict[str, str]:
+    """`cli_env()` for a process whose wall clock is `offset` off (libfaketime, Debian package
+    faketime: "+10m", "-2d"); its monotonic clock stays true, as on a machine without NTP."""
+    found = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+    if not found:
+        component_missing("libfaketime (Debian package faketime)")
+    return cli_env(
+        LD_PRELOAD=str(found[0]), FAKETIME=offset, FAKETIME_DONT_FAKE_MONOTONIC="1", **extra
+    )
+
+
 @contextlib.contextmanager
 def receiver_process(args: list[str], folder: Path) -> Iterator[tuple[str, Path]]:
     """`appliance receiver ARGS` in a subprocess: (its URL, once it printed it, and its log

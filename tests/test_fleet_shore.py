@@ -1,8 +1,10 @@
 """The shore side at fleet scale, every part real: PostgreSQL for the records, SeaweedFS for the
 payload bytes, three `appliance receiver -c` processes sharing nothing else, and HAProxy
-round-robin in front of them. Two appliances ship through it while replicas are SIGKILLed mid
-batch and mid upload and PostgreSQL restarts; at the end the shore holds exactly their journals:
-every record once, every payload byte for byte, summaries that agree."""
+round-robin in front of them, one of them on a clock 10 minutes fast. Two appliances ship through
+it while replicas are SIGKILLed mid batch and mid upload, PostgreSQL restarts and the bucket
+stops answering, and a consumer follows `GET /v1/records` all along; at the end the shore holds
+exactly their journals: every record once, every payload byte for byte, summaries that agree,
+and the consumer has read every record once."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,13 +27,15 @@ import asyncpg
 import pytest
 
 from config.shipping import HttpDestination, SyncSection
+from receiver.backend import parse_ts
 from receiver.objects import BucketSettings, S3Objects
 from sync import Journal, NewRecord, PayloadRef, PayloadStore, Priority
 from sync.destination import DestinationError
 from sync.engine import SyncEngine
 from sync.http_client import HttpTarget
+from tests.faultproxy import FaultProxy
 from tests.haproxy import LoadBalancer
-from tests.helpers import ROOT, cli_env, wait_for
+from tests.helpers import ROOT, cli_env, wait_for, wrong_clock_env
 from tests.mosquitto import free_port
 from tests.postgres import PostgresServer
 from tests.seaweed import BUCKET, S3Server
@@ -47,6 +51,7 @@ class Replica:
     config: Path
     port: int
     log: Path
+    env: dict[str, str] = field(default_factory=cli_env)
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -55,7 +60,7 @@ class Replica:
                 [sys.executable, "-m", "appliance", "receiver", "-c", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=cli_env(),
+                env=self.env,
                 cwd=ROOT,
             )
 
@@ -81,7 +86,9 @@ class Shore:
     balancer: LoadBalancer
     database: str
     bucket: BucketSettings
+    bucket_proxy: FaultProxy  # between the replicas and SeaweedFS: stops the bucket at will
     tokens: dict[str, str] = field(default_factory=dict)
+    admin_token: str = ""
 
 
 def _healthy(port: int) -> bool:
@@ -93,11 +100,16 @@ def _healthy(port: int) -> bool:
 
 
 @pytest.fixture
-def shore(tmp_path: Path, postgres_dsn: str, s3_server: S3Server) -> Iterator[Shore]:
+async def shore(tmp_path: Path, postgres_dsn: str, s3_server: S3Server) -> AsyncIterator[Shore]:
     prefix = f"fleet-{uuid.uuid4().hex[:8]}/"
     tokens = {name: f"token-{name}-{uuid.uuid4().hex[:8]}" for name in APPLIANCES}
+    admin_token = f"admin-{uuid.uuid4().hex}"
     (tmp_path / "tokens").write_text("".join(f"{k} {v}\n" for k, v in tokens.items()))
+    (tmp_path / "admin-tokens").write_text(admin_token + "\n")
     (tmp_path / "database").write_text(postgres_dsn + "\n")
+    bucket_proxy = FaultProxy("127.0.0.1", int(s3_server.endpoint_url.rsplit(":", 1)[1]))
+    await bucket_proxy.start()
+    endpoint_url = f"http://127.0.0.1:{bucket_proxy.port}"
     replicas = []
     for n in range(3):
         port = free_port()
@@ -106,12 +118,13 @@ def shore(tmp_path: Path, postgres_dsn: str, s3_server: S3Server) -> Iterator[Sh
             f"""listen: 127.0.0.1:{port}
 data: {tmp_path / f"replica-{n}"}
 tokens_file: {tmp_path / "tokens"}
+admin_tokens_file: {tmp_path / "admin-tokens"}
 store:
   type: postgres
   database_file: {tmp_path / "database"}
 objects:
   type: s3
-  endpoint_url: {s3_server.endpoint_url}
+  endpoint_url: {endpoint_url}
   bucket: {BUCKET}
   prefix: {prefix}
   access_key_file: {s3_server.access_key_file}
@@ -120,11 +133,16 @@ objects:
 log_level: warning
 """
         )
-        replicas.append(Replica(config, port, tmp_path / f"replica-{n}.log"))
+        # The last one's clock is 10 minutes fast (the database's clock stamps the rows, the
+        # bucket's judges upload ages): it must make no difference.
+        env = wrong_clock_env("+10m") if n == 2 else cli_env()
+        replicas.append(Replica(config, port, tmp_path / f"replica-{n}.log", env))
     for replica in replicas:
         replica.start()
     for replica in replicas:
-        wait_for(partial(_healthy, replica.port), 30, f"replica on {replica.port}")
+        await asyncio.to_thread(
+            wait_for, partial(_healthy, replica.port), 30, f"replica on {replica.port}"
+        )
     balancer = LoadBalancer(tmp_path, [r.port for r in replicas])
     balancer.start()
     bucket = BucketSettings(
@@ -135,11 +153,12 @@ log_level: warning
         prefix=prefix,
     )
     try:
-        yield Shore(replicas, balancer, postgres_dsn, bucket, tokens)
+        yield Shore(replicas, balancer, postgres_dsn, bucket, bucket_proxy, tokens, admin_token)
     finally:
         balancer.stop()
         for replica in replicas:
             replica.kill()
+        await bucket_proxy.close()
 
 
 @dataclass
@@ -199,6 +218,54 @@ async def journal_some(device: Appliance, rng: random.Random, cycle: int) -> Non
         )
 
 
+@dataclass
+class Consumer:
+    """Shore analytics following `GET /v1/records` through the load balancer: whatever replica
+    answers, it moves its cursor only with a page it got whole."""
+
+    url: str
+    token: str
+    cursor: str | None = None
+    seen: list[tuple[str, str, int]] = field(default_factory=list)
+
+    async def read_page(self, session: aiohttp.ClientSession) -> bool | None:
+        """One page; whether another is ready now (None: the shore did not answer)."""
+        params = {"limit": "60"} if self.cursor is None else {"limit": "60", "after": self.cursor}
+        try:
+            async with session.get(
+                f"{self.url}/v1/records",
+                params=params,
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as answer:
+                if answer.status != 200:  # a replica killed, the database restarting: 5xx
+                    return None
+                page = await answer.json()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+        self.seen.extend((r["appliance_id"], r["journal_id"], r["seq"]) for r in page["records"])
+        self.cursor = page["next"]
+        return bool(page["more"])
+
+    async def follow(self, stop: asyncio.Event) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                if not await self.read_page(session):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.2)  # a consumer's poll interval
+
+    async def catch_up(self) -> None:
+        """Read to the end: what the shore holds now."""
+        async with aiohttp.ClientSession() as session:
+            for _ in range(1000):
+                more = await self.read_page(session)
+                if more is False:
+                    return
+                if more is None:
+                    await asyncio.sleep(0.2)
+        pytest.fail("the consumer never reached the end of the records")
+
+
 async def drain_for(device: Appliance, seconds: float) -> None:
     try:
         async with asyncio.timeout(seconds):
@@ -215,6 +282,9 @@ async def test_two_appliances_through_three_replicas_with_kills_and_a_database_r
 ) -> None:
     rng = random.Random(15)
     faults: dict[str, int] = {}
+    consumer = Consumer(shore.balancer.url, shore.admin_token)
+    stop_consumer = asyncio.Event()
+    following = asyncio.create_task(consumer.follow(stop_consumer))
 
     async with (
         appliance(tmp_path, APPLIANCES[0], shore) as first,
@@ -224,9 +294,11 @@ async def test_two_appliances_through_three_replicas_with_kills_and_a_database_r
         for cycle in range(FAULT_CYCLES):
             for device in devices:
                 await journal_some(device, rng, cycle)
-            fault = rng.choice(["kill", "kill", "kill_two", "database", "none"])
+            fault = rng.choice(["kill", "kill", "kill_two", "database", "bucket", "none"])
             if cycle == FAULT_CYCLES // 2:
                 fault = "database"  # at least one PostgreSQL restart, whatever the seed
+            elif cycle == FAULT_CYCLES // 3:
+                fault = "bucket"  # and at least one bucket outage
             faults[fault] = faults.get(fault, 0) + 1
             drains = [asyncio.create_task(drain_for(d, rng.uniform(1.0, 3.0))) for d in devices]
             await asyncio.sleep(rng.uniform(0.05, 0.5))  # mid batch, mid upload
@@ -240,7 +312,12 @@ async def test_two_appliances_through_three_replicas_with_kills_and_a_database_r
                 await asyncio.to_thread(postgres_server.kill)
                 await asyncio.sleep(0.3)
                 await asyncio.to_thread(postgres_server.start)
+            elif fault == "bucket":
+                # The object store stops: connections refused, open ones reset.
+                shore.bucket_proxy.refuse(True)
+                shore.bucket_proxy.cut_all()
             await asyncio.gather(*drains)
+            shore.bucket_proxy.clear()
             # Restarted in the background, as a supervisor would: the next cycle does not wait.
             for replica in shore.replicas:
                 if not replica.alive:
@@ -257,6 +334,9 @@ async def test_two_appliances_through_three_replicas_with_kills_and_a_database_r
             else:
                 pytest.fail(f"{device.name} did not drain")
         totals = {d.name: await d.journal.read(lambda r: r.max_seq()) for d in devices}
+        stop_consumer.set()
+        await following
+        await consumer.catch_up()
         blobs = {d.name: d.blobs for d in devices}
         async with aiohttp.ClientSession() as session:
             summaries = {}
@@ -267,9 +347,23 @@ async def test_two_appliances_through_three_replicas_with_kills_and_a_database_r
                 ) as answer:
                     assert answer.status == 200
                     summaries[name] = await answer.json()
-    assert faults.get("kill", 0) + faults.get("kill_two", 0) >= 10 and faults["database"] >= 1
+            admin = {"Authorization": f"Bearer {shore.admin_token}"}
+            async with session.get(f"{shore.balancer.url}/v1/fleet", headers=admin) as answer:
+                assert answer.status == 200
+                fleet = {a["appliance_id"]: a for a in (await answer.json())["appliances"]}
+            pages = {}
+            for name in APPLIANCES:
+                async with session.get(f"{shore.balancer.url}/fleet/{name}", headers=admin) as page:
+                    assert page.status == 200
+                    pages[name] = await page.text()
+    assert faults.get("kill", 0) + faults.get("kill_two", 0) >= 10
+    assert faults["database"] >= 1 and faults["bucket"] >= 1
     conn = await asyncpg.connect(shore.database)
     try:
+        # The consumer read every record exactly once, across replicas, kills and restarts.
+        held = await conn.fetch("SELECT appliance_id, journal_id, seq FROM receiver.records")
+        assert len(consumer.seen) == len(set(consumer.seen)) == len(held)
+        assert set(consumer.seen) == {tuple(row) for row in held}
         for name in APPLIANCES:
             rows = await conn.fetch(
                 "SELECT seq FROM receiver.records WHERE appliance_id = $1 ORDER BY seq", name
@@ -280,6 +374,18 @@ async def test_two_appliances_through_three_replicas_with_kills_and_a_database_r
             assert (summary["records"], summary["max_seq"]) == (totals[name], totals[name])
             assert summary["payloads"] == len(blobs[name])
             assert summary["payload_bytes"] == sum(len(b) for b in blobs[name].values())
+            # The fleet view (any replica, from the store) says the same, page and JSON.
+            shown = fleet[name]["totals"]
+            assert (shown["records"], shown["payloads"], shown["payload_bytes"]) == (
+                summary["records"],
+                summary["payloads"],
+                summary["payload_bytes"],
+            )
+            assert f"{shown['records']} records, {shown['payloads']} payloads" in pages[name]
+            # Stamped by the database's clock, not the replica 10 minutes fast.
+            database_now = await conn.fetchval("SELECT now()")
+            for journal in summary["journals"]:
+                assert parse_ts(journal["last_seen"]) <= database_now.timestamp() + 1
     finally:
         await conn.close()
     objects = await S3Objects.open(shore.bucket)

@@ -480,7 +480,19 @@ def test_receiver_database_of_the_previous_version_migrates(tmp_path: Path) -> N
         proc.wait(timeout=20)
     with sqlite3.connect(data / RECEIVER_DB) as conn:
         applied = [r[0] for r in conn.execute("SELECT name FROM migrations ORDER BY name")]
-        assert applied == ["0001_initial", "0002_model_packages", "0003_journals", "0004_tokens"]
+        assert applied == [
+            "0001_initial",
+            "0002_model_packages",
+            "0003_journals",
+            "0004_tokens",
+            "0005_arrival",
+            "0006_fleet_view",
+        ]
+        # Every record, old ones included, has its place in the consumers' cursor order.
+        arrivals = conn.execute(
+            "SELECT COUNT(DISTINCT arrival), MIN(arrival), MAX(arrival) FROM records"
+        ).fetchone()
+        assert arrivals == (15, 1, 15)
         # Queryable by other tools: one row per (appliance, journal, seq).
         keys = conn.execute(
             "SELECT COUNT(*), COUNT(DISTINCT appliance_id || '/' || journal_id || '/' || seq) "

@@ -10,11 +10,13 @@ import contextlib
 import hashlib
 import json
 import os
-import time
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -22,8 +24,9 @@ import pytest
 from appliance.cli import main as cli_main
 from receiver import build_receiver_app, serve_receiver
 from receiver.objects import PART_BYTES, BucketSettings, BucketUnavailable, S3Objects
+from receiver.protocol import Refusal
 from tests.faultproxy import FaultProxy
-from tests.helpers import log_events, receiver_process
+from tests.helpers import ROOT, log_events, receiver_process, wrong_clock_env
 from tests.seaweed import BUCKET, S3Server
 from tests.test_receiver import TOKENS, Client, ndjson, record
 
@@ -165,11 +168,159 @@ async def test_abandoned_uploads_in_the_bucket_expire(s3_server: S3Server, prefi
         digest = hashlib.sha256(b"whatever").hexdigest()
         assert await objects.append("ship-1", digest, 0, b"half of it") == 10
         assert await objects.held("ship-1", digest) == (10, False)
-        assert await objects.expire(3600.0, now=time.time() + 60) == []
-        assert await objects.expire(3600.0, now=time.time() + 7200) == [("ship-1", digest, 10)]
+        assert await objects.expire(3600.0, ahead_s=60) == []
+        assert await objects.expire(3600.0, ahead_s=7200) == [("ship-1", digest, 10)]
         assert await objects.held("ship-1", digest) == (0, False)
     finally:
         await objects.close()
+
+
+_WRONG_CLOCK_EXPIRY = """
+import asyncio, json, sys
+from pathlib import Path
+from typing import Any
+from receiver.objects import BucketSettings, BucketUnavailable, S3Objects
+
+async def main() -> None:
+    endpoint, bucket, access, secret, prefix = sys.argv[1:6]
+    settings = BucketSettings(
+        endpoint_url=endpoint, bucket=bucket, access_key_file=Path(access),
+        secret_key_file=Path(secret), prefix=prefix,
+    )
+    try:
+        objects = await S3Objects.open(settings)
+    except BucketUnavailable as exc:
+        print(json.dumps({"refused": str(exc)}))
+        return
+    try:
+        print(json.dumps({"expired": await objects.expire(300.0)}))
+    finally:
+        await objects.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("offset", ["+10m", "+2d"])
+async def test_a_replica_whose_clock_is_wrong_expires_nothing_early(
+    s3_server: S3Server, prefix: str, offset: str
+) -> None:
+    """An upload taken a moment ago by one replica is judged by the bucket's clock on another
+    whose clock runs ahead: not abandoned. A clock too far off for S3's signatures cannot use
+    the bucket at all, and the receiver says that is why."""
+    objects = await S3Objects.open(bucket_settings(s3_server, prefix))
+    try:
+        digest = hashlib.sha256(b"in progress").hexdigest()
+        assert await objects.append("ship-1", digest, 0, b"in prog") == 7
+        args = [
+            s3_server.endpoint_url,
+            BUCKET,
+            str(s3_server.access_key_file),
+            str(s3_server.secret_key_file),
+            prefix,
+        ]
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", _WRONG_CLOCK_EXPIRY, *args],
+            env=wrong_clock_env(offset),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        if offset == "+10m":
+            # Its own clock says the chunk is 10 minutes old, past the 5 minute expiry.
+            assert answer == {"expired": []}
+        else:
+            assert "clock is 48.0 hours ahead of the bucket's" in answer["refused"]
+            assert "NTP" in answer["refused"]
+        assert await objects.held("ship-1", digest) == (7, False)
+    finally:
+        await objects.close()
+
+
+async def test_a_chunk_cut_on_its_way_to_the_bucket_is_not_counted(
+    s3_server: S3Server, prefix: str
+) -> None:
+    """A chunk write the bucket lost midway is a retryable 503, and whatever the store kept of
+    it is not counted as held: the appliance sends it again and the payload completes."""
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    data = os.urandom(300_000)
+    digest = hashlib.sha256(data).hexdigest()
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        settings = bucket_settings(s3_server, prefix, endpoint_url=f"http://127.0.0.1:{proxy.port}")
+        objects = await S3Objects.open(settings)
+        try:
+            assert await objects.append("ship-1", digest, 0, data[:100_000]) == 100_000
+            proxy.cut_after(150_000, "upstream", once=False)  # every try cut midway
+            with pytest.raises(Refusal) as refused:
+                await objects.append("ship-1", digest, 100_000, data[100_000:])
+            assert refused.value.status == 503
+            proxy.clear()
+            assert await objects.held("ship-1", digest) == (100_000, False)
+            assert await objects.append("ship-1", digest, 100_000, data[100_000:]) == 300_000
+            assert await objects.finish("ship-1", digest) is True
+            assert await objects.held("ship-1", digest) == (300_000, True)
+            assert await bucket_keys(objects, f"{prefix}partial/") == []
+        finally:
+            await objects.close()
+
+
+async def test_replicas_finishing_one_upload_at_once_all_see_it_complete(
+    s3_server: S3Server, prefix: str
+) -> None:
+    """The appliance's last chunk retried through another replica while the first is still
+    finishing: neither may call the payload damaged because the other deleted chunks under it."""
+    settings = bucket_settings(s3_server, prefix)
+    replicas = [await S3Objects.open(settings) for _ in range(3)]
+    try:
+        for n in range(3):
+            data = os.urandom(40_000 + n * 1000)
+            digest = hashlib.sha256(data).hexdigest()
+            for offset in range(0, len(data), 8192):
+                await replicas[0].append("ship-1", digest, offset, data[offset : offset + 8192])
+            verdicts = await asyncio.gather(
+                *(one.finish("ship-1", digest) for one in replicas), return_exceptions=True
+            )
+            # Complete, or "send again later" (503): never "damaged, start from 0".
+            for verdict in verdicts:
+                assert verdict is True or (
+                    isinstance(verdict, Refusal) and verdict.status == 503
+                ), verdict
+            assert await replicas[0].held("ship-1", digest) == (len(data), True)
+            assert await object_bytes(replicas[0], f"{prefix}payloads/ship-1/{digest}") == data
+    finally:
+        for one in replicas:
+            await one.close()
+
+
+async def test_a_finish_that_loses_the_race_to_another_replica_is_not_a_mismatch(
+    s3_server: S3Server, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worst moment: replica B has checked the payload is not complete yet, then replica A
+    completes it and deletes its chunks before B lists them. B reads no bytes that hash to the
+    payload, and must say complete (A's object), not "damaged, upload again from 0"."""
+    settings = bucket_settings(s3_server, prefix)
+    a, b = await S3Objects.open(settings), await S3Objects.open(settings)
+    try:
+        data = os.urandom(30_000)
+        digest = hashlib.sha256(data).hexdigest()
+        for offset in range(0, len(data), 8192):
+            await a.append("ship-1", digest, offset, data[offset : offset + 8192])
+        listed_by_b = b._chunks
+
+        async def a_finishes_first(appliance_id: str, sha256: str) -> Any:
+            assert await a.finish(appliance_id, sha256) is True
+            return await listed_by_b(appliance_id, sha256)
+
+        monkeypatch.setattr(b, "_chunks", a_finishes_first)
+        assert await b.finish("ship-1", digest) is True
+        assert await object_bytes(a, f"{prefix}payloads/ship-1/{digest}") == data
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_a_bucket_that_stops_answering_is_a_retryable_503(

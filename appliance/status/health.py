@@ -17,12 +17,14 @@ from appliance.runtime.supervisor import ComponentHealth
 from appliance.status.schema import (
     ComponentReport,
     Described,
+    DestinationBacklog,
+    HealthRecord,
     HealthSnapshot,
     LiveDestination,
     SourceReport,
 )
 from sensors.base import SourceHealth
-from sync import Journal, NewRecord, Priority, StorageFull, StorageGuard
+from sync import Journal, JournalReader, NewRecord, Priority, StorageFull, StorageGuard
 from sync.engine import DestinationState
 from sync.records import format_ts
 
@@ -201,16 +203,35 @@ class HealthMonitor:
         except StorageFull:
             pass
 
+    async def backlog(self) -> dict[str, DestinationBacklog]:
+        """What each destination has not acknowledged yet, from the journal: the `health`
+        record carries it so the shore's fleet view shows an appliance's backlog as it last
+        reported it."""
+        names = sorted(self.destinations)
+
+        def read(reader: JournalReader) -> dict[str, DestinationBacklog]:
+            figures: dict[str, DestinationBacklog] = {}
+            for name in names:
+                waiting = reader.backlog(name)
+                payloads, payload_bytes = reader.payloads_waiting(name)
+                oldest = sorted(ts for _, _, ts in waiting.values() if ts is not None)
+                figures[name] = {
+                    "records": sum(n for n, _, _ in waiting.values()),
+                    "bytes": sum(b for _, b, _ in waiting.values()),
+                    "payloads": payloads,
+                    "payload_bytes": payload_bytes,
+                    "oldest": oldest[0] if oldest else None,
+                }
+            return figures
+
+        return await self.journal.read(read) if names else {}
+
     async def record(self) -> None:
-        """Journal a `health` telemetry record."""
+        """Journal a `health` telemetry record: the snapshot and the destinations' backlog."""
+        body: HealthRecord = {**self.snapshot(), "backlog": await self.backlog()}
         try:
             await self.journal.append(
-                NewRecord(
-                    source="appliance",
-                    kind="health",
-                    priority=Priority.TELEMETRY,
-                    body=self.snapshot(),
-                )
+                NewRecord(source="appliance", kind="health", priority=Priority.TELEMETRY, body=body)
             )
         except StorageFull:
             pass

@@ -110,6 +110,23 @@ class HealthSnapshot(TypedDict):
     heartbeat: NotRequired[str]
 
 
+class DestinationBacklog(TypedDict):
+    """What one destination has not acknowledged yet, as the journal says."""
+
+    records: int
+    bytes: int  # estimated, as in `BacklogFigures`
+    payloads: int
+    payload_bytes: int
+    oldest: str | None  # the ts of the oldest record waiting; None: nothing waits
+
+
+class HealthRecord(HealthSnapshot):
+    """The body of a journalled `health` record: the snapshot and, per destination, its
+    backlog (what the shore's fleet view shows of an appliance; docs/fleet.md)."""
+
+    backlog: dict[str, DestinationBacklog]
+
+
 class DaemonReport(TypedDict, total=False):
     """The daemon as a report sees it: only `running` when it is not; the status server's
     report adds the rest of the live snapshot."""
@@ -255,10 +272,12 @@ __all__ = [
     "ComponentReport",
     "DaemonReport",
     "Described",
+    "DestinationBacklog",
     "DestinationReport",
     "DiskReport",
     "DropCount",
     "EvictionCount",
+    "HealthRecord",
     "HealthSnapshot",
     "JournalHealth",
     "KindCount",
