@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import yaml
 
@@ -53,6 +54,7 @@ class Receiver:
     url: str
     data: Path
     log: Path
+    database: str | None = None  # the PostgreSQL store's DSN; None: receiver.db
 
     def summary(self, appliance_id: str = APPLIANCE) -> dict[str, Any]:
         with urllib.request.urlopen(f"{self.url}/v1/appliances/{appliance_id}/summary") as answer:
@@ -62,20 +64,45 @@ class Receiver:
     def stored(self, appliance_id: str = APPLIANCE) -> dict[str, dict[int, dict[str, Any]]]:
         """journal id -> seq -> record, as the receiver holds them."""
         out: dict[str, dict[int, dict[str, Any]]] = {}
-        with sqlite3.connect(self.data / RECEIVER_DB) as conn:
-            for journal_id, seq, line in conn.execute(
-                "SELECT journal_id, seq, line FROM records WHERE appliance_id = ?", (appliance_id,)
-            ):
-                record = json.loads(line)
-                # A batch's journal travels in its Journal-Id header; `appliance export` writes
-                # it into each record, so compare with that.
-                if journal_id != "legacy":
-                    record.setdefault("journal_id", journal_id)
-                out.setdefault(journal_id, {})[seq] = record
+        for journal_id, seq, line in self._rows(appliance_id):
+            record = json.loads(line)
+            # A batch's journal travels in its Journal-Id header; `appliance export` writes
+            # it into each record, so compare with that.
+            if journal_id != "legacy":
+                record.setdefault("journal_id", journal_id)
+            out.setdefault(journal_id, {})[seq] = record
         return out
 
+    def _rows(self, appliance_id: str) -> list[tuple[str, int, str]]:
+        if self.database is None:
+            with sqlite3.connect(self.data / RECEIVER_DB) as conn:
+                return conn.execute(
+                    "SELECT journal_id, seq, line FROM records WHERE appliance_id = ?",
+                    (appliance_id,),
+                ).fetchall()
+        database = self.database
 
-def start_receiver(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes], Receiver]:
+        async def fetch() -> list[tuple[str, int, str]]:
+            conn = await asyncpg.connect(database)
+            try:
+                rows = await conn.fetch(
+                    "SELECT journal_id, seq, COALESCE(line, record::text) FROM receiver.records "
+                    "WHERE appliance_id = $1",
+                    appliance_id,
+                )
+            finally:
+                await conn.close()
+            return [(row[0], int(row[1]), row[2]) for row in rows]
+
+        return asyncio.run(fetch())
+
+
+def start_receiver(
+    tmp_path: Path, *args: str, database: str | None = None
+) -> tuple[subprocess.Popen[bytes], Receiver]:
+    if database is not None:
+        (tmp_path / "database").write_text(database + "\n")
+        args = (*args, "--database-file", str(tmp_path / "database"))
     data, log = tmp_path / "receiver-data", tmp_path / "receiver.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -93,12 +120,13 @@ def start_receiver(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[bytes],
         30,
         "the receiver to print its address",
     )
-    return proc, Receiver(line.rsplit(" ", 1)[1], data, log)
+    return proc, Receiver(line.rsplit(" ", 1)[1], data, log, database)
 
 
 @pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    proc, found = start_receiver(tmp_path)
+def receiver(tmp_path: Path, database: str | None) -> Iterator[Receiver]:
+    """A receiver process on each store (conftest's `database`): #8's rules hold on both."""
+    proc, found = start_receiver(tmp_path, database=database)
     try:
         yield found
     finally:
