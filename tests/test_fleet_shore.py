@@ -276,6 +276,54 @@ async def drain_for(device: Appliance, seconds: float) -> None:
         pass
 
 
+async def test_an_upload_cut_on_one_replica_finishes_through_another(shore: Shore) -> None:
+    """Half a clip goes to one replica, which dies; the rest goes through the load balancer to
+    the others, which carry on from the offset the bucket holds: nothing sent twice."""
+    name = APPLIANCES[0]
+    data = random.Random(7).randbytes(3 * 128 * 1024 + 5000)
+    digest = hashlib.sha256(data).hexdigest()
+    path = f"/v1/appliances/{name}/payloads/{digest}"
+    auth = {"Authorization": f"Bearer {shore.tokens[name]}"}
+    chunk = 128 * 1024
+
+    def upload(offset: int) -> dict[str, str]:
+        return {
+            **auth,
+            "Upload-Offset": str(offset),
+            "Upload-Length": str(len(data)),
+            "Content-Type": "application/offset+octet-stream",
+        }
+
+    first = shore.replicas[0]
+    async with aiohttp.ClientSession() as session:
+        for offset in (0, chunk):
+            async with session.patch(
+                f"http://127.0.0.1:{first.port}{path}",
+                data=data[offset : offset + chunk],
+                headers=upload(offset),
+            ) as answer:
+                assert answer.status == 204
+        first.kill()
+        async with session.head(f"{shore.balancer.url}{path}", headers=auth) as answer:
+            assert answer.status == 200
+            assert answer.headers["Upload-Offset"] == str(2 * chunk)  # what the bucket holds
+        for offset in range(2 * chunk, len(data), chunk):
+            async with session.patch(
+                f"{shore.balancer.url}{path}",
+                data=data[offset : offset + chunk],
+                headers=upload(offset),
+            ) as answer:
+                assert answer.status == 204, await answer.text()
+        assert answer.headers["Upload-Complete"] == "1"
+    objects = await S3Objects.open(shore.bucket)
+    try:
+        stored = await objects.client.get_object(Bucket=BUCKET, Key=objects.final_key(name, digest))
+        async with stored["Body"] as body:
+            assert await body.read() == data
+    finally:
+        await objects.close()
+
+
 @pytest.mark.timeout(600)
 async def test_two_appliances_through_three_replicas_with_kills_and_a_database_restart(
     tmp_path: Path, shore: Shore, postgres_server: PostgresServer
