@@ -12,6 +12,10 @@ from pydantic import Field
 
 from config.base import Duration, Strict
 
+# Batches and payload chunks a receiver takes at once; the next one is answered 503 before its
+# body is read, so memory stays bounded however many appliances come back together.
+DEFAULT_MAX_INFLIGHT = 32
+
 
 class SqliteStore(Strict):
     type: Literal["sqlite"] = Field(
@@ -99,10 +103,18 @@ class ReceiverConfig(Strict):
         description="Two journals of one appliance id shipping within this long of each other "
         "are flagged as two boxes sharing the id.",
     )
+    max_inflight: int = Field(
+        default=DEFAULT_MAX_INFLIGHT,
+        ge=1,
+        le=100_000,
+        description="Batches and payload chunks taken at once; the next is answered 503 (the "
+        "appliance sends it again), so memory stays bounded when a fleet comes back at once.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 __all__ = [
+    "DEFAULT_MAX_INFLIGHT",
     "DirectoryObjects",
     "PostgresStore",
     "ReceiverConfig",

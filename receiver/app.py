@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from config.names import NAME_PATTERN
+from config.receiver import DEFAULT_MAX_INFLIGHT
 from receiver.backend import DEFAULT_CONCURRENT_QUIET_S, RecordStore
 from receiver.batches import IncomingBatch, decode_batch, read_batch_body, too_large
 from receiver.fleet import add_fleet_routes
@@ -42,6 +43,7 @@ from receiver.protocol import (
     DEFAULT_PARTIAL_TTL_S,
     READ_CHUNK,
     SHA256_RE,
+    Handler,
     Refusal,
     client_certificate_required,
     follows_of,
@@ -102,8 +104,11 @@ class _Receiver:
         bucket: BucketSettings | None = None,
         max_connections: int = 10,
         store: RecordStore | None = None,
+        max_inflight: int = DEFAULT_MAX_INFLIGHT,
     ) -> None:
         self.data_dir = data_dir
+        self.max_inflight = max_inflight
+        self._inflight = 0
         self.bucket = bucket
         self.max_connections = max_connections
         self.partial_ttl = partial_ttl
@@ -271,6 +276,28 @@ class _Receiver:
         """The appliance a bearer token belongs to, if any (tokens file, then the store)."""
         digest = _token_digest(token)
         return self._owners.get(digest) or self._store_owners.get(digest)
+
+    def admitted(self, handler: Handler) -> Handler:
+        """`handler` behind the receiver's door: past `max_inflight` batches and chunks being
+        taken at once, the next is answered `503 receiver busy` before its body is read (the
+        appliance sends it again), so memory stays bounded whoever comes back at once."""
+
+        async def admit(request: web.Request) -> web.StreamResponse:
+            if self._inflight >= self.max_inflight:
+                raise Refusal(
+                    503,
+                    "receiver busy",
+                    f"this receiver is taking {self._inflight} batches and payload chunks "
+                    "already; nothing was stored, send again shortly",
+                    {"Retry-After": "2"},
+                )
+            self._inflight += 1
+            try:
+                return await handler(request)
+            finally:
+                self._inflight -= 1
+
+        return admit
 
     @staticmethod
     def sha256_of(request: web.Request) -> str:
@@ -448,18 +475,22 @@ class _Receiver:
                 return self._complete_response(held)
             if offset != held:
                 raise self._offset_conflict(offset, held)
-            new_offset = (
-                await self.objects.append(appliance_id, sha256, offset, bytes(body))
-                if body
-                else held
-            )
             self.metrics.payload_bytes.inc(len(body))
-            if new_offset < length:
-                return web.Response(
-                    status=204,
-                    headers={"Upload-Offset": str(new_offset), "Cache-Control": "no-store"},
+            if offset == 0 and body and len(body) == length:  # the whole payload at once
+                new_offset = length
+                verified = await self.objects.put_whole(appliance_id, sha256, bytes(body))
+            else:
+                new_offset = (
+                    await self.objects.append(appliance_id, sha256, offset, bytes(body))
+                    if body
+                    else held
                 )
-            verified = await self.objects.finish(appliance_id, sha256)
+                if new_offset < length:
+                    return web.Response(
+                        status=204,
+                        headers={"Upload-Offset": str(new_offset), "Cache-Control": "no-store"},
+                    )
+                verified = await self.objects.finish(appliance_id, sha256)
         fields = {"appliance_id": appliance_id, "sha256": sha256, "size": new_offset}
         if not verified:
             log.warning(
@@ -507,6 +538,7 @@ def build_receiver_app(
     bucket: BucketSettings | None = None,
     max_connections: int = 10,
     store: RecordStore | None = None,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
 ) -> web.Application:
     """The receiver as an aiohttp app; receiver.db opens on startup and closes on cleanup.
 
@@ -520,7 +552,8 @@ def build_receiver_app(
     default the machine's, or PostgreSQL's). `database`: a PostgreSQL DSN for the records
     (receiver/postgres.py); None keeps them in DATA_DIR/receiver.db. `bucket`: an S3 bucket for
     payload bytes (receiver/objects.py); None keeps them under DATA_DIR. `store`: any other
-    `RecordStore` (it is closed with the app). Serve it with
+    `RecordStore` (it is closed with the app). `max_inflight`: batches and payload chunks taken
+    at once; the next is answered 503. Serve it with
     `serve_receiver()` (or an AppRunner with auto_decompress=False): the app inflates gzip
     bodies itself, under its own limits."""
     receiver = _Receiver(
@@ -535,6 +568,7 @@ def build_receiver_app(
         bucket=bucket,
         max_connections=max_connections,
         store=store,
+        max_inflight=max_inflight,
     )
     # Handlers stream bodies under their own limits; this caps anything that reads whole bodies.
     middlewares: list[Any] = [json_errors]
@@ -548,9 +582,9 @@ def build_receiver_app(
     base = "/v1/appliances/{appliance_id}"
     app.router.add_get("/v1/health", receiver.health)
     app.router.add_get("/healthz", receiver.healthz)
-    app.router.add_put(f"{base}/batches/{{batch_id}}", receiver.put_batch)
+    app.router.add_put(f"{base}/batches/{{batch_id}}", receiver.admitted(receiver.put_batch))
     app.router.add_route("HEAD", f"{base}/payloads/{{sha256}}", receiver.head_payload)
-    app.router.add_patch(f"{base}/payloads/{{sha256}}", receiver.patch_payload)
+    app.router.add_patch(f"{base}/payloads/{{sha256}}", receiver.admitted(receiver.patch_payload))
     app.router.add_get(f"{base}/summary", receiver.summary, allow_head=False)
     feed = add_model_routes(app, receiver, admin_tokens)
     add_read_routes(app, receiver, feed.authorize_admin)
@@ -603,6 +637,7 @@ async def run_receiver(
     database: str | None = None,
     bucket: BucketSettings | None = None,
     max_connections: int = 10,
+    max_inflight: int = DEFAULT_MAX_INFLIGHT,
 ) -> None:
     """`appliance receiver`: serve until `stop` is set or SIGTERM/SIGINT arrives. `database`:
     a PostgreSQL DSN for the records (None: DATA_DIR/receiver.db); `bucket`: where payload bytes
@@ -633,6 +668,7 @@ async def run_receiver(
             database=database,
             bucket=bucket,
             max_connections=max_connections,
+            max_inflight=max_inflight,
         )
         async with serve_receiver(app, host, port, ssl_context) as addresses:
             scheme = "https" if ssl_context is not None else "http"

@@ -3,6 +3,7 @@ decoded and checked line by line against the batch's identity (CPU work, run off
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 from dataclasses import dataclass
@@ -119,7 +120,9 @@ def too_large(what: str, limit: int) -> Refusal:
 
 
 async def read_batch_body(request: web.Request, max_bytes: int) -> bytearray:
-    """The decompressed body, streamed: at most `max_bytes` on the wire and 4x that inflated."""
+    """The decompressed body: at most `max_bytes` on the wire and 4x that inflated. The wire
+    bytes are read on the event loop, the inflating is done in a worker thread: a replica
+    inflating hundreds of batches must still answer its load balancer's health checks."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", "x-gzip"):
         raise Refusal(
@@ -130,19 +133,23 @@ async def read_batch_body(request: web.Request, max_bytes: int) -> bytearray:
         raise RuntimeError("receiver served with auto_decompress=True; use serve_receiver()")
     if request.content_length is not None and request.content_length > max_bytes:
         raise too_large("compressed", max_bytes)
-    limit = max_bytes * DECOMPRESSED_FACTOR
-    gzip = encoding != "identity"
-    inflater = _gunzip() if gzip else None
-    out = bytearray()
-    received = 0
+    wire = bytearray()
     async for chunk in request.content.iter_chunked(READ_CHUNK):
-        received += len(chunk)
-        if received > max_bytes:
+        wire += chunk
+        if len(wire) > max_bytes:
             raise too_large("compressed", max_bytes)
-        if inflater is None:
-            out += chunk
-            continue
-        data = chunk
+    if encoding == "identity":
+        return wire
+    return await asyncio.to_thread(inflate, wire, max_bytes * DECOMPRESSED_FACTOR)
+
+
+def inflate(wire: bytearray, limit: int) -> bytearray:
+    """A gzip body (one member or several) inflated, refused past `limit` bytes (a bomb stops
+    at limit + 1) or when it is not whole gzip."""
+    inflater = _gunzip()
+    out = bytearray()
+    for start in range(0, len(wire), READ_CHUNK):
+        data = bytes(wire[start : start + READ_CHUNK])
         while data:
             if inflater.eof:  # the next member of a multi-member gzip stream
                 inflater = _gunzip()
@@ -155,6 +162,6 @@ async def read_batch_body(request: web.Request, max_bytes: int) -> bytearray:
             if len(out) > limit:
                 raise too_large("decompressed", limit)
             data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
-    if gzip and (inflater is None or not inflater.eof):
+    if not inflater.eof:
         raise Refusal(400, "bad gzip", "the gzip stream is empty or truncated")
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from config import load_receiver_config, receiver_config_schema
+from config.receiver import DEFAULT_MAX_INFLIGHT
 from config.units import parse_duration
 from receiver.app import run_receiver, server_tls_context
 from receiver.backend import RecordStore, TokenRole, new_token_entry
@@ -73,6 +74,15 @@ def add_receiver_parser(commands: Any, parser_class: type[argparse.ArgumentParse
         default="30d",
         metavar="DURATION",
         help="delete partial uploads nobody resumed for this long (default: 30d)",
+    )
+    receiver.add_argument(
+        "--max-inflight",
+        type=int,
+        default=DEFAULT_MAX_INFLIGHT,
+        metavar="N",
+        help="batches and payload chunks taken at once; the next is answered 503 (the appliance "
+        f"sends it again), bounding memory when a fleet comes back at once (default: "
+        f"{DEFAULT_MAX_INFLIGHT})",
     )
     receiver.add_argument(
         "--concurrent-quiet",
@@ -207,6 +217,7 @@ def run_receiver_command(args: argparse.Namespace, setup_logging: Callable[[str]
                 database=serving.database,
                 bucket=serving.bucket,
                 max_connections=serving.max_connections,
+                max_inflight=serving.max_inflight,
             )
         )
     except (StoreUnavailable, BucketUnavailable) as exc:
@@ -307,6 +318,7 @@ class _Serving:
     bucket: BucketSettings | None
     max_connections: int
     log_level: str
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
 
 
 def _check_receiver_files(
@@ -345,6 +357,8 @@ def _receiver_from_flags(args: argparse.Namespace) -> _Serving:
         raise ValueError(f"--concurrent-quiet: {exc}") from None
     if concurrent_quiet <= 0:
         raise ValueError("--concurrent-quiet must be positive")
+    if args.max_inflight < 1:
+        raise ValueError("--max-inflight must be at least 1")
     database = None if args.database_file is None else read_database_file(args.database_file)
     ssl_context = _check_receiver_files(
         args.tokens,
@@ -364,6 +378,7 @@ def _receiver_from_flags(args: argparse.Namespace) -> _Serving:
         bucket=None,
         max_connections=10,
         log_level=args.log_level,
+        max_inflight=args.max_inflight,
     )
 
 
@@ -421,6 +436,7 @@ def _receiver_from_config(args: argparse.Namespace) -> _Serving:
         bucket=bucket,
         max_connections=max_connections,
         log_level=cfg.log_level,
+        max_inflight=cfg.max_inflight,
     )
 
 

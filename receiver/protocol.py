@@ -170,11 +170,11 @@ def _is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.Error) and "disk is full" in str(exc)
 
 
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error leaves as JSON; unknown paths under /v1/appliances/ are 400 (bad identifiers)."""
     try:
         return await handler(request)
@@ -209,9 +209,7 @@ async def json_errors(request: web.Request, handler: _Handler) -> web.StreamResp
 
 
 @web.middleware
-async def client_certificate_required(
-    request: web.Request, handler: _Handler
-) -> web.StreamResponse:
+async def client_certificate_required(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With --client-ca the TLS layer verifies any certificate a client presents; one that
     presents none gets a clear 403 here (a handshake failure would reach the client as a bare
     disconnect, indistinguishable from a cut link)."""

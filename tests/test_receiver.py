@@ -37,7 +37,7 @@ from receiver import (
     run_receiver,
     serve_receiver,
 )
-from tests.helpers import ROOT, cli_env, log_events, receiver_process
+from tests.helpers import ROOT, cli_env, log_events, receiver_process, wait_until
 
 TOKENS = {"ship-1": "token-one", "ship-2": "token-two"}
 MAX_BATCH = 32 * 1024
@@ -393,6 +393,44 @@ async def test_bad_gzip_is_400(client: Client, body: bytes) -> None:
     )
     assert_error(status, result, 400)
     assert result["error"] == "bad gzip"
+
+
+async def test_past_max_inflight_the_next_batch_is_a_retryable_503(data_dir: Path) -> None:
+    """One batch whose body is still arriving holds the only slot: the next is refused at once
+    with `503 receiver busy` (nothing read, nothing stored), and taken once the slot is free."""
+    app = build_receiver_app(data_dir, TOKENS, max_inflight=1)
+    release = asyncio.Event()
+    body = ndjson([record(1), record(2)])
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield body[:10]
+        await release.wait()
+        yield body[10:]
+
+    async with (
+        serve_receiver(app, "127.0.0.1", 0) as addresses,
+        aiohttp.ClientSession() as session,
+    ):
+        base = f"http://127.0.0.1:{addresses[0][1]}/v1/appliances/ship-1/batches"
+        headers = {**bearer(), "Content-Type": "application/x-ndjson"}
+        held = asyncio.create_task(
+            session.put(f"{base}/event-1-2", data=slow_body(), headers=headers)
+        )
+        receiver = app[RECEIVER_KEY]
+        await wait_until(lambda: receiver._inflight == 1, "the first batch to be taken")
+        async with session.put(
+            f"{base}/event-3-3", data=ndjson([record(3)]), headers=headers
+        ) as busy:
+            assert busy.status == 503 and busy.headers["Retry-After"] == "2"
+            assert (await busy.json())["error"] == "receiver busy"
+        release.set()
+        async with await held as answer:
+            assert answer.status == 200 and (await answer.json())["stored"] == 2
+        async with session.put(
+            f"{base}/event-3-3", data=ndjson([record(3)]), headers=headers
+        ) as again:
+            assert again.status == 200 and (await again.json())["stored"] == 1
+        assert receiver._inflight == 0
 
 
 async def test_body_over_the_limits_is_413(client: Client) -> None:

@@ -162,6 +162,32 @@ async def test_a_large_payload_is_assembled_in_parts_and_a_wrong_hash_leaves_not
         await objects.close()
 
 
+async def test_a_payload_sent_whole_goes_to_the_bucket_once(
+    tmp_path: Path, s3_server: S3Server, postgres_dsn: str, prefix: str
+) -> None:
+    """A snapshot that fits one chunk is hashed on the receiver and written once to its final
+    key: its bytes cross to the bucket once, not as a chunk, then read back, then a part."""
+    data = os.urandom(300_000)
+    digest = hashlib.sha256(data).hexdigest()
+    port = int(s3_server.endpoint_url.rsplit(":", 1)[1])
+    async with FaultProxy("127.0.0.1", port) as proxy:
+        bucket = bucket_settings(s3_server, prefix, endpoint_url=f"http://127.0.0.1:{proxy.port}")
+        async with replica(tmp_path / "a", postgres_dsn, bucket, max_chunk_bytes=512 * 1024) as a:
+            before = proxy.stats
+            status, headers, body = await a.patch(digest, data, 0, len(data))
+            assert (status, headers["Upload-Complete"]) == (204, "1"), body
+            after = proxy.stats
+            assert after.bytes_upstream - before.bytes_upstream < 1.2 * len(data)
+            assert after.bytes_downstream - before.bytes_downstream < 0.2 * len(data)
+            assert (await a.summary())["payloads"] == 1
+    objects = await S3Objects.open(bucket_settings(s3_server, prefix))
+    try:
+        assert await bucket_keys(objects, prefix) == [f"{prefix}payloads/ship-1/{digest}"]
+        assert await object_bytes(objects, f"{prefix}payloads/ship-1/{digest}") == data
+    finally:
+        await objects.close()
+
+
 async def test_abandoned_uploads_in_the_bucket_expire(s3_server: S3Server, prefix: str) -> None:
     objects = await S3Objects.open(bucket_settings(s3_server, prefix))
     try:
