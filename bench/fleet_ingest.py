@@ -473,6 +473,9 @@ def latency_summary(values: Sequence[float]) -> dict[str, float | int]:
 @dataclass
 class ClientStats:
     batch_latency: list[float] = field(default_factory=list)
+    # The attempt that was answered 200 alone: how long the receiver took with a batch it took
+    # (what admission control bounds), beside the whole wait from the first try.
+    accepted_latency: list[float] = field(default_factory=list)
     payload_latency: list[float] = field(default_factory=list)
     stored: int = 0
     duplicates: int = 0
@@ -494,12 +497,14 @@ async def request(
     url: str,
     *,
     ok: tuple[int, ...],
+    attempts: list[float] | None = None,
     **kwargs: Any,
 ) -> tuple[int, CIMultiDict[str], bytes]:
     """One request, retried on connection errors and 5xx with a capped, jittered backoff (the
     engine's outer loop, shortened); a 4xx not in `ok` is a refusal."""
     delay = 0.2
     for _ in range(MAX_ATTEMPTS):
+        tried = time.perf_counter()
         try:
             async with session.request(method, url, **kwargs) as response:
                 body = await response.read()
@@ -510,6 +515,8 @@ async def request(
             stats.retry_causes[type(exc).__name__] += 1
         else:
             if status in ok:
+                if attempts is not None:
+                    attempts.append(time.perf_counter() - tried)
                 return status, headers, body
             if status < 500:
                 raise Refused(f"{method} {url} answered {status}: {body[:300]!r}")
@@ -548,6 +555,7 @@ async def run_client(
                 "PUT",
                 f"{base}/batches/{step.batch_id}",
                 ok=(200,),
+                attempts=stats.accepted_latency,
                 data=step.body,
                 headers=batch_headers,
             )
@@ -794,10 +802,19 @@ async def check_postgres(
             f"SELECT sum(records) AS records, sum(duplicates_ignored) AS duplicates "
             f"FROM {SCHEMA}.appliances"
         )
+        # What the records cost on disk, for sizing (docs/fleet.md): the partitions of
+        # `records` and `record_keys`, each with its indexes and TOAST.
+        record_bytes = await conn.fetchval(
+            "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE n.nspname = '{SCHEMA}' AND c.relkind = 'r' "
+            "AND (c.relname LIKE 'records\\_%' OR c.relname = 'record_keys')"
+        )
     finally:
         await conn.close()
     result = compare(keys, expected_keys(plans), rows, expected_payloads(plans))
     result["record_keys_rows"] = int(key_rows)
+    result["database_bytes_per_record"] = round(int(record_bytes) / max(len(keys), 1), 1)
     result["appliances_records_total"] = int(totals["records"] or 0) if totals else 0
     sampled = sample_payloads(plans, 20, rng)
     wrong = await asyncio.to_thread(_bucket_mismatches, s3, prefix, sampled)
@@ -881,6 +898,7 @@ def setup_result(
         "payloads": work["payloads"],
         "payload_mb_per_s": round(work["payload_bytes"] / MB / wall, 2) if wall else 0,
         "ack_latency_s": latency_summary(stats.batch_latency),
+        "accepted_attempt_latency_s": latency_summary(stats.accepted_latency),
         "payload_request_latency_s": latency_summary(stats.payload_latency),
         "batches_in_flight_mean": round(batch_rate * mean_latency, 1),
         "retries": stats.retries,

@@ -305,9 +305,11 @@ class Podman:
         name: str,
         volumes: dict[Path, str],
         env: dict[str, str] | None = None,
+        command: tuple[str, ...] = (),
     ) -> None:
         """Run `image` detached as `name`, with host paths mounted (host: `container path[:ro]`)
-        and environment variables set."""
+        and environment variables set; `command` replaces the image's CMD (its arguments to
+        the `appliance` entrypoint)."""
         mounts = [arg for host, inner in volumes.items() for arg in ("--volume", f"{host}:{inner}")]
         variables = [arg for item in (env or {}).items() for arg in ("--env", "=".join(item))]
         self.run(
@@ -325,6 +327,7 @@ class Podman:
             *mounts,
             *variables,
             image,
+            *command,
         )
 
     def healthcheck(self, name: str) -> tuple[bool, str]:

@@ -91,6 +91,7 @@ def test_image_builds_runs_healthy_and_stops_cleanly_on_sigterm(tmp_path: Path) 
         os.chown(data, APPLIANCE_UID, APPLIANCE_UID)
         logs, stop_s = _run_and_stop(podman, data)
         _check_health_behind_a_token(podman, tmp_path)
+        _check_the_receiver(podman, tmp_path)
     finally:
         podman.remove_image(IMAGE)
 
@@ -198,6 +199,47 @@ def _check_health_behind_a_token(podman: Podman, tmp_path: Path) -> None:
         assert podman.exit_code(name) == 0, podman.logs(name)[-3000:]
     finally:
         podman.remove_container(name)
+
+
+def _check_the_receiver(podman: Podman, tmp_path: Path) -> None:
+    """The same image runs the shore side (docs/fleet.md): `receiver -c FILE`, healthy by its
+    own /healthz through the image's HEALTHCHECK, takes a batch, stops cleanly on SIGTERM."""
+    data = tmp_path / "receiver-data"
+    data.mkdir()
+    os.chown(data, APPLIANCE_UID, APPLIANCE_UID)
+    config = tmp_path / "receiver.yaml"
+    config.write_text(f"listen: 127.0.0.1:8443\ndata: {DATA}/receiver\n")
+    config.chmod(0o644)
+    name = f"appliance-test-{uuid.uuid4().hex[:12]}"
+    podman.start(
+        IMAGE,
+        name,
+        {data: DATA, config: "/etc/appliance/receiver.yaml:ro"},
+        env={"APPLIANCE_HEALTHCHECK_URL": "http://127.0.0.1:8443/healthz"},
+        command=("receiver", "-c", "/etc/appliance/receiver.yaml"),
+    )
+    try:
+        wait_for(lambda: podman.healthcheck(name)[0], 120, "the receiver's HEALTHCHECK", interval=1)
+        shipped = podman.exec(name, "python3", "-c", _PUT_BATCH)
+        assert shipped.returncode == 0, shipped.stderr
+        assert json.loads(shipped.stdout)["stored"] == 1
+        podman.stop(name, STOP_GRACE_S)
+        assert podman.exit_code(name) == 0, podman.logs(name)[-3000:]
+    finally:
+        podman.remove_container(name)
+    with sqlite3.connect(f"{(data / 'receiver' / 'receiver.db').as_uri()}?mode=ro", uri=True) as db:
+        assert db.execute("SELECT appliance_id, seq FROM records").fetchall() == [("ship-1", 1)]
+
+
+_PUT_BATCH = (
+    "import json, urllib.request as u; "
+    "line = json.dumps({'seq': 1, 'ts': '2026-12-07T00:00:00.000000Z', 'kind': 'reading', "
+    "'priority': 'event', 'appliance_id': 'ship-1', 'source': 's', 'body': {}}); "
+    "r = u.urlopen(u.Request('http://127.0.0.1:8443/v1/appliances/ship-1/batches/event-1-1', "
+    "data=(line + '\\n').encode(), method='PUT', "
+    "headers={'Content-Type': 'application/x-ndjson'}), timeout=10); "
+    "print(r.read().decode())"
+)
 
 
 # Run inside the container (no network namespace to reach it from here): status code and body.
