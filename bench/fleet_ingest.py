@@ -448,10 +448,28 @@ class CpuProbe:
         cpus = os.cpu_count() or 1
         return {
             "seconds": used,
+            # Peak resident memory of each process (VmHWM): what admission control bounds.
+            "peak_rss_mib": {
+                name: peak
+                for name, (pid, _) in self.pids.items()
+                if (peak := process_peak_rss_mib(pid)) is not None
+            },
             "cores_busy": {name: round(s / wall, 2) for name, s in used.items()} if wall else {},
             "box_busy_share": round((busy - self._box[0]) / max(total - self._box[1], 1), 3),
             "box_core_seconds": round(wall * cpus, 1),
         }
+
+
+def process_peak_rss_mib(pid: int) -> float | None:
+    """A live process's peak resident set (VmHWM), MiB; None once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
 
 
 def latency_summary(values: Sequence[float]) -> dict[str, float | int]:
@@ -810,11 +828,15 @@ async def check_postgres(
             f"WHERE n.nspname = '{SCHEMA}' AND c.relkind = 'r' "
             "AND (c.relname LIKE 'records\\_%' OR c.relname = 'record_keys')"
         )
+        key_bytes = await conn.fetchval(
+            f"SELECT pg_total_relation_size('{SCHEMA}.record_keys'::regclass)"
+        )
     finally:
         await conn.close()
     result = compare(keys, expected_keys(plans), rows, expected_payloads(plans))
     result["record_keys_rows"] = int(key_rows)
     result["database_bytes_per_record"] = round(int(record_bytes) / max(len(keys), 1), 1)
+    result["record_keys_bytes_per_record"] = round(int(key_bytes) / max(len(keys), 1), 1)
     result["appliances_records_total"] = int(totals["records"] or 0) if totals else 0
     sampled = sample_payloads(plans, 20, rng)
     wrong = await asyncio.to_thread(_bucket_mismatches, s3, prefix, sampled)
