@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -33,7 +32,7 @@ from receiver.backend import (
 from receiver.fleet_page import STYLE, render_appliance, render_fleet, render_refusal
 from receiver.metrics import ReceiverMetrics
 from receiver.objects import PayloadObjects
-from receiver.protocol import SHA256_RE, Refusal, valid_appliance_id
+from receiver.protocol import SHA256_RE, Refusal, byte_range, valid_appliance_id
 
 COOKIE_NAME = "receiver_fleet"
 RECENT_DEFAULT, RECENT_MAX = 20, 200
@@ -42,7 +41,6 @@ RECENT_DEFAULT, RECENT_MAX = 20, 200
 FLEET_TTL_S = 2.0
 _SNIFF_BYTES = 16
 _SNIFFED_MAX = 4096
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; style-src 'self'; img-src 'self'; media-src 'self'; "
@@ -487,20 +485,7 @@ class FleetView:
             raise Refusal(
                 404, "unknown payload", f"appliance {appliance_id} has no payload {sha256} here"
             )
-        start, end, status = 0, size, 200
-        wanted = request.headers.get("Range")
-        if wanted is not None and size > 0:
-            match = _RANGE.fullmatch(wanted.strip())
-            first = int(match[1]) if match else size
-            last = int(match[2]) + 1 if match and match[2] else size
-            if first >= size or last <= first:
-                raise Refusal(
-                    416,
-                    "range not satisfiable",
-                    f"the payload has {size} bytes",
-                    {"Content-Range": f"bytes */{size}"},
-                )
-            start, end, status = first, min(last, size), 206
+        start, end, status = byte_range(request, size, "payload")
         headers = {
             **SECURITY_HEADERS,
             "Content-Type": media_type

@@ -39,7 +39,7 @@ from aiohttp import web
 from config.names import NAME_PATTERN, NAME_RE, VERSION_RE
 from receiver.backend import PublishedPackage, RecordStore
 from receiver.objects import DirectoryObjects, PayloadObjects
-from receiver.protocol import MODELS_DIR, Refusal, valid_appliance_id
+from receiver.protocol import MODELS_DIR, Refusal, byte_range, valid_appliance_id
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ DEFAULT_MAX_PACKAGE_BYTES = 4 * 1024**3
 READ_CHUNK = 64 * 1024
 _SPOOL_CHUNK = 1024 * 1024
 _SEND_CHUNK = 256 * 1024
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 
 # ---------------------------------------------------------------------------- package identity
@@ -400,20 +399,7 @@ class ModelFeed:
     ) -> web.StreamResponse:
         """A package out of the bucket: whole, or from `Range: bytes=N-` / `bytes=N-M` (how an
         appliance resumes a cut download)."""
-        start, end, status = 0, size, 200
-        wanted = request.headers.get("Range")
-        if wanted is not None:
-            match = _RANGE.fullmatch(wanted.strip())
-            first = int(match[1]) if match else size
-            last = int(match[2]) + 1 if match and match[2] else size
-            if first >= size or last <= first:
-                raise Refusal(
-                    416,
-                    "range not satisfiable",
-                    f"the package has {size} bytes; send Range: bytes=N- with N < {size}",
-                    {"Content-Range": f"bytes */{size}"},
-                )
-            start, end, status = first, min(last, size), 206
+        start, end, status = byte_range(request, size, "package")
         headers = {
             "Content-Type": "application/x-tar",
             "Content-Length": str(end - start),

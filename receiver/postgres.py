@@ -638,6 +638,9 @@ def is_retryable(exc: BaseException) -> bool:
             asyncpg.exceptions.CannotConnectNowError,
             asyncpg.exceptions.AdminShutdownError,
             asyncpg.exceptions.InterfaceError,
+            # A connection the server dropped mid-operation can be left in a state asyncpg
+            # refuses to use ("another operation is in progress"): the pool replaces it.
+            asyncpg.exceptions.InternalClientError,
             asyncpg.exceptions.SerializationError,
             asyncpg.exceptions.DeadlockDetectedError,
         ),

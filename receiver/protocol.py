@@ -225,6 +225,28 @@ async def client_certificate_required(request: web.Request, handler: Handler) ->
 
 # ------------------------------------------------------------------ request headers
 
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+def byte_range(request: web.Request, size: int, what: str) -> tuple[int, int, int]:
+    """(start, end, status) of what to send of `size` bytes: all of it (200), or the part a
+    `Range: bytes=N-` / `bytes=N-M` asks for (206; how a cut download resumes). A range past
+    the end is `416` naming the size; a Range this does not read gets the whole."""
+    wanted = request.headers.get("Range")
+    if wanted is None or size == 0:
+        return 0, size, 200
+    match = _RANGE.fullmatch(wanted.strip())
+    first = int(match[1]) if match else size
+    last = int(match[2]) + 1 if match and match[2] else size
+    if first >= size or last <= first:
+        raise Refusal(
+            416,
+            "range not satisfiable",
+            f"the {what} has {size} bytes; send Range: bytes=N- with N < {size}",
+            {"Content-Range": f"bytes */{size}"},
+        )
+    return first, min(last, size), 206
+
 
 def uint_header(request: web.Request, name: str) -> int:
     value = request.headers.get(name)

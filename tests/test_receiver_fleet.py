@@ -221,15 +221,6 @@ async def seed(client: Shore) -> Seeded:
     return Seeded(snapshot, clip, ts(newest), {"ship-1": 8, "ship-2": 2}, other)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database(request: pytest.FixtureRequest) -> str | None:
-    """Each store the receiver has: receiver.db (None), and PostgreSQL (its DSN)."""
-    if request.param == "sqlite":
-        return None
-    dsn: str = request.getfixturevalue("postgres_dsn")
-    return dsn
-
-
 # ----------------------------------------------------------------------------------- JSON
 
 
