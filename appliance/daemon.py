@@ -248,6 +248,8 @@ class Daemon:
                 },
             )
             code = await self._run_sources(journal, store, monitor, engines, detectors)
+            # The interval jobs end first: a `health` run in flight must not land after `stopped`.
+            await jobs.stop()
             await monitor.record()
             await self._lifecycle(journal, "stopped", reason=self._stop_reason)
             if engines:

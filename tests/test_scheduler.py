@@ -147,6 +147,25 @@ async def test_the_stop_cancels_a_running_job_and_waits_for_it() -> None:
     assert cancelled.is_set()
 
 
+async def test_jobs_stopped_before_the_end_of_their_block_stay_stopped() -> None:
+    """The daemon ends its jobs before its last records; leaving the block then is a no-op."""
+    runs: list[int] = []
+
+    async def count() -> None:
+        runs.append(1)
+
+    clock = FakeClock()
+    jobs = Jobs(clock)
+    jobs.every("count", 1.0, count, run_now=True)
+    async with jobs:
+        await clock.advance(2.5)
+        await jobs.stop()
+        seen = len(runs)
+        await clock.advance(5.0)
+        assert len(runs) == seen
+    assert seen >= 1 and len(runs) == seen
+
+
 async def test_the_real_clock_ignores_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """A board without a real-time clock boots in 1970 and jumps to today: the jobs' clock is the
     loop's monotonic one, which no step of the wall clock moves."""

@@ -97,6 +97,10 @@ class Jobs:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """End every job now (a run in progress is cut); again is a no-op."""
         self._running = False
         tasks, self._tasks = self._tasks, []
         for task in tasks:
