@@ -358,10 +358,17 @@ async def test_a_passing_candidate_takes_over_between_two_frames_with_none_dropp
         watching = package_status(daemon)
         assert watching["active"] == "2.0" and watching["previous"] == "1.0"
         assert watching["watch"]["state"] == "watching" and watching["watch"]["until"]
+        # The file ends before the pipeline has worked through its queue: wait for the last
+        # frame's sample too (a sample that never comes fails here).
         await until(
-            lambda: pipeline.source.health.state == "finished" and cars.last_watch is not None,
+            lambda: (
+                pipeline.source.health.state == "finished"
+                and cars.last_watch is not None
+                and pipeline.stats.analysed == pipeline.source.health.frames_delivered
+                and pipeline.stats.samples == pipeline.stats.analysed
+            ),
             30,
-            lambda: (pipeline.source.health, package_status(daemon)),
+            lambda: (pipeline.source.health, pipeline.stats, package_status(daemon)),
         )
         camera = pipeline.source.health
         stats = pipeline.stats

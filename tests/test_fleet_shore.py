@@ -17,6 +17,7 @@ import subprocess
 import sys
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -227,6 +228,19 @@ class Consumer:
     token: str
     cursor: str | None = None
     seen: list[tuple[str, str, int]] = field(default_factory=list)
+    # Every page read: (the cursor it was asked after, the cursor it gave, its keys), so that a
+    # record read twice can be traced to the pages that held it.
+    pages: list[tuple[str | None, str, list[tuple[str, str, int]]]] = field(default_factory=list)
+
+    def repeats(self) -> list[tuple[str | None, str, list[tuple[str, str, int]]]]:
+        """The pages that hold a record read more than once."""
+        counts = Counter(self.seen)
+        twice = {key for key, count in counts.items() if count > 1}
+        return [
+            (before, after, [k for k in keys if k in twice])
+            for before, after, keys in self.pages
+            if twice & set(keys)
+        ]
 
     async def read_page(self, session: aiohttp.ClientSession) -> bool | None:
         """One page; whether another is ready now (None: the shore did not answer)."""
@@ -243,7 +257,9 @@ class Consumer:
                 page = await answer.json()
         except (aiohttp.ClientError, TimeoutError):
             return None
-        self.seen.extend((r["appliance_id"], r["journal_id"], r["seq"]) for r in page["records"])
+        keys = [(r["appliance_id"], r["journal_id"], r["seq"]) for r in page["records"]]
+        self.seen.extend(keys)
+        self.pages.append((self.cursor, page["next"], keys))
         self.cursor = page["next"]
         return bool(page["more"])
 
@@ -410,6 +426,20 @@ async def test_two_appliances_through_three_replicas_with_kills_and_a_database_r
     try:
         # The consumer read every record exactly once, across replicas, kills and restarts.
         held = await conn.fetch("SELECT appliance_id, journal_id, seq FROM receiver.records")
+        repeats = consumer.repeats()
+        if repeats:
+            positions = await conn.fetch(
+                "SELECT appliance_id, journal_id, seq, txid::text, arrival, received_at "
+                "FROM receiver.records WHERE (appliance_id, journal_id, seq) IN "
+                "(SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]))",
+                *(
+                    list(column)
+                    for column in zip(*{k for _, _, keys in repeats for k in keys}, strict=True)
+                ),
+            )
+            pytest.fail(
+                f"records read twice: pages {repeats}; stored at {[tuple(p) for p in positions]}"
+            )
         assert len(consumer.seen) == len(set(consumer.seen)) == len(held)
         assert set(consumer.seen) == {tuple(row) for row in held}
         for name in APPLIANCES:

@@ -155,6 +155,7 @@ class HealthMonitor:
                 "fs_free": usage.fs_free,
                 "budget": self.guard.settings.disk_budget,
             },
+            "alarms": [],
         }
 
     def _models(self) -> Described | None:

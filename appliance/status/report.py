@@ -230,6 +230,7 @@ def live_report(
         "models": snapshot["models"],
         "journal": snapshot["journal"],
         "storage": snapshot["storage"],
+        "alarms": snapshot["alarms"],
     }
     return {
         **figures,
@@ -239,6 +240,7 @@ def live_report(
         "version": snapshot["version"],
         "uptime_s": snapshot["uptime_s"],
         "status_url": status_url,
+        "alarms": snapshot["alarms"],
         "daemon": daemon,
         "destinations": {
             name: live_destination_report(dest, snapshot["destinations"].get(name))

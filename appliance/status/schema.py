@@ -87,6 +87,21 @@ class StorageHealth(TypedDict):
     budget: int
 
 
+class AlarmReport(TypedDict):
+    """One active alarm: something on the machine or the link that an operator must see, from
+    when it starts until it clears (appliance/status/alarms.py; docs/status-api.md). An alarm is
+    about the machine watched or the link, not the appliance's own health (`state`/`reasons`)."""
+
+    id: str  # stable while the alarm is open: "limit:vibration:vib_radial:peak"
+    kind: str  # limit | anomaly | zone | delivery | storage | journal
+    source: str  # the source, camera or destination it belongs to ("appliance" for storage)
+    what: str  # in words: "vib_radial peak 3.51 over 2.0"
+    severity: str  # "critical" or "warning"
+    since: str  # ISO 8601 UTC: when it started
+    updated: str  # ISO 8601 UTC: when it was last seen (its last value's time)
+    value: float | str | None  # its last value, where it has one
+
+
 class HealthSnapshot(TypedDict):
     """What the daemon knows of itself now: `HealthMonitor.snapshot()`, journalled as the
     `health` record and written to meta as the heartbeat (with `heartbeat`, its time)."""
@@ -107,6 +122,7 @@ class HealthSnapshot(TypedDict):
     models: Described | None
     journal: JournalHealth
     storage: StorageHealth | None
+    alarms: list[AlarmReport]
     heartbeat: NotRequired[str]
 
 
@@ -149,6 +165,7 @@ class DaemonReport(TypedDict, total=False):
     boot_id: str
     journal: JournalHealth
     storage: StorageHealth | None
+    alarms: list[AlarmReport]
 
 
 class BacklogFigures(TypedDict):
@@ -264,9 +281,12 @@ class StatusReport(StatusFigures):
     version: str
     uptime_s: float
     status_url: str | None
+    alarms: list[AlarmReport]
+    """The active alarms, most severe and oldest first (the daemon's, from its snapshot)."""
 
 
 __all__ = [
+    "AlarmReport",
     "BacklogFigures",
     "CollisionReport",
     "ComponentReport",
