@@ -4,31 +4,24 @@ one-line messages (0 ok, 1 could not finish, 2 usage or config error)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+# Only what building the parser needs is imported here; each command imports what it uses
+# when it runs, so `--help`, `status` and `export` start without numpy, OpenCV, onnxruntime,
+# aiohttp or the journal's writer side (measured in docs/benchmarks.md, held by
+# tests/test_cli_basics.py).
 from appliance.models.commands import add_models_parser
-from appliance.runtime.logs import setup_logging
-from appliance.status.export import export_records
-from appliance.status.report import collect_status, render_status
-from appliance.syncnow import sync_now
-from config import (
-    ApplianceConfig,
-    ConfigError,
-    config_schema,
-    load_config,
-)
-from config.models import AUTO_APPLIANCE_ID
-from receiver.cli import add_receiver_parser, run_receiver_command
-from sync import Journal, JournalReader, SyncError
-from sync.identity import JournalIdentity, data_dir_appliance_id
-from sync.reader import JOURNAL_FILE
-from sync.records import parse_since
+from appliance.status.kinds import KIND_NAMES, check_kind
+from receiver.commands import add_receiver_parser
+
+if TYPE_CHECKING:
+    from config import ApplianceConfig
+    from sync.identity import JournalIdentity
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -38,6 +31,26 @@ class _Parser(argparse.ArgumentParser):
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+
+
+class _Version(argparse.Action):
+    """`appliance --version`: the installed package's version, looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        from appliance.status.health import app_version
+
+        print(f"appliance {app_version()}")
+        parser.exit()
+
+
+def _kind(value: str) -> str:
+    try:
+        return check_kind(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="appliance", description="Offline-first edge store-and-forward appliance."
     )
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
@@ -85,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--config", type=Path, help="config file (default: embedded demo profile)"
     )
     export.add_argument(
-        "--kind", help="only records of this kind (reading, limit, sample, data_quality, ...)"
+        "--kind",
+        type=_kind,
+        metavar="KIND",
+        help=f"only records of this kind: {', '.join(KIND_NAMES)}",
     )
     export.add_argument(
         "--since", help="only records at or after this time (ISO-8601) or age (e.g. 2h)"
@@ -120,9 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
         dest="config_command", required=True, metavar="ACTION", parser_class=_Parser
     )
     check = config_sub.add_parser(
-        "check", help="validate FILE; exit 2 naming the key and line if invalid"
+        "check",
+        help="validate FILE and the files it names; exit 2 naming the line, column and key of "
+        "every problem",
     )
     check.add_argument("file", type=Path)
+    check.add_argument(
+        "--skip-file-checks",
+        action="store_true",
+        help="leave out the files FILE names (secrets, tokens, certificates, labels, models): "
+        "for a config meant for another machine",
+    )
     config_sub.add_parser("schema", help="print the JSON schema of the config file")
 
     add_models_parser(commands, _Parser)
@@ -145,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # After parsing: `--help`, `--version` and usage errors answer before the config loads.
+    from config import ConfigError
+    from sync import SyncError
+
     try:
         return _dispatch(args)
     except ConfigError as exc:
@@ -161,16 +190,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from appliance.runtime.logs import setup_logging
+    from config import config_schema, load_config
+
     if args.command == "config":
         if args.config_command == "schema":
             print(json.dumps(config_schema(), indent=2))
             return EXIT_OK
-        cfg = load_config(
-            args.file, environ={}
-        )  # check the file itself, not this shell's overrides
-        print(f"{args.file}: ok ({len(cfg.sensors)} sources, data_dir {cfg.appliance.data_dir})")
+        from config import check_config
+
+        # The file itself, not this shell's overrides or variables.
+        checked = check_config(args.file, check_files=not args.skip_file_checks)
+        for warning in checked.warnings:
+            print(f"{args.file}: warning: {warning}", file=sys.stderr)
+        cfg = checked.config
+        print(
+            f"{args.file}: ok ({len(cfg.sensors)} sensor sources, {len(cfg.cameras)} cameras, "
+            f"{len(cfg.sync.destinations)} destinations, data_dir {cfg.appliance.data_dir})"
+        )
         return EXIT_OK
     if args.command == "receiver":
+        from receiver.cli import run_receiver_command
+
         return run_receiver_command(args, setup_logging)
     if args.command == "models":
         # Imported here: model libraries (onnx, scikit-learn) take seconds to load.
@@ -193,6 +236,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.timeout is not None and args.timeout <= 0:
             print("error: --timeout must be positive", file=sys.stderr)
             return EXIT_USAGE
+        from appliance.syncnow import sync_now
+
         drained, reason = asyncio.run(sync_now(cfg, args.destination, args.timeout))
         if drained:
             print("drained: nothing left to ship", file=sys.stderr)
@@ -200,10 +245,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"not finished: {reason}", file=sys.stderr)
         return EXIT_FAILED
     if args.command == "status":
+        from appliance.status.report import collect_status, render_status
+
         report = collect_status(cfg)
         print(json.dumps(report, indent=2) if args.json else render_status(report))
         return EXIT_OK
     if args.command == "export":
+        from appliance.status.export import export_records
+        from sync.reader import JournalReader
+        from sync.records import parse_since
+
         try:
             since = parse_since(args.since) if args.since else None
         except ValueError as exc:
@@ -224,6 +275,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _fork_journal(cfg: ApplianceConfig, after: int | None) -> int:
+    import asyncio
+
+    from sync import Journal
+    from sync.reader import JOURNAL_FILE
+
     async def fork() -> tuple[JournalIdentity, JournalIdentity]:
         journal = await Journal.open(
             cfg.appliance.data_dir, appliance_id=cfg.appliance.id, settings=cfg.journal
@@ -251,6 +307,9 @@ def _fork_journal(cfg: ApplianceConfig, after: int | None) -> int:
 def with_appliance_id(cfg: ApplianceConfig, *, create: bool) -> ApplianceConfig:
     """The config with `appliance.id` resolved when it was left out: the data directory's own id
     (sync/identity.py), made now when `create` (commands that write the journal)."""
+    from config.models import AUTO_APPLIANCE_ID
+    from sync.identity import data_dir_appliance_id
+
     if cfg.appliance.id != AUTO_APPLIANCE_ID:
         return cfg
     made = data_dir_appliance_id(cfg.appliance.data_dir, create=create)

@@ -26,6 +26,7 @@ from appliance.runtime.supervisor import ComponentHealth, Supervised
 from appliance.stages.pipeline import SourcePipeline
 from appliance.stages.recorder import Recorder
 from appliance.stages.vision import CameraPipeline, DetectorPool, quiet_opencv
+from appliance.status.alarms import AlarmBoard
 from appliance.status.health import HEARTBEAT_INTERVAL_S, HealthMonitor, app_version
 from appliance.status.web import StatusServer, read_status_token
 from config import ApplianceConfig, Camera, ConfigError, LiveSensorCommon, SimulatedSensor
@@ -121,6 +122,8 @@ class Daemon:
         self.cameras: dict[str, CameraPipeline] = {}
         self.positions = PositionBoard()
         self.monitor: HealthMonitor | None = None
+        # The active alarms: the stages hand it their records, the monitor the live state.
+        self.alarms = AlarmBoard()
         self.engines: list[SyncEngine] = []
         self.model_updates: ModelUpdates | None = None
         self.canaries: ModelCanaries | None = None
@@ -187,7 +190,11 @@ class Daemon:
             detectors = DetectorPool(cfg, model_store)
             stack.push_async_callback(detectors.aclose)
             monitor = self.monitor = HealthMonitor(
-                journal, guard, mode=self.mode, camera_names=[c.name for c in cfg.cameras]
+                journal,
+                guard,
+                mode=self.mode,
+                camera_names=[c.name for c in cfg.cameras],
+                alarms=self.alarms,
             )
             engines: list[SyncEngine] = []
             if self.mode == "run":  # replay is backtesting: it journals, it does not ship
@@ -301,8 +308,15 @@ class Daemon:
                 if isinstance(source, NmeaSource) and source.cfg.position:
                     self.positions.sources[sensor.name] = source
                     journal.position_source = self.positions.latest
+                previous = self.pipelines.get(sensor.name)  # this source's run before a restart
                 pipeline = SourcePipeline(
-                    sensor, source, journal, store, replay=self.mode == "replay"
+                    sensor,
+                    source,
+                    journal,
+                    store,
+                    replay=self.mode == "replay",
+                    watch=self.alarms.observe,
+                    violated=() if previous is None else previous.violated,
                 )
                 self.pipelines[sensor.name] = pipeline
                 if pipeline.anomaly is not None:
@@ -324,7 +338,7 @@ class Daemon:
                     camera,
                     source,
                     slot.detector,
-                    Recorder(camera.name, journal, store),
+                    Recorder(camera.name, journal, store, watch=self.alarms.observe),
                     scratch_dir=store.tmp,
                 )
                 pipeline.follow(slot)  # canary activations and rollbacks swap its detector

@@ -15,6 +15,8 @@ from config.cameras import (
 from config.errors import ConfigError, ConfigErrors
 from config.loader import (
     PROFILES,
+    Checked,
+    check_config,
     config_schema,
     format_key,
     load_config,
@@ -55,6 +57,7 @@ __all__ = [
     "ApplianceConfig",
     "ApplianceSection",
     "Camera",
+    "Checked",
     "ClipSettings",
     "ConfigError",
     "ConfigErrors",
@@ -86,6 +89,7 @@ __all__ = [
     "SyncSection",
     "TrackingSettings",
     "Zone",
+    "check_config",
     "config_schema",
     "format_key",
     "load_config",

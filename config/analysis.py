@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from decimal import Decimal
+from typing import Annotated, Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 
-from config.base import Duration, Strict, TimeWindow
+from config.base import Duration, Problem, Strict, TimeWindow, raise_problems
+from config.words import BAND_FEATURE_PATTERN, did_you_mean, listing
 
 FeatureName = Literal[
     "rms",
@@ -20,10 +23,71 @@ FeatureName = Literal[
     "centroid_hz",
     "slope",
 ]
+FEATURE_NAMES: tuple[str, ...] = get_args(FeatureName)
+
+# What inference/features.py computes (a test holds the two to the same lists): config imports
+# nothing of ours, yet `config check` must know which features a source's windows will carry.
+BASE_FEATURES = ("rms", "peak", "mean", "min", "max")
+"""Every window, whatever the settings."""
+VIBRATION_FEATURES = ("crest", "kurtosis", "skewness", "centroid_hz")
+"""Added for vibration, followed by one `band_<low>_<high>` energy per band."""
+SLOW_FEATURES = ("slope",)
+"""Added for slow signals."""
+VIBRATION_MIN_RATE_HZ = 100.0
+"""`auto` treats a regularly sampled source at this rate or above as vibration."""
+OCTAVE_BANDS = 5
+"""Default bands: five octaves up to the Nyquist frequency."""
+
+_BAND_FEATURE = re.compile(BAND_FEATURE_PATTERN)
+
+
+def _hz(value: float) -> str:
+    # Positional and shortest, as numpy's format_float_positional(trim="-"): 625.0 -> "625",
+    # 312.5 -> "312p5" (no dot, so `channel.feature` splits at its last dot).
+    text = format(Decimal(repr(float(value))), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text.replace(".", "p")
+
+
+def band_feature(low: float, high: float) -> str:
+    """`band_<low>_<high>` in Hz, compact: band_0_625, band_312p5_625."""
+    return f"band_{_hz(low)}_{_hz(high)}"
+
+
+def default_bands(sample_rate: float) -> tuple[tuple[float, float], ...]:
+    """Five octave bands up to the Nyquist frequency (OCTAVE_BANDS)."""
+    nyquist = sample_rate / 2.0
+    edges = [0.0] + [nyquist / 2.0**k for k in range(OCTAVE_BANDS - 1, -1, -1)]
+    return tuple((edges[i], edges[i + 1]) for i in range(OCTAVE_BANDS))
+
+
+def _feature_name(value: str) -> str:
+    if value in FEATURE_NAMES or _BAND_FEATURE.fullmatch(value):
+        return value
+    raise ValueError(
+        f"unknown feature {value!r}{did_you_mean(value, FEATURE_NAMES)}: a feature is one of "
+        f"{listing(FEATURE_NAMES)}, or a band energy band_<low>_<high> in Hz (e.g. band_0_625)"
+    )
+
+
+LimitFeature = Annotated[
+    str,
+    AfterValidator(_feature_name),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": list(FEATURE_NAMES), "type": "string"},
+                {"pattern": BAND_FEATURE_PATTERN, "type": "string"},
+            ]
+        }
+    ),
+]
+"""A window feature's name: one of FeatureName or a band energy `band_<low>_<high>`."""
 
 
 class Limit(Strict):
-    feature: FeatureName | Annotated[str, Field(pattern=r"^band_[0-9p]+_[0-9p]+$")] = Field(
+    feature: LimitFeature = Field(
         description="Window feature the limit watches (a band energy as `band_<low>_<high>`)."
     )
     channel: str | None = Field(
@@ -61,9 +125,13 @@ class FeatureSettings(Strict):
 
     @model_validator(mode="after")
     def _bands_are_ordered(self) -> FeatureSettings:
-        for low, high in self.bands:
-            if not 0 <= low < high:
-                raise ValueError(f"band [{low}, {high}] must have 0 <= low < high")
+        raise_problems(
+            [
+                (("bands", index), f"band [{low}, {high}] must have 0 <= low < high")
+                for index, (low, high) in enumerate(self.bands)
+                if not 0 <= low < high
+            ]
+        )
         return self
 
 
@@ -194,11 +262,13 @@ class AnomalySettings(Strict):
 
     @model_validator(mode="after")
     def _debounce_fits(self) -> AnomalySettings:
+        problems: list[Problem] = []
         k, n = self.debounce
         if not 1 <= k <= n <= 100:
-            raise ValueError("debounce must be [k, n] with 1 <= k <= n <= 100")
+            problems.append((("debounce",), "debounce must be [k, n] with 1 <= k <= n <= 100"))
         if min(self.raw_windows) < 0 or max(self.raw_windows) > 60:
-            raise ValueError("raw_windows must be [pre, post], each 0..60")
+            problems.append((("raw_windows",), "raw_windows must be [pre, post], each 0..60"))
+        raise_problems(problems)
         return self
 
 
@@ -266,5 +336,5 @@ class DriftSettings(Strict):
     @model_validator(mode="after")
     def _ends_below_start(self) -> DriftSettings:
         if self.psi_end > self.psi_start:
-            raise ValueError("psi_end must not be above psi_start (hysteresis)")
+            raise_problems([(("psi_end",), "psi_end must not be above psi_start (hysteresis)")])
         return self

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
 from config.analysis import DriftSettings
-from config.base import ByteSize, Duration, Name, Strict
+from config.base import ByteSize, Duration, KeyPath, Name, Problem, Strict, raise_problems
+from config.checks import labels_problem, repeated
 from config.names import VERSION_PATTERN
+from config.words import did_you_mean, listing
 
 BUILTIN_DETECTOR = "builtin:yolov3-tiny"
+# The built-in detector's classes: darknet's coco.names spelling, as inference/detect.py's
+# COCO_LABELS (a test holds the two to the same list; config imports nothing of ours).
+BUILTIN_LABELS: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "sofa",
+    "pottedplant", "bed", "diningtable", "toilet", "tvmonitor", "laptop", "mouse", "remote",
+    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
 
 
 class DetectorModel(Strict):
@@ -54,6 +71,13 @@ class DetectorModel(Strict):
     nms_iou: float = Field(
         default=0.45, gt=0, le=1, description="Overlap (IoU) above which NMS keeps one box."
     )
+
+    def known_labels(self) -> tuple[str, ...] | None:
+        """The classes this detector reports, when the config alone tells (the built-in one);
+        None where they come from a file, an ONNX model's metadata or a package's manifest."""
+        if self.path == BUILTIN_DETECTOR and self.labels_file is None:
+            return BUILTIN_LABELS
+        return None
 
 
 def _looks_like_public_key(text: str) -> str:
@@ -145,7 +169,7 @@ class CanarySettings(Strict):
     @model_validator(mode="after")
     def _max_after_min(self) -> CanarySettings:
         if self.max_duration < self.duration:
-            raise ValueError("max_duration must be at least duration")
+            raise_problems([(("max_duration",), "max_duration must be at least duration")])
         return self
 
 
@@ -279,7 +303,9 @@ class SamplingSettings(Strict):
     @model_validator(mode="after")
     def _band_is_ordered(self) -> SamplingSettings:
         if self.uncertain is not None and not 0 <= self.uncertain[0] < self.uncertain[1] <= 1:
-            raise ValueError("uncertain must be [low, high] with 0 <= low < high <= 1")
+            raise_problems(
+                [(("uncertain",), "uncertain must be [low, high] with 0 <= low < high <= 1")]
+            )
         return self
 
 
@@ -342,10 +368,41 @@ class Camera(Strict):
     )
 
     @model_validator(mode="after")
-    def _unique_zone_names(self) -> Camera:
+    def _zones_fit(self) -> Camera:
         # A zone's name is what its alerts say; two zones of one name could not be told apart.
-        names = [z.name for z in self.zones]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"zone names must be unique within a camera; repeated: {repeated}")
+        zones = ((("zones", i, "name"), zone.name) for i, zone in enumerate(self.zones))
+        # Labels unknown here (the model is the root's): only zones against `classes`.
+        raise_problems([*repeated(zones, "zones"), *self.class_problems(None)])
         return self
+
+    def class_problems(self, labels: Sequence[str] | None) -> list[Problem]:
+        """The classes this camera names checked against its detector's labels (None: not
+        known without running the model), and its zones' classes against its own `classes`
+        (a zone class the camera filters out can never enter). Paths relative to the camera."""
+        problems: list[Problem] = []
+        named: list[tuple[KeyPath, str]] = [
+            *((("classes", i), name) for i, name in enumerate(self.classes)),
+            *((("blur_classes", i), name) for i, name in enumerate(self.blur_classes)),
+            *((("sampling", "classes", i), name) for i, name in enumerate(self.sampling.classes)),
+        ]
+        for z, zone in enumerate(self.zones):
+            for index, name in enumerate(zone.classes):
+                path: KeyPath = ("zones", z, "classes", index)
+                if self.classes and name not in self.classes:
+                    problems.append(
+                        (
+                            path,
+                            f"zone {zone.name!r} watches class {name!r}, which this camera's "
+                            f"`classes` ({listing(self.classes, last='and')}) leaves out, so "
+                            f"nothing of it can enter{did_you_mean(name, self.classes)}",
+                        )
+                    )
+                else:
+                    named.append((path, name))
+        if labels is not None:
+            problems += [
+                (path, labels_problem(name, labels, self.model))
+                for path, name in named
+                if name not in labels
+            ]
+        return problems

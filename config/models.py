@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -17,10 +18,13 @@ from config.analysis import (
 from config.base import (
     ByteSize,
     Duration,
+    KeyPath,
     Name,
+    Problem,
     Rate,
     Strict,
     TimeWindow,
+    raise_problems,
 )
 from config.cameras import (
     BUILTIN_DETECTOR,
@@ -35,6 +39,7 @@ from config.cameras import (
     TrackingSettings,
     Zone,
 )
+from config.checks import repeated
 from config.sensors import (
     CsvSensor,
     Fault,
@@ -61,6 +66,7 @@ from config.shipping import (
     StorageSection,
     SyncSection,
 )
+from config.words import LISTEN_PATTERN, did_you_mean, listing
 
 __all__ = [
     "AUTO_APPLIANCE_ID",
@@ -116,6 +122,19 @@ __all__ = [
 
 # `appliance.id` left out: the appliance makes one unique to its data directory at first start.
 AUTO_APPLIANCE_ID = "auto"
+STATUS_TOKEN_MIN_CHARS = 16
+"""Shortest status page token (appliance/status/web.py refuses shorter ones at start)."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether only this machine can reach `host`. A host name other than `localhost` may
+    resolve to anything, so it counts as reachable from the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ApplianceSection(Strict):
@@ -153,7 +172,7 @@ class ApplianceSection(Strict):
 class StatusSection(Strict):
     listen: str = Field(
         default="127.0.0.1:8080",
-        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$",
+        pattern=LISTEN_PATTERN,
         description="HOST:PORT the local status page and its API listen on; any address other "
         "than a loopback one needs `token_file`. Port 0 picks a free port.",
     )
@@ -170,6 +189,24 @@ class StatusSection(Strict):
         description="How often the page samples backlog and throughput for its 24-hour charts "
         "(kept in DATA_DIR/status-history.json; at most 1440 samples).",
     )
+
+    @model_validator(mode="after")
+    def _network_needs_a_token(self) -> StatusSection:
+        host, _, port = self.listen.rpartition(":")
+        problems: list[Problem] = []
+        if int(port) > 65535:
+            problems.append((("listen",), f"port must be 0-65535, not {int(port)}"))
+        elif self.enabled and self.token_file is None and not is_loopback_host(host):
+            problems.append(
+                (
+                    ("listen",),
+                    f"the status page would listen on {self.listen}, which is not a loopback "
+                    "address, without a token: set status.token_file to a file holding one, or "
+                    "set status.listen to 127.0.0.1:PORT",
+                )
+            )
+        raise_problems(problems)
+        return self
 
 
 class ApplianceConfig(Strict):
@@ -206,23 +243,42 @@ class ApplianceConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _unique_source_names(self) -> ApplianceConfig:
-        seen: set[str] = set()
-        for source in [*self.sensors, *self.cameras]:
-            if source.name in seen:
-                raise ValueError(f"two sources are named {source.name!r}; names must be unique")
-            seen.add(source.name)
+    def _names_refer_to_something(self) -> ApplianceConfig:
+        sources: list[tuple[KeyPath, str]] = [
+            (("sensors", i, "name"), sensor.name) for i, sensor in enumerate(self.sensors)
+        ]
+        sources += [(("cameras", i, "name"), camera.name) for i, camera in enumerate(self.cameras)]
+        problems = repeated(sources, "sources")
+        for index, camera in enumerate(self.cameras):
+            if camera.model not in self.models and camera.model != "detector":
+                problems.append(
+                    (
+                        ("cameras", index, "model"),
+                        f"camera {camera.name!r} uses model {camera.model!r}, which is not "
+                        f"under `models` ({listing(sorted(self.models), last='and') or 'none'})"
+                        f"{did_you_mean(camera.model, self.models)}; leave `model` out for the "
+                        "built-in detector",
+                    )
+                )
+                continue
+            labels = self.detector_for(camera).known_labels()
+            problems += [
+                (("cameras", index, *path), message)
+                for path, message in camera.class_problems(labels)
+            ]
+        raise_problems(problems)
         return self
 
-    @model_validator(mode="after")
-    def _cameras_name_models(self) -> ApplianceConfig:
-        for camera in self.cameras:
-            if camera.model not in self.models and camera.model != "detector":
-                raise ValueError(
-                    f"camera {camera.name!r} uses model {camera.model!r}, which is not one of "
-                    f"{sorted(self.models) or 'the configured models (none)'}"
-                )
-        return self
+    def warnings(self) -> list[str]:
+        """What works but likely does less than meant, one line each (`config check`)."""
+        warnings: list[str] = []
+        if not self.sync.destinations:
+            warnings.append(
+                "records are journalled but forwarded nowhere: `sync.destinations` is empty, so "
+                "the backlog only grows until retention evicts it; add an http, s3 or directory "
+                "destination (docs/configuration.md, Destinations)"
+            )
+        return warnings
 
     def detector_for(self, camera: Camera) -> DetectorModel:
         """The model config a camera runs (the built-in default for an unconfigured `detector`)."""

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from config.base import Duration, Strict
+from config.words import HTTP_URL_PATTERN, LISTEN_PATTERN
 
 # Batches and payload chunks a receiver takes at once; the next one is answered 503 before its
 # body is read, so memory stays bounded however many appliances come back together.
@@ -50,7 +51,7 @@ class S3Objects(Strict):
         description="Payload bytes in an S3-compatible bucket every replica shares."
     )
     endpoint_url: str = Field(
-        pattern=r"^https?://[^\s/]+",
+        pattern=HTTP_URL_PATTERN,
         description="Endpoint of the S3 API, http:// or https://.",
     )
     bucket: str = Field(min_length=3, max_length=63, description="The bucket; must exist.")
@@ -74,7 +75,7 @@ class TlsSection(Strict):
 
 class ReceiverConfig(Strict):
     listen: str = Field(
-        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$",
+        pattern=LISTEN_PATTERN,
         description="HOST:PORT to serve on ([::1]:8443 for IPv6; port 0: any free one).",
     )
     data: Path = Field(

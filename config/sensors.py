@@ -2,13 +2,59 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
 from config.analysis import AnomalySettings, DriftSettings, FeatureSettings, Limit
-from config.base import Duration, Name, Strict
+from config.base import Duration, Name, Problem, Strict, raise_problems
+from config.checks import (
+    Channels,
+    analysis_problems,
+    channel_problems,
+    features_of,
+    repeated,
+)
+from config.words import OPC_URL_PATTERN
+
+# What sensors/nmea.py's decoders produce (a test holds the two to the same list): config
+# imports nothing of ours, yet a limit on an NMEA channel must be checked against it.
+NMEA_CHANNELS: tuple[str, ...] = (
+    "lat",
+    "lon",
+    "fix_quality",
+    "satellites",
+    "hdop",
+    "altitude_m",
+    "sog_kn",
+    "sog_kmh",
+    "cog_deg",
+    "heading_deg",
+    "wind_angle_rel",
+    "wind_speed_rel",
+    "wind_angle_true",
+    "wind_speed_true",
+    "water_temp_c",
+)
+"""Every channel an NMEA source's decoders produce, except the `xdr.<name>` ones."""
+XDR_PREFIX = "xdr."
+_NOT_CHANNEL_CHAR = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def xdr_channel(transducer: str) -> str:
+    """The channel of an XDR transducer name, made to fit the channel-name pattern."""
+    return XDR_PREFIX + _NOT_CHANNEL_CHAR.sub("_", transducer)[: 64 - len(XDR_PREFIX)]
+
+
+def mqtt_topic_channel(topic: str) -> str:
+    """The channel of a topic when its filter has no `channel`: / becomes `.`, less a
+    `$share/<group>/` prefix (messages arrive on the topic after it)."""
+    levels = topic.split("/")
+    if levels[0] == "$share":
+        levels = levels[2:]
+    return ".".join(levels)
 
 
 class SensorCommon(Strict):
@@ -36,6 +82,26 @@ class SensorCommon(Strict):
         default_factory=DriftSettings,
         description="Drift checks of the feature means and anomaly scores against a reference.",
     )
+
+    def known_channels(self) -> Channels:
+        """The channels this source's windows will carry, as far as the config fixes them."""
+        return Channels(unknown="this kind of source names its channels when it runs")
+
+    def known_sample_rate(self) -> float | None:
+        """Samples a second when they are regular (only a simulated source's are)."""
+        return None
+
+    def problems(self) -> list[Problem]:
+        """What in this source names a channel or feature it will not have (paths relative to
+        the source). Subclasses add their own checks, so all are reported together."""
+        kind = str(getattr(self, "type", "sensor"))
+        features = features_of(self.features, self.known_sample_rate(), kind)
+        return analysis_problems(self.known_channels(), features, self.limits, self.anomaly)
+
+    @model_validator(mode="after")
+    def _names_fit_the_source(self) -> SensorCommon:
+        raise_problems(self.problems())
+        return self
 
 
 class SimulatedChannel(Strict):
@@ -92,18 +158,28 @@ class SimulatedSensor(SensorCommon):
     channels: list[SimulatedChannel] = Field(min_length=1, description="The simulated channels.")
     faults: list[Fault] = Field(default_factory=list, description="Faults to inject.")
 
-    @model_validator(mode="after")
-    def _faults_name_channels(self) -> SimulatedSensor:
-        names = {channel.name for channel in self.channels}
-        if len(names) != len(self.channels):
-            raise ValueError("channel names must be unique")
-        for fault in self.faults:
-            if fault.channel not in names:
-                raise ValueError(
-                    f"fault {fault.kind!r} names channel {fault.channel!r}, "
-                    f"which is not one of {sorted(names)}"
-                )
-        return self
+    def known_channels(self) -> Channels:
+        return Channels(names=tuple(channel.name for channel in self.channels))
+
+    def known_sample_rate(self) -> float | None:
+        return self.sample_rate
+
+    def problems(self) -> list[Problem]:
+        channels = self.known_channels()
+        return [
+            *repeated(
+                ((("channels", i, "name"), c.name) for i, c in enumerate(self.channels)),
+                "channels",
+            ),
+            *channel_problems(
+                channels,
+                (
+                    (("faults", i, "channel"), fault.channel, f"fault {fault.kind!r}")
+                    for i, fault in enumerate(self.faults)
+                ),
+            ),
+            *super().problems(),
+        ]
 
 
 class CsvSensor(SensorCommon):
@@ -125,6 +201,11 @@ class CsvSensor(SensorCommon):
         default="fast",
         description="original: replay at the pace of the timestamps; fast: as fast as possible.",
     )
+
+    def known_channels(self) -> Channels:
+        if self.columns is not None:
+            return Channels(names=tuple(self.columns))
+        return Channels(unknown="a csv source's channels are its file's columns")
 
 
 class LiveSensorCommon(SensorCommon):
@@ -151,12 +232,19 @@ class LiveSensorCommon(SensorCommon):
         default=30.0, gt=0, description="Longest wait between reconnect attempts (jittered)."
     )
 
-    @model_validator(mode="after")
-    def _ranges_are_ordered(self) -> LiveSensorCommon:
-        for channel, (low, high) in self.ranges.items():
-            if not low < high:
-                raise ValueError(f"range of {channel!r} must be [low, high] with low < high")
-        return self
+    def problems(self) -> list[Problem]:
+        channels = self.known_channels()
+        return [
+            *(
+                (("ranges", channel), f"range of {channel!r} must be [low, high] with low < high")
+                for channel, (low, high) in self.ranges.items()
+                if not low < high
+            ),
+            *channel_problems(
+                channels, ((("ranges", channel), channel, "range") for channel in self.ranges)
+            ),
+            *super().problems(),
+        ]
 
 
 class MqttTopic(Strict):
@@ -197,13 +285,32 @@ class MqttSensor(LiveSensorCommon):
     keepalive: Duration = Field(default=30.0, ge=5, description="MQTT keepalive interval.")
     topics: list[MqttTopic] = Field(min_length=1, description="Subscriptions and their channels.")
 
-    @model_validator(mode="after")
-    def _credentials_and_tls(self) -> MqttSensor:
+    def known_channels(self) -> Channels:
+        names: list[str] = []
+        patterns: list[tuple[str, re.Pattern[str]]] = []
+        for topic in self.topics:
+            levels = mqtt_topic_channel(topic.topic).split(".")
+            if topic.channel is not None:
+                names.append(topic.channel)
+            elif "+" not in levels and "#" not in levels:
+                names.append(".".join(levels))
+            else:
+                # A level may itself hold dots, so `+` matches any text; `#` also matches none.
+                fixed = [level for level in levels if level != "#"]
+                regex = r"\.".join(".+" if level == "+" else re.escape(level) for level in fixed)
+                if "#" in levels:
+                    regex = rf"{regex}(\..+)?" if fixed else ".+"
+                shown = ".".join("*" if level in ("+", "#") else level for level in levels)
+                patterns.append((f"{shown} (from {topic.topic})", re.compile(regex)))
+        return Channels(names=tuple(dict.fromkeys(names)), patterns=tuple(patterns))
+
+    def problems(self) -> list[Problem]:
+        problems: list[Problem] = []
         if self.password is not None and self.username is None:
-            raise ValueError("`password` is set but `username` is not")
+            problems.append((("password",), "`password` is set but `username` is not"))
         if self.ca_file is not None and not self.tls:
-            raise ValueError("`ca_file` is set but `tls` is false")
-        return self
+            problems.append((("ca_file",), "`ca_file` is set but `tls` is false"))
+        return [*problems, *super().problems()]
 
 
 class ModbusRegister(Strict):
@@ -234,19 +341,34 @@ class ModbusSensor(LiveSensorCommon):
     timeout: Duration = Field(default=3.0, gt=0, description="Give up on one request after it.")
     registers: list[ModbusRegister] = Field(min_length=1, description="What to read.")
 
-    @model_validator(mode="after")
-    def _registers_fit(self) -> ModbusSensor:
-        seen: set[str] = set()
-        for register in self.registers:
-            if register.channel in seen:
-                raise ValueError(f"channel {register.channel!r} is configured twice")
-            seen.add(register.channel)
-            if register.type in ("int32", "uint32", "float32") and register.address > 65534:
-                raise ValueError(
-                    f"{register.channel} ({register.type}) at {register.address} runs past the "
-                    "last register address 65535"
+    def known_channels(self) -> Channels:
+        return Channels(names=tuple(dict.fromkeys(r.channel for r in self.registers)))
+
+    def problems(self) -> list[Problem]:
+        registers = list(enumerate(self.registers))
+        first: dict[str, int] = {}
+        for i, register in registers:
+            first.setdefault(register.channel, i)
+        return [
+            *(
+                (
+                    ("registers", i, "channel"),
+                    f"channel {r.channel!r} is configured twice (also registers[{first[r.channel]}])",
                 )
-        return self
+                for i, r in registers
+                if first[r.channel] != i
+            ),
+            *(
+                (
+                    ("registers", i, "address"),
+                    f"{r.channel} ({r.type}) at {r.address} runs past the last register "
+                    "address 65535",
+                )
+                for i, r in registers
+                if r.type in ("int32", "uint32", "float32") and r.address > 65534
+            ),
+            *super().problems(),
+        ]
 
 
 class OpcUaNode(Strict):
@@ -258,7 +380,7 @@ class OpcUaNode(Strict):
 
 class OpcUaSensor(LiveSensorCommon):
     type: Literal["opcua"] = Field(description="Subscriptions to an OPC UA server's nodes.")
-    url: str = Field(pattern=r"^opc\.tcp://", description="Endpoint, opc.tcp://host:port/path.")
+    url: str = Field(pattern=OPC_URL_PATTERN, description="Endpoint, opc.tcp://host:port/path.")
     nodes: list[OpcUaNode] = Field(min_length=1, description="Nodes to subscribe to.")
     publishing_interval: Duration = Field(
         default=1.0, gt=0, description="How often the server sends data changes."
@@ -284,13 +406,19 @@ class OpcUaSensor(LiveSensorCommon):
     )
     timeout: Duration = Field(default=5.0, gt=0, description="Give up on one request after it.")
 
-    @model_validator(mode="after")
-    def _security_has_keys(self) -> OpcUaSensor:
+    def known_channels(self) -> Channels:
+        return Channels(names=tuple(dict.fromkeys(node.channel for node in self.nodes)))
+
+    def problems(self) -> list[Problem]:
+        problems: list[Problem] = []
         if self.security_mode != "None" and (self.certificate is None or self.private_key is None):
-            raise ValueError(
-                f"security_mode {self.security_mode} needs certificate and private_key"
+            problems.append(
+                (
+                    ("security_mode",),
+                    f"security_mode {self.security_mode} needs certificate and private_key",
+                )
             )
-        return self
+        return [*problems, *super().problems()]
 
 
 class NmeaSensor(LiveSensorCommon):
@@ -322,13 +450,22 @@ class NmeaSensor(LiveSensorCommon):
         "every transducer seen, up to 64.",
     )
 
-    @model_validator(mode="after")
-    def _transport_has_address(self) -> NmeaSensor:
+    def known_channels(self) -> Channels:
+        if self.xdr:
+            xdr = tuple(dict.fromkeys(xdr_channel(name) for name in self.xdr))
+            return Channels(names=NMEA_CHANNELS + xdr)
+        return Channels(
+            names=NMEA_CHANNELS,
+            patterns=((f"{XDR_PREFIX}<transducer>", re.compile(re.escape(XDR_PREFIX) + ".+")),),
+        )
+
+    def problems(self) -> list[Problem]:
+        problems: list[Problem] = []
         if self.transport == "serial" and not self.device:
-            raise ValueError("transport serial needs `device`")
+            problems.append((("transport",), "transport serial needs `device`"))
         if self.transport in ("udp", "tcp") and self.port is None:
-            raise ValueError(f"transport {self.transport} needs `port`")
-        return self
+            problems.append((("transport",), f"transport {self.transport} needs `port`"))
+        return [*problems, *super().problems()]
 
 
 Sensor = Annotated[

@@ -7,7 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from config.base import ByteSize, Duration, Name, Rate, Strict, TimeWindow
+from config.base import ByteSize, Duration, Name, Problem, Rate, Strict, TimeWindow, raise_problems
+from config.checks import repeated
+from config.words import HTTP_URL_PATTERN
 
 
 class StorageSection(Strict):
@@ -88,7 +90,7 @@ class DestinationCommon(Strict):
 class HttpDestination(DestinationCommon):
     type: Literal["http"] = Field(description="The reference receiver (`appliance receiver`).")
     url: str = Field(
-        pattern=r"^https?://[^\s/]+", description="Base URL of the receiver, http:// or https://."
+        pattern=HTTP_URL_PATTERN, description="Base URL of the receiver, http:// or https://."
     )
     token_file: Path | None = Field(
         default=None, description="File holding this appliance's bearer token (one line)."
@@ -115,11 +117,16 @@ class HttpDestination(DestinationCommon):
 
     @model_validator(mode="after")
     def _tls_files_fit_the_url(self) -> HttpDestination:
+        problems: list[Problem] = []
         if self.client_key is not None and self.client_cert is None:
-            raise ValueError("client_key needs client_cert")
-        tls_files = [self.ca_file, self.client_cert]
-        if self.url.startswith("http://") and any(path is not None for path in tls_files):
-            raise ValueError("ca_file and client_cert are for https:// urls; this url is http://")
+            problems.append((("client_key",), "client_key needs client_cert"))
+        if self.url.startswith("http://"):
+            problems += [
+                ((name,), "ca_file and client_cert are for https:// urls; this url is http://")
+                for name in ("ca_file", "client_cert")
+                if getattr(self, name) is not None
+            ]
+        raise_problems(problems)
         return self
 
 
@@ -143,7 +150,7 @@ class S3Destination(DestinationCommon):
         description="An S3-compatible bucket (AWS S3, MinIO, SeaweedFS, ...)."
     )
     endpoint_url: str = Field(
-        pattern=r"^https?://[^\s/]+",
+        pattern=HTTP_URL_PATTERN,
         description="Endpoint of the S3 API, http:// or https:// (for AWS: "
         "https://s3.REGION.amazonaws.com).",
     )
@@ -205,7 +212,6 @@ class SyncSection(Strict):
 
     @model_validator(mode="after")
     def _unique_destination_names(self) -> SyncSection:
-        names = [d.name for d in self.destinations]
-        if len(set(names)) != len(names):
-            raise ValueError("destination names must be unique")
+        named = ((("destinations", i, "name"), d.name) for i, d in enumerate(self.destinations))
+        raise_problems(repeated(named, "destinations"))
         return self

@@ -1,5 +1,5 @@
 """Payload media of camera events: JPEG snapshots under a byte cap, privacy blur, the pre-roll
-frame ring, pre+post-roll clip building and MP4 clip writing.
+frame ring, pre+post-roll clip building and MP4 clip writing, with the choice of its codec.
 
 Everything here is synchronous CPU (and, for clips, file) work with no event loop in sight: the
 pipeline runs it in a worker thread (`asyncio.to_thread`). Nothing here touches the journal; the
@@ -8,10 +8,14 @@ caller stores what these functions return.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
 import secrets
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 from collections import deque
@@ -26,6 +30,8 @@ import numpy.typing as npt
 
 from config.cameras import ClipSettings, SnapshotSettings
 from inference.detections import Detection
+
+log = logging.getLogger(__name__)
 
 Image = npt.NDArray[np.uint8]
 TimedImage = tuple[int, Image]
@@ -520,6 +526,36 @@ class ClipInfo:
 _fourcc_lock = threading.Lock()
 _fourcc: str | None = None
 
+PROBE_TIMEOUT_S = 30.0  # a hardware encoder that hangs its open is given up on, not waited for
+
+# The codec probe's program, run in a child interpreter. FFmpeg writes its complaints about an
+# encoder it cannot use (opencv-python's FFmpeg offers only h264_v4l2m2m for H.264, which says
+# "Could not find a valid device" on every machine without a V4L2 encoder) straight to the
+# process's stderr, where no OpenCV or Python log level reaches; OPENCV_FFMPEG_LOGLEVEL would
+# silence it, but for the whole process and for good, hiding what FFmpeg says about cameras too.
+# In a child those lines go to a pipe, and a hardware encoder whose probe hangs or crashes takes
+# the child with it, not the daemon. The child imports nothing of ours, only cv2 and numpy (-P:
+# not from the working directory either).
+_PROBE = """
+import sys
+import cv2
+import numpy as np
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+path = sys.argv[1]
+writer = cv2.VideoWriter(path, cv2.VideoWriter.fourcc(*"avc1"), 5.0, (64, 48))
+if writer.isOpened():
+    for level in (0, 128, 255):
+        writer.write(np.full((48, 64, 3), level, dtype=np.uint8))
+writer.release()
+capture = cv2.VideoCapture(path)
+frames = 0
+while capture.isOpened() and capture.grab():
+    frames += 1
+capture.release()
+print(frames)
+"""
+_FFMPEG_LINE = re.compile(r"^\[(?P<who>[\w.-]+) @ 0x[0-9a-f]+\] (?P<said>.+)$")
+
 
 def _count_frames(path: Path) -> tuple[int, int, int]:
     """Frames, width and height of a video as OpenCV decodes it (0 frames if it cannot)."""
@@ -537,33 +573,53 @@ def _count_frames(path: Path) -> tuple[int, int, int]:
         capture.release()
 
 
+def _probe_avc1() -> tuple[bool, str]:
+    """Whether this OpenCV writes H.264 MP4s that read back (three frames written, three read),
+    and why not: the first thing FFmpeg said, or how the probe failed."""
+    with tempfile.TemporaryDirectory(prefix="fourcc-probe-") as tmp:
+        probe = Path(tmp) / "probe.mp4"
+        try:
+            done = subprocess.run(
+                [sys.executable, "-P", "-c", _PROBE, str(probe)],
+                capture_output=True,
+                text=True,
+                timeout=PROBE_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return False, f"the H.264 probe did not finish in {PROBE_TIMEOUT_S:g} s"
+        except OSError as exc:
+            return False, f"the H.264 probe could not start: {exc}"
+    if done.returncode == 0 and done.stdout.strip() == "3":
+        return True, ""
+    for line in done.stderr.splitlines():
+        said = _FFMPEG_LINE.match(line.strip())
+        if said:
+            return False, f"{said['who']}: {said['said']}"
+    if done.returncode != 0:
+        return False, f"the H.264 probe exited with {done.returncode}"
+    return False, "no H.264 encoder in this OpenCV build"
+
+
 def clip_fourcc() -> str:
     """`avc1` (H.264, plays in browsers) where this OpenCV can write it, else `mp4v`.
 
-    Probed once per process by writing and reading back a tiny clip: opencv-python wheels often
-    announce avc1 but have no encoder for it (the probe may log FFmpeg's complaint once).
+    Probed once per process by writing and reading back a tiny clip in a child process (see
+    _PROBE: opencv-python wheels announce avc1 but have no working encoder for it), logging one
+    line that says which codec clips use and, for mp4v, why.
     """
     global _fourcc
     with _fourcc_lock:
         if _fourcc is None:
-            _fourcc = "mp4v"
-            with tempfile.TemporaryDirectory(prefix="fourcc-probe-") as tmp:
-                probe = Path(tmp) / "probe.mp4"
-                previous = cv2.utils.logging.getLogLevel()
-                cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-                try:
-                    writer = cv2.VideoWriter(
-                        str(probe), cv2.VideoWriter.fourcc(*"avc1"), 5.0, (64, 48)
-                    )
-                    opened = writer.isOpened()
-                    if opened:
-                        for level in (0, 128, 255):
-                            writer.write(np.full((48, 64, 3), level, dtype=np.uint8))
-                    writer.release()
-                finally:
-                    cv2.utils.logging.setLogLevel(previous)
-                if opened and _count_frames(probe)[0] == 3:
-                    _fourcc = "avc1"
+            h264, why = _probe_avc1()
+            _fourcc = "avc1" if h264 else "mp4v"
+            log.info(
+                "clips are H.264 (avc1) MP4s"
+                if h264
+                else f"clips are MPEG-4 Part 2 (mp4v) MP4s: no usable H.264 encoder ({why}); "
+                "VLC and ffmpeg play them, most browsers do not",
+                extra={"fields": {"codec": _fourcc}},
+            )
         return _fourcc
 
 

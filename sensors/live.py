@@ -343,6 +343,7 @@ class LiveSource(SourceLifecycle, ABC):
     async def _run(self) -> None:
         failures = 0
         while True:
+            published = self.health.last_reading_mono_ns
             try:
                 await self._session()
                 raise ConnectionError("the peer closed the connection")
@@ -354,8 +355,12 @@ class LiveSource(SourceLifecycle, ABC):
                 if not isinstance(exc, (OSError, TimeoutError, *self.transient)):
                     raise
                 error = exc
-            # A session that ran a while before failing starts the backoff afresh.
-            failures = 1 if self.health.state == "running" else failures + 1
+            # A session that delivered readings before failing starts the backoff afresh. One
+            # that connected and failed before its first reading (a device that accepts the
+            # connection and drops it at once) keeps backing off: resetting on "connected"
+            # alone made such a source retry several times a second, logging each time.
+            delivered = self.health.last_reading_mono_ns != published
+            failures = 1 if delivered else failures + 1
             self.health.state = "reconnecting"
             self.health.error = str(error) or type(error).__name__
             delay = backoff_delay(failures, self.reconnect_max_s)

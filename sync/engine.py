@@ -56,6 +56,7 @@ class DestinationState:
     batches_sent: int = 0
     bytes_sent: int = 0
     payloads_sent: int = 0
+    payload_bytes_delivered: int = 0  # their sizes, also of those the destination had already
     payloads_skipped: int = 0
     payload_bytes_today: int = 0
     day: str = ""
@@ -76,6 +77,7 @@ class Progress:
     records: int
     bytes: int
     payloads: int
+    payload_bytes: int = 0  # sizes of the payloads delivered (a resumed one sends fewer bytes)
 
 
 def inflight_key(destination: str, priority: Priority) -> str:
@@ -228,7 +230,15 @@ class SyncEngine:
     def _report(self, progress: Callable[[Progress], None] | None) -> None:
         if progress is not None:
             s = self.state
-            progress(Progress(self.name, s.records_sent, s.bytes_sent, s.payloads_sent))
+            progress(
+                Progress(
+                    self.name,
+                    s.records_sent,
+                    s.bytes_sent,
+                    s.payloads_sent,
+                    s.payload_bytes_delivered,
+                )
+            )
 
     def _account(self, sent: int, started: float) -> None:
         self.state.bytes_sent += sent
@@ -387,6 +397,7 @@ class SyncEngine:
                 await self.journal.payload_done(self.name, sha256)
                 self.state.payload_bytes_today += sent
                 self.state.payloads_sent += 1
+                self.state.payload_bytes_delivered += size
                 self._account(sent, started)
                 self._report(progress)
 

@@ -15,6 +15,8 @@ from sync.identity import JournalIdentity, read_identity
 from sync.records import Priority, StoredRecord
 
 JOURNAL_FILE = "journal.db"
+# Rows of one priority that one page of `events_page` reads at most (a few milliseconds).
+EVENTS_SCAN_ROWS = 5000
 
 _RECORD_COLUMNS = (
     "seq, appliance_id, boot_id, ts, mono_ns, source, kind, priority, model, body, payloads"
@@ -137,6 +139,63 @@ class JournalReader:
         rows.sort(key=lambda row: int(row[0]), reverse=True)
         return [_row_to_record(row) for row in rows[:limit]]
 
+    def events_page(
+        self,
+        priorities: tuple[Priority, ...],
+        *,
+        limit: int,
+        before: int | None = None,
+        kinds: tuple[str, ...] = (),
+        sources: tuple[str, ...] = (),
+        since: str | None = None,
+        scan: int = EVENTS_SCAN_ROWS,
+    ) -> tuple[list[StoredRecord], int | None]:
+        """Newest first, at most `limit` records of `priorities` with a seq under `before`, of
+        `kinds` and `sources` (empty: any), with a ts at or after `since`; and the `before` of
+        the next page (None: nothing older matches).
+
+        Each priority is walked down its (priority, seq) index for at most `scan` rows a page,
+        so a filter that matches rarely (one sensor's limits among a camera's thousands of
+        events) costs a bounded read, never a walk through the whole journal on the reader
+        thread the sync engines share. Such a page may hold fewer than `limit` records, even
+        none, and still name a next page; only a None next says the end was reached."""
+        top = before if before is not None else self.max_seq() + 1
+        filters, args = "", []
+        for column, values in (("kind", kinds), ("source", sources)):
+            if values:
+                filters += f" AND {column} IN ({', '.join('?' * len(values))})"
+                args += list(values)
+        if since is not None:
+            filters += " AND ts >= ?"
+            args.append(since)
+        rows: list[tuple[Any, ...]] = []
+        # Every priority was read from `top` down to `floor`: only records at or above it can be
+        # shown without skipping one of another priority that lies below it, unread.
+        floor = 0
+        for priority in priorities:
+            low = 0
+            if filters:  # without one, the first `limit` rows all match: no bound needed
+                edge = self.conn.execute(
+                    "SELECT seq FROM records WHERE priority = ? AND seq < ? "
+                    "ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                    (int(priority), top, scan - 1),
+                ).fetchone()
+                low = 0 if edge is None else int(edge[0])
+            found = self.conn.execute(
+                f"SELECT {_RECORD_COLUMNS} FROM records WHERE priority = ? AND seq < ? "
+                f"AND seq >= ?{filters} ORDER BY seq DESC LIMIT ?",
+                (int(priority), top, low, *args, limit),
+            ).fetchall()
+            if len(found) == limit:  # enough from this priority: what lies below can wait
+                low = max(low, int(found[-1][0]))
+            floor = max(floor, low)
+            rows += found
+        rows = sorted((r for r in rows if int(r[0]) >= floor), key=lambda r: -int(r[0]))
+        page = [_row_to_record(row) for row in rows[:limit]]
+        if len(rows) > limit:
+            return page, page[-1].seq
+        return page, (floor if floor > 0 else None)
+
     def payload_info(self, sha256s: list[str]) -> dict[str, tuple[int, str, str]]:
         """Per known payload: (size, media type or "", state)."""
         known: dict[str, tuple[int, str, str]] = {}
@@ -254,11 +313,25 @@ class JournalReader:
         return out
 
     def payloads_waiting(self, destination: str) -> tuple[int, int]:
-        """Payloads in a destination's outbox: count and bytes."""
+        """Payloads a destination has not received: count and bytes. Those in its outbox, and
+        those of records it has not acknowledged yet (they join the outbox only with the
+        acknowledgement, so counting the outbox alone shows no payloads waiting before a drain
+        and made `sync --now` promise a fraction of what it ships). Each payload counts once,
+        however many records carry it."""
+        unsent = ["SELECT sha256 FROM payload_outbox WHERE destination = ?"]
+        args: list[Any] = [destination]
+        for priority in Priority:
+            # Down the (priority, seq) index from the cursor: what a drain will read anyway.
+            unsent.append(
+                "SELECT j.value FROM records r, json_each(r.payloads) j "
+                "WHERE r.priority = ? AND r.seq > ? AND r.payloads IS NOT NULL"
+            )
+            args += [int(priority), self.cursor(destination, priority)]
         row = self.conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(p.size), 0) FROM payload_outbox o "
-            "LEFT JOIN payloads p ON p.sha256 = o.sha256 WHERE o.destination = ?",
-            (destination,),
+            f"WITH unsent(sha256) AS ({' UNION '.join(unsent)}) "
+            "SELECT COUNT(*), COALESCE(SUM(p.size), 0) FROM unsent u "
+            "LEFT JOIN payloads p ON p.sha256 = u.sha256",
+            args,
         ).fetchone()
         return int(row[0]), int(row[1])
 

@@ -74,7 +74,8 @@ class PostgresServer:
         """Start the server (again); after a kill, until its old backends have gone."""
         options = (
             f"-k {self.directory} -p {self.port} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=200 -c shared_buffers=64MB"
+            "-c max_connections=200 -c shared_buffers=64MB "
+            "-c log_line_prefix='%m [%p] '"
         )
         command = [*self.prefix, str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options]
         deadline = time.monotonic() + WAIT_S

@@ -151,6 +151,37 @@ async def test_failed_connects_back_off_and_a_reconnect_is_counted() -> None:
     assert link.health.state == "finished"
 
 
+async def test_a_link_that_drops_before_its_first_reading_keeps_backing_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device that accepts the connection and drops it at once must not be retried several
+    times a second (each retry logs): only a session that delivered readings resets the
+    backoff."""
+    asked: list[int] = []
+
+    def quick_delay(failures: int, cap_s: float) -> float:
+        asked.append(failures)
+        return 0.001
+
+    monkeypatch.setattr("sensors.live.backoff_delay", quick_delay)
+
+    class Dropping(ScriptedLink):
+        async def _session(self) -> None:
+            self.sessions += 1
+            self._connected()
+            if self.sessions <= 4:
+                raise EOFError("closed by the peer")
+            self._publish({"v": 1.0})  # the fifth session delivers, then drops
+            if self.sessions == 5:
+                raise EOFError("closed by the peer")
+            await asyncio.sleep(3600)
+
+    link = Dropping([])
+    async with link, contextlib.aclosing(link.readings()) as readings:
+        await asyncio.wait_for(anext(readings), 5)
+    assert asked[:5] == [1, 2, 3, 4, 1]
+
+
 async def test_an_unexpected_error_or_a_permanent_one_fails_the_source() -> None:
     with pytest.raises(ValueError, match="bug"):
         await asyncio.wait_for(first_windows(ScriptedLink([ValueError("bug")]), 1), 5)

@@ -1,7 +1,8 @@
 """The status page in a real browser (Debian's headless chromium driven by playwright) against
 the real daemon in a subprocess: its figures against /api/status, an alert arriving through the
-event stream, the polling fallback, "Sync now" refused without a token, the charts, the CSP, and
-screenshots kept in test-artifacts/ (desktop and phone size)."""
+event stream, the polling fallback, "Sync now" saying where its token is, the charts, no
+sideways scroll on a phone, the CSP, and screenshots kept in test-artifacts/ (desktop and phone
+size)."""
 
 from __future__ import annotations
 
@@ -225,13 +226,17 @@ READ_FIGURES = """() => {
 }"""
 
 
-# Elements that stick out of the page's right edge (what would make a phone scroll sideways);
-# what sits inside a sideways-scrolling box does not count.
+# Elements that stick out of the page's right edge (what would make a phone scroll sideways),
+# and boxes that scroll sideways inside the page (a table wider than the screen).
 OVERFLOWING = """() => {
   const width = document.documentElement.clientWidth;
-  return Array.from(document.querySelectorAll("body *"))
-    .filter((el) => !el.closest(".scroll") && el.getBoundingClientRect().right > width + 0.5)
+  const out = Array.from(document.querySelectorAll("body *"))
+    .filter((el) => el.getBoundingClientRect().right > width + 0.5)
     .map((el) => `${el.tagName.toLowerCase()}.${el.className} ${el.textContent.slice(0, 60)}`);
+  const scrolling = Array.from(document.querySelectorAll(".scroll"))
+    .filter((el) => el.scrollWidth > el.clientWidth + 1)
+    .map((el) => `scrolls sideways: ${el.textContent.slice(0, 60)}`);
+  return out.concat(scrolling);
 }"""
 
 
@@ -314,17 +319,30 @@ async def test_the_page_falls_back_to_polling_when_the_stream_fails(
     await expect(page.page.locator('#live table[data-name="sources"]')).to_contain_text("gps")
 
 
-async def test_sync_now_without_a_token_is_refused(page: OpenPage, daemon: Daemon) -> None:
+async def test_sync_now_says_where_the_token_is_before_and_after_a_wrong_one(
+    page: OpenPage, daemon: Daemon
+) -> None:
     before = (await api("/api/status", daemon))["destinations"]["usb"]
+    asked: list[str] = []
+    page.page.on("request", lambda r: asked.append(r.url) if "/api/sync" in r.url else None)
     await page.page.goto(daemon.base + "/")
+    await expect(page.page.locator('[data-name="sync-help"]')).to_contain_text("status.token_file")
+    result = page.page.locator("#sync-result")
+
+    # Nothing typed: no request (it could only be refused), but where the token is.
+    await page.page.get_by_role("button", name="Sync now").click()
+    await expect(result).to_contain_text("Type the status token first")
+    await expect(result).to_contain_text("the file that status.token_file names")
+    assert asked == []
+
+    # A wrong one: the server refuses it, and the page says so in words, not a bare status.
+    await page.page.get_by_label("token").fill("not-the-token-0123456789")
     async with page.page.expect_response("**/api/sync") as answered:
         await page.page.get_by_role("button", name="Sync now").click()
-    response = await answered.value
-    assert response.status in (401, 403)
-    assert "authorization" not in response.request.headers  # nothing was typed in
-    result = page.page.locator("#sync-result")
-    await expect(result).to_contain_text(f"refused ({response.status})")
+    assert (await answered.value).status == 401
+    await expect(result).to_contain_text("that token is not the status token")
     await expect(result).to_contain_text("status.token_file")
+    await expect(result).not_to_contain_text("401")
     # No drain started: the engine's figures are where they were.
     after = (await api("/api/status", daemon))["destinations"]["usb"]
     assert (after["last_success"], after["records_sent"]) == (
@@ -371,9 +389,10 @@ async def test_the_charts_draw_the_history_on_desktop_and_phone(
         await chart.wait_for(state="visible")
         box = await chart.bounding_box()
         assert box is not None and 300 < box["width"] <= 390
-        # Tables scroll inside their own box; the page itself never scrolls sideways.
+        # Nothing scrolls sideways: not the page, not a table inside it (rows stack there).
         wide = await small.evaluate("document.documentElement.scrollWidth")
         assert wide <= 390, await small.evaluate(OVERFLOWING)
+        assert await small.evaluate(OVERFLOWING) == []
         await small.screenshot(path=ARTIFACTS / "status-page-phone.png", full_page=True)
     finally:
         await phone.close()

@@ -42,36 +42,52 @@ async def drain_engines(
     async def run() -> dict[str, Any]:
         for engine in engines:
             backlog = await engine.backlog()
-            waiting = await engine.journal.read(
+            payloads, payload_bytes = await engine.journal.read(
                 functools.partial(JournalReader.payloads_waiting, destination=engine.name)
             )
-            total_records = sum(n for n, _, _ in backlog.values())
-            total_bytes = sum(b for _, b, _ in backlog.values()) + waiting[1]
-            start = (engine.state.records_sent, engine.state.bytes_sent)
+            # The estimate, before the first batch: records with their bytes in the journal,
+            # and payloads (those of unacknowledged records included) with their sizes. Sent
+            # bytes are compressed batches and payloads, so they are reported beside it, never
+            # measured against it.
+            totals = {
+                "records_total": sum(n for n, _, _ in backlog.values()),
+                "record_bytes_total": sum(b for _, b, _ in backlog.values()),
+                "payloads_total": payloads,
+                "payload_bytes_total": payload_bytes,
+            }
+            s = engine.state
+            start = Progress(
+                engine.name,
+                s.records_sent,
+                s.bytes_sent,
+                s.payloads_sent,
+                s.payload_bytes_delivered,
+            )
             started = time.monotonic()
 
             def report(
                 p: Progress,
-                engine: SyncEngine = engine,
-                total_records: int = total_records,
-                total_bytes: int = total_bytes,
-                start: tuple[int, int] = start,
+                totals: dict[str, int] = totals,
+                start: Progress = start,
                 started: float = started,
             ) -> None:
-                sent_bytes = p.bytes - start[1]
+                sent_bytes = p.bytes - start.bytes
                 elapsed = max(time.monotonic() - started, 1e-3)
                 with contextlib.suppress(asyncio.QueueFull):
                     queue.put_nowait(
                         {
                             "destination": p.destination,
-                            "records": p.records - start[0],
-                            "records_total": total_records,
+                            "records": p.records - start.records,
+                            "payloads": p.payloads - start.payloads,
+                            "payload_bytes": p.payload_bytes - start.payload_bytes,
+                            **totals,
                             "bytes": sent_bytes,
-                            "bytes_total": total_bytes,
                             "rate_bytes_per_s": sent_bytes / elapsed,
+                            "elapsed_s": elapsed,
                         }
                     )
 
+            report(start)  # the estimate shows before the first batch goes
             try:
                 complete = await engine.drain(report)
             except DestinationError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from appliance.stages.anomalies import AnomalyStage
 from appliance.stages.baselines import BaselineStore
 from appliance.stages.drift import INPUTS_MODEL, DriftStage
-from appliance.stages.recorder import Recorder
+from appliance.stages.recorder import Recorder, RecordWatch
 from config import Limit
 from inference.features import Summary, summarise
 from inference.sampling import RawWindowSampler
@@ -58,14 +59,19 @@ class SourcePipeline:
         baselines: BaselineStore | None = None,
         *,
         replay: bool = False,
+        watch: RecordWatch | None = None,
+        violated: Iterable[tuple[int, str]] = (),
     ) -> None:
+        """`watch` sees every record (the alarm board); `violated`: the limits (index, channel)
+        a previous run of this source left crossed (`violated`), so a restart journals `cleared`
+        for one that recovered meanwhile, and no second `violated` for one that did not."""
         self.cfg = cfg
         self.source = source
         self.journal = journal
         self.payloads = payloads
         self.stats = PipelineStats()
-        self.recorder = Recorder(cfg.name, journal, payloads)
-        self._violated: set[tuple[int, str]] = set()
+        self.recorder = Recorder(cfg.name, journal, payloads, watch=watch)
+        self._violated: set[tuple[int, str]] = set(violated)
         self.anomaly: AnomalyStage | None = None
         if cfg.anomaly is not None:
             store = baselines or BaselineStore.in_data_dir(journal.data_dir)
@@ -76,6 +82,11 @@ class SourcePipeline:
         self.drift = DriftStage(
             cfg.name, cfg.drift, self.recorder, journal.data_dir, boostable=self.raw_sampler
         )
+
+    @property
+    def violated(self) -> frozenset[tuple[int, str]]:
+        """The limits (index in `limits`, channel) crossed now."""
+        return frozenset(self._violated)
 
     @property
     def model(self) -> str | None:

@@ -1,16 +1,22 @@
 """Journalling for pipelines: append a record, store a payload and append the record that
-references it, and never crash a pipeline on a full disk (drops are counted and logged instead)."""
+references it, and never crash a pipeline on a full disk (drops are counted and logged instead);
+hand every record to a watcher (the daemon's alarm board), journalled or not."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.runtime.logs import RateLimitedLog
 from sync import Journal, NewRecord, PayloadError, PayloadRef, PayloadStore, Priority, StorageFull
 
 log = logging.getLogger(__name__)
+
+RecordWatch = Callable[[NewRecord], None]
+"""Sees every record a stage tries to journal, right after the try (appliance/status/alarms.py).
+Called on the event loop: it must be quick and must not raise."""
 
 
 @dataclass
@@ -24,18 +30,29 @@ class RecorderStats:
 class Recorder:
     """One source's way into the journal and the payload store."""
 
-    def __init__(self, source: str, journal: Journal, payloads: PayloadStore) -> None:
+    def __init__(
+        self,
+        source: str,
+        journal: Journal,
+        payloads: PayloadStore,
+        *,
+        watch: RecordWatch | None = None,
+    ) -> None:
         self.source = source
         self.journal = journal
         self.payloads = payloads
+        self.watch = watch
         self.stats = RecorderStats()
         self._warn = RateLimitedLog(log)
 
     async def append(self, record: NewRecord) -> int | None:
-        """Journal `record`: its seq, or None (counted, logged at most once a minute) if refused."""
+        """Journal `record`: its seq, or None (counted, logged at most once a minute) if refused.
+        The watcher sees it either way: a full disk must not hide an alarm."""
         try:
             seq = await self.journal.append(record)
         except (StorageFull, PayloadError) as exc:
+            if self.watch is not None:
+                self.watch(record)
             self.stats.dropped += 1
             if isinstance(exc, PayloadError):
                 self.journal.count_drop(record.priority, "payload_vanished")
@@ -48,6 +65,8 @@ class Recorder:
             )
             return None
         self.stats.records += 1
+        if self.watch is not None:
+            self.watch(record)
         return seq
 
     async def store(self, data: bytes, media_type: str, priority: Priority) -> PayloadRef | None:

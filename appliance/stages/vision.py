@@ -41,6 +41,7 @@ from inference.media import (
     ClipRecorder,
     MediaError,
     blur_regions,
+    clip_fourcc,
     encode_snapshot,
     write_clip,
 )
@@ -315,6 +316,9 @@ class CameraPipeline:
 
     async def run(self) -> None:
         await self.drift.activate(self.model)
+        if self.clips is not None:
+            # Chosen (and logged) at start, where the operator reads the log, not at the first alert.
+            await asyncio.to_thread(clip_fourcc)
         async with self.source:
             try:
                 async for frame in self.source.frames():

@@ -1,7 +1,9 @@
 """The daemon's health and its one judge: one snapshot of components, sources, storage and writer,
 and the reasons it is degraded (grace periods for sources included). `/healthz`, the status page,
 `/api/status`, the journalled `health` records and the heartbeat in the journal's meta table
-(what `appliance status` reads) all take the judgement from here, so they cannot disagree."""
+(what `appliance status` reads) all take the judgement from here, so they cannot disagree. The
+snapshot also carries the active alarms (appliance/status/alarms.py), which are not part of the
+judgement: a machine in alarm is not an appliance at fault."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.runtime.supervisor import ComponentHealth
+from appliance.status.alarms import AlarmBoard
 from appliance.status.schema import (
     ComponentReport,
     Described,
@@ -23,10 +26,15 @@ from appliance.status.schema import (
     LiveDestination,
     SourceReport,
 )
-from sensors.base import SourceHealth
-from sync import Journal, JournalReader, NewRecord, Priority, StorageFull, StorageGuard
-from sync.engine import DestinationState
+from sync import JournalReader, NewRecord, Priority, StorageFull
 from sync.records import format_ts
+
+if TYPE_CHECKING:
+    # Types only: `appliance status` and `--version` import this module, and they must not load
+    # numpy (sensors) or the journal's writer side (tests/test_cli_basics.py).
+    from sensors.base import SourceHealth
+    from sync import Journal, StorageGuard
+    from sync.engine import DestinationState
 
 HEARTBEAT_KEY = "daemon"
 HEARTBEAT_INTERVAL_S = (
@@ -56,9 +64,12 @@ class HealthMonitor:
         mode: str,
         camera_names: Iterable[str] = (),
         grace_s: float = SOURCE_GRACE_S,
+        alarms: AlarmBoard | None = None,
     ) -> None:
         self.journal = journal
         self.guard = guard
+        # The daemon's board, which its stages also feed with their records.
+        self.alarms = alarms if alarms is not None else AlarmBoard()
         self.mode = mode
         self.camera_names = set(camera_names)
         self.grace_s = grace_s
@@ -84,8 +95,15 @@ class HealthMonitor:
         self._bad_since: dict[str, float] = {}
 
     def observe(self) -> None:
-        """Note since when each source has been down and each camera not running (called by
-        `reasons`, and each second by the status server so a grace period ends on time)."""
+        """Note since when each source has been down and each camera not running, and bring the
+        alarms that live state decides up to date (called by `reasons`, and each second by the
+        status server so a grace period ends, and an alarm opens or clears, on time)."""
+        self.alarms.refresh(
+            destinations=self.destinations,
+            guard=self.guard,
+            journal=self.journal,
+            anomalies=self.anomalies,
+        )
         now = time.monotonic()
         bad: set[str] = set()
         for name, health in self.sources.items():
@@ -155,7 +173,7 @@ class HealthMonitor:
                 "fs_free": usage.fs_free,
                 "budget": self.guard.settings.disk_budget,
             },
-            "alarms": [],
+            "alarms": self.alarms.reports(),
         }
 
     def _models(self) -> Described | None:

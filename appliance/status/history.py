@@ -1,6 +1,7 @@
 """Owns the status page's 24-hour history: a ring of samples of backlog and throughput taken
-from the figures the status server computes, kept in `DATA_DIR/status-history.json` (written
-atomically) so the page's charts survive a restart."""
+from the figures the status server computes (one a minute on a grid, and one at once when the
+backlog changes between two), kept in `DATA_DIR/status-history.json` (written atomically) so
+the page's charts survive a restart."""
 
 from __future__ import annotations
 
@@ -103,6 +104,9 @@ class History:
         self._samples: deque[Sample] = deque(maxlen=max_samples)
         self._previous: tuple[float, Figures] | None = None
         self._saved_at: float | None = None
+        # Whether the newest sample was taken by `observe` (off the grid): the next one
+        # replaces it, so the ring still holds a day at one sample per interval.
+        self._between = False
 
     @property
     def gap_s(self) -> float:
@@ -136,14 +140,50 @@ class History:
                 for name, (records, size) in sorted(figures.backlog.items())
             },
         )
+        self._add(sample)
+        return sample
+
+    def observe(self, figures: Figures, now: float | None = None) -> Sample | None:
+        """Between two samples on the grid: a sample at once when the backlog differs from the
+        newest sample's (None when it does not), so the charts never show a backlog that the
+        page's tables, read at the same moment, have left behind. Its rates are the newest
+        sample's: over a few seconds they would be noise. At most one such sample stands at a
+        time: the next one, from here or from `record`, takes its place."""
+        newest = self._samples[-1] if self._samples else None
+        backlog = {name: records for name, (records, _) in figures.backlog.items()}
+        if newest is not None and backlog == {
+            name: d.backlog_records for name, d in newest.destinations.items()
+        }:
+            return None
+        t = round(self._clock() if now is None else now, 3)
+        sample = Sample(
+            t=t,
+            journalled_per_min=None if newest is None else newest.journalled_per_min,
+            destinations={
+                name: DestinationSample(
+                    records,
+                    size,
+                    None
+                    if newest is None or name not in newest.destinations
+                    else newest.destinations[name].acked_per_min,
+                )
+                for name, (records, size) in sorted(figures.backlog.items())
+            },
+        )
+        self._add(sample, between=True)
+        return sample
+
+    def _add(self, sample: Sample, *, between: bool = False) -> None:
+        if self._between and self._samples:
+            self._samples.pop()
+        self._between = between
         # The wall clock went back (NTP on a board without a battery clock): what was recorded
         # "later" than now cannot be placed on the time axis any more.
-        while self._samples and self._samples[-1].t > t:
+        while self._samples and self._samples[-1].t > sample.t:
             self._samples.pop()
         self._samples.append(sample)
-        while self._samples and self._samples[0].t < t - WINDOW_S:
+        while self._samples and self._samples[0].t < sample.t - WINDOW_S:
             self._samples.popleft()
-        return sample
 
     def to_json(self) -> dict[str, Any]:
         """The series as `GET /api/history` answers them (also the file's content)."""

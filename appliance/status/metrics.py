@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from appliance.status.alarms import count_by_kind_and_severity
 from appliance.status.schema import StatusReport
 
 
@@ -153,6 +154,15 @@ class _ReportCollector(Collector):
         yield GaugeMetricFamily(
             "appliance_healthy", "1 when /healthz answers 200, else 0.", value=report["healthy"]
         )
+        alarms = GaugeMetricFamily(
+            "appliance_alarms_active",
+            "Alarms open now (limits, anomalies, zones, deliveries, storage, journal), by kind "
+            "and severity; every pair is present, 0 when none.",
+            labels=["kind", "severity"],
+        )
+        for (kind, severity), count in count_by_kind_and_severity(report["alarms"]).items():
+            alarms.add_metric([kind, severity], count)
+        yield alarms
         info = GaugeMetricFamily(
             "appliance_info",
             "The appliance's identity; always 1.",

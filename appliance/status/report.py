@@ -94,6 +94,8 @@ def collect_status(cfg: ApplianceConfig) -> StatusFigures:
             "cameras": beat.get("cameras", {}),
             "destinations": beat.get("destinations", {}),
             "models": beat.get("models"),
+            # A stopped daemon's alarms are as old as its last heartbeat: only a running one's.
+            "alarms": beat.get("alarms", []) if running else [],
         }
 
     by_priority: dict[str, int] = {p.label: 0 for p in Priority}
@@ -262,6 +264,13 @@ def render_status(report: StatusFigures) -> str:
         )
     else:
         lines.append(f"appliance {report['appliance_id']}: daemon not running")
+    if daemon.get("running"):
+        alarms = daemon.get("alarms", [])
+        lines.append(f"alarms     {len(alarms)} active" if alarms else "alarms     none")
+        lines += [
+            f"  {a['severity'].upper():<8} {a['source']}: {a['what']} (since {a['since']})"
+            for a in alarms
+        ]
     lines.append(
         f"data dir   {report['data_dir']}  (boots: {report['boots']}, last seq: {report['last_seq']})"
     )

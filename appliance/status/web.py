@@ -1,8 +1,8 @@
 """The local web status page's server and its HTTP API (aiohttp): routes (`/`, `/healthz`,
 `/api/status`, `/api/events`, `/api/history`, the `/api/stream` event stream, `/metrics`,
 `POST /api/sync`, image payloads), the token rules and the security headers every response
-carries, and the sampling of the 24-hour history. The HTML is `appliance.status.page`'s.
-Contract: docs/status-api.md."""
+carries, and the sampling of the 24-hour history. The HTML is `appliance.status.page`'s, the
+events' filters and pages `appliance.status.events`'. Contract: docs/status-api.md."""
 
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance.runtime.control import drain_engines
+from appliance.status.events import (
+    SERVED_IMAGE_TYPES,
+    BadQuery,
+    EventQuery,
+    find_events,
+    newest_event_seq,
+    recent_events,
+)
 from appliance.status.health import HealthMonitor
 from appliance.status.history import HISTORY_FILE, Figures, History
 from appliance.status.metrics import render_metrics
@@ -30,7 +38,7 @@ from appliance.status.page import SCRIPT, STYLE, render_live, render_page
 from appliance.status.report import collect_status, live_report
 from appliance.status.schema import StatusFigures, StatusReport
 from config import ApplianceConfig, ConfigError, StatusSection
-from sync import Journal, JournalReader, PayloadStore, Priority, StorageFull
+from sync import Journal, JournalReader, PayloadStore, StorageFull
 from sync.engine import SyncEngine
 from sync.errors import PayloadError
 
@@ -40,12 +48,9 @@ _WATCH_INTERVAL_S = 1.0
 # Journal figures (the same queries as `appliance status`) are shared by requests for this long,
 # so several open pages polling every few seconds cost one set of reads, not one each.
 _FIGURES_TTL_S = 2.0
-EVENTS_DEFAULT, EVENTS_MAX = 50, 500
 _PAGE_EVENTS = 20
 MIN_TOKEN_CHARS = 16
 COOKIE_NAME = "appliance_status"
-# Raster formats only: an SVG is a document that can carry script.
-SERVED_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The event stream: a fresh fragment this often, at once when a new alert or event is journalled
 # (looked for this often, and only while a stream is open), and a comment line when the
@@ -141,47 +146,6 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 
 # --------------------------------------------------------------------------------- journal reads
-
-
-def recent_events(reader: JournalReader, limit: int) -> list[dict[str, Any]]:
-    """The newest `limit` alert and event records, newest first, each payload with its media
-    type and, for a stored raster image, the URL the page shows it at."""
-    records = reader.recent((Priority.ALERT, Priority.EVENT), limit)
-    known = reader.payload_info(sorted({sha for r in records for sha in r.payloads}))
-    events = []
-    for record in records:
-        refs = []
-        for sha in record.payloads:
-            size, media_type, state = known.get(sha, (0, "", "gone"))
-            image = state == "present" and media_type in SERVED_IMAGE_TYPES
-            refs.append(
-                {
-                    "sha256": sha,
-                    "size": size,
-                    "media_type": media_type or None,
-                    "state": state,
-                    "url": f"/payloads/{sha}" if image else None,
-                }
-            )
-        events.append(
-            {
-                "seq": record.seq,
-                "ts": record.ts,
-                "source": record.source,
-                "kind": record.kind,
-                "priority": record.priority.label,
-                "model": record.model,
-                "body": record.body,
-                "payloads": refs,
-            }
-        )
-    return events
-
-
-def newest_event_seq(reader: JournalReader) -> int:
-    """The seq of the newest alert or event record (0: none yet)."""
-    newest = reader.recent((Priority.ALERT, Priority.EVENT), 1)
-    return newest[0].seq if newest else 0
 
 
 def payload_media_type(reader: JournalReader, sha256: str) -> str | None:
@@ -490,7 +454,10 @@ class StatusServer:
         snapshot = self.monitor.snapshot()
         for name, source in snapshot["sources"].items():
             source["windows_per_s"] = self._window_rate(name)
-        return live_report(figures, snapshot, self.reasons(), status_url=self.url)
+        report = live_report(figures, snapshot, self.reasons(), status_url=self.url)
+        # The charts drawn beside this report's tables show its backlog, not the last minute's.
+        self.history.observe(history_figures(report))
+        return report
 
     async def events(self, limit: int) -> list[dict[str, Any]]:
         return await self.journal.read(functools.partial(recent_events, limit=limit))
@@ -548,15 +515,13 @@ class StatusServer:
         return web.json_response(await self.status_report())
 
     async def _api_events(self, request: web.Request) -> web.Response:
-        text = request.query.get("limit")
-        limit = EVENTS_DEFAULT
-        if text is not None:
-            if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= EVENTS_MAX:
-                raise web.HTTPBadRequest(
-                    text=f"limit must be a whole number from 1 to {EVENTS_MAX}, not {text!r}"
-                )
-            limit = int(text)
-        return web.json_response({"events": await self.events(limit)})
+        try:
+            query = EventQuery.parse(request.query)
+        except BadQuery as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        return web.json_response(
+            await self.journal.read(functools.partial(find_events, query=query))
+        )
 
     async def _api_history(self, request: web.Request) -> web.Response:
         return web.json_response(self.history.to_json())
@@ -669,7 +634,9 @@ class StatusServer:
     async def _page(self, request: web.Request) -> web.Response:
         report = await self.status_report()
         events = await self.events(_PAGE_EVENTS)
-        page = render_page(report, events, self.history, now=time.time())
+        page = render_page(
+            report, events, self.history, now=time.time(), token_configured=self.token is not None
+        )
         return web.Response(text=page, content_type="text/html")
 
     async def _partial(self, request: web.Request) -> web.Response:
