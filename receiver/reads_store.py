@@ -79,16 +79,20 @@ async def postgres_records_after(
             args.append(list(values))
             where.append(f"{column} = ANY(${len(args)}::text[])")
     args.append(limit + 1)
+    # The position goes out as text (asyncpg has no codec for xid8) under another name than
+    # the column: ORDER BY a bare name takes an output column first, and ordering by the text
+    # would put transaction 1000 before 999.
     query = (
         "SELECT appliance_id, journal_id, seq, received_at, COALESCE(line, record::text) "
-        f"AS line, txid::text AS txid, arrival FROM {SCHEMA}.records, "
+        f"AS line, records.txid::text AS position_txid, arrival FROM {SCHEMA}.records, "
         "pg_current_snapshot() AS snap "
-        f"WHERE {' AND '.join(where)} ORDER BY txid, arrival LIMIT ${len(args)}"
+        f"WHERE {' AND '.join(where)} ORDER BY records.txid, records.arrival "
+        f"LIMIT ${len(args)}"
     )
     newest_query = (
-        f"SELECT txid::text AS txid, arrival FROM {SCHEMA}.records, "
-        "pg_current_snapshot() AS snap WHERE txid < pg_snapshot_xmin(snap) "
-        "ORDER BY txid DESC, arrival DESC LIMIT 1"
+        f"SELECT records.txid::text AS position_txid, arrival FROM {SCHEMA}.records, "
+        "pg_current_snapshot() AS snap WHERE records.txid < pg_snapshot_xmin(snap) "
+        "ORDER BY records.txid DESC, records.arrival DESC LIMIT 1"
     )
     # One snapshot for the page and the newest position: nothing commits between them.
     async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -108,8 +112,8 @@ async def postgres_records_after(
     ]
     position = (int(txid), arrival)
     if rows:
-        position = (int(rows[-1]["txid"]), int(rows[-1]["arrival"]))
+        position = (int(rows[-1]["position_txid"]), int(rows[-1]["arrival"]))
     if newest is not None:
         # The page reached the end: move past the records the filter left out too.
-        position = max(position, (int(newest["txid"]), int(newest["arrival"])))
+        position = max(position, (int(newest["position_txid"]), int(newest["arrival"])))
     return RecordPage(page, f"{position[0]}.{position[1]}", more)

@@ -5,8 +5,11 @@ transaction is still open when a page is read is waited for, not passed over."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import asyncpg
 import pytest
 
 from receiver import build_receiver_app, serve_receiver
+from tests.postgres import PostgresServer, create_database
 from tests.test_receiver import TOKENS, Client, ndjson, record
 
 ADMIN = "reader-admin-token"
@@ -195,3 +199,57 @@ async def test_an_open_transaction_holds_the_cursor_back(tmp_path: Path, postgre
             await slow.close()
         both, _ = await read_all(client, after)
         assert keys(both) == [("ship-2", 1), ("ship-1", 3), ("ship-1", 4)]
+
+
+@pytest.fixture
+def new_cluster() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of its own: a new one is a few hundred transactions short of 1000,
+    where the session's may be tens of thousands short of its next power of ten."""
+    folder = Path(tempfile.mkdtemp(prefix="appliance-postgres-"))
+    folder.chmod(0o755)
+    server = PostgresServer(folder / "cluster")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_pages_keep_commit_order_where_transaction_ids_gain_a_digit(
+    tmp_path: Path, new_cluster: PostgresServer
+) -> None:
+    """Transaction 1000 comes after 999: the cursor's order is the ids', not their text's
+    (ordering by the text once put 10000 before 9999, so a consumer read records twice and
+    passed others over)."""
+    dsn = await asyncio.to_thread(create_database, new_cluster, "digits")
+    async with reading(tmp_path / "a", dsn) as client:
+        await ship(client, "ship-1", range(1, 2))
+        _, after = await read_all(client)
+        burner = await asyncpg.connect(dsn)
+        try:
+            current = int(await burner.fetchval("SELECT pg_current_xact_id()::text"))
+            boundary = 10 ** len(str(current))
+            # Each committed loop step takes a transaction id: burn them up to just below
+            # the boundary, so the next batches' transactions straddle it.
+            await burner.execute("SET synchronous_commit = off")
+            await burner.execute(
+                "DO $$ BEGIN FOR i IN 1.."
+                f"{boundary - 4 - current}"
+                " LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$"
+            )
+        finally:
+            await burner.close()
+        for seq in range(2, 10):  # one transaction each, across the boundary
+            await ship(client, "ship-1", range(seq, seq + 1))
+        seen: list[tuple[str, int]] = []
+        cursor = after
+        while True:
+            status, page = await read(client, after=cursor, limit="1")
+            assert status == 200, page
+            seen.extend(keys(page["records"]))
+            cursor = page["next"]
+            if not page["more"]:
+                break
+    assert [seq for _, seq in seen] == list(range(2, 10))
+    assert int(cursor.split(".")[0]) >= boundary
