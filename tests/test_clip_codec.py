@@ -37,11 +37,15 @@ print(info.fourcc)
 def test_the_codec_probe_writes_nothing_to_the_console_and_logs_the_codec_once(
     tmp_path: Path,
 ) -> None:
+    # A daemon started earlier in this test process set OPENCV_FFMPEG_IS_THREAD_SAFE in its
+    # environment (sensors.capture), and a daemon also quiets OpenCV's own warnings about it;
+    # this program is neither, so it gets the environment a fresh `appliance` command has.
+    env = {k: v for k, v in cli_env().items() if k != "OPENCV_FFMPEG_IS_THREAD_SAFE"}
     done = subprocess.run(
         [sys.executable, "-c", PROGRAM, str(tmp_path / "clip.mp4")],
         capture_output=True,
         text=True,
-        env=cli_env(),
+        env=env,
         cwd=ROOT,
         timeout=60,
         check=False,

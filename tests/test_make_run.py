@@ -41,9 +41,14 @@ def dry_run(folder: Path, target: str) -> list[str]:
     """The commands `make TARGET` would run in `folder` (make -n: nothing is run)."""
     if shutil.which("make") is None:
         pytest.fail("GNU make is missing (the README's first commands need it)")
+    # Run under `make test` (CI), the outer make's settings would reach this one: its -w adds
+    # "Entering directory" lines, and its flags could change what -n prints.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     done = subprocess.run(
-        ["make", "-n", target, "PYTHON=python3"],  # whatever PYTHON the environment sets
+        # whatever PYTHON the environment sets
+        ["make", "--no-print-directory", "-n", target, "PYTHON=python3"],
         cwd=folder,
+        env=env,
         capture_output=True,
         text=True,
         timeout=30,
