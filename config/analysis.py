@@ -25,8 +25,8 @@ FeatureName = Literal[
 ]
 FEATURE_NAMES: tuple[str, ...] = get_args(FeatureName)
 
-# What inference/features.py computes (a test holds the two to the same lists): config imports
-# nothing of ours, yet `config check` must know which features a source's windows will carry.
+# The features inference/features.py computes (it takes these names from here): `config check`
+# must know which features a source's windows will carry.
 BASE_FEATURES = ("rms", "peak", "mean", "min", "max")
 """Every window, whatever the settings."""
 VIBRATION_FEATURES = ("crest", "kurtosis", "skewness", "centroid_hz")

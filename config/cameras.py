@@ -17,8 +17,8 @@ from config.names import VERSION_PATTERN
 from config.words import did_you_mean, listing
 
 BUILTIN_DETECTOR = "builtin:yolov3-tiny"
-# The built-in detector's classes: darknet's coco.names spelling, as inference/detect.py's
-# COCO_LABELS (a test holds the two to the same list; config imports nothing of ours).
+# The built-in detector's classes: darknet's coco.names spelling (inference/detect.py uses this
+# list as COCO_LABELS for any 80-class model that ships no labels).
 BUILTIN_LABELS: tuple[str, ...] = (
     "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat",
     "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",

@@ -19,8 +19,8 @@ from config.checks import (
 )
 from config.words import OPC_URL_PATTERN
 
-# What sensors/nmea.py's decoders produce (a test holds the two to the same list): config
-# imports nothing of ours, yet a limit on an NMEA channel must be checked against it.
+# Every channel sensors/nmea.py's decoders produce, except the dynamic `xdr.<name>` ones (the
+# decoders use this list): a limit on an NMEA channel is checked against it.
 NMEA_CHANNELS: tuple[str, ...] = (
     "lat",
     "lon",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Self
 import numpy as np
 import numpy.typing as npt
 
-from config.cameras import DetectorModel
+from config.cameras import BUILTIN_LABELS, DetectorModel
 from inference.decode import Adapter, Layout, build_adapter, detect_layout, metadata_labels, nms
 from inference.detections import Detection
 from inference.preprocess import InputSpec, check_image, unletterbox
@@ -24,19 +24,9 @@ if TYPE_CHECKING:
     from inference.packages import PackageResolver
 
 # Darknet's coco.names spelling (the built-in model's labels), so that a camera's class filter
-# means the same with the built-in detector and with an 80-class model that ships no labels.
-COCO_LABELS: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
-    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "sofa",
-    "pottedplant", "bed", "diningtable", "toilet", "tvmonitor", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
+# means the same with the built-in detector and with an 80-class model that ships no labels. The
+# list lives with the config, which checks camera classes against it.
+COCO_LABELS: tuple[str, ...] = BUILTIN_LABELS
 
 MAX_DETECTIONS = 300
 # Candidates entering NMS, best first: bounds its cost when a broken or mis-thresholded model

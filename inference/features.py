@@ -17,24 +17,25 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from config.analysis import FeatureSettings
+from config.analysis import (
+    BASE_FEATURES,
+    SLOW_FEATURES,
+    VIBRATION_FEATURES,
+    VIBRATION_MIN_RATE_HZ,
+    FeatureSettings,
+    band_feature,
+)
+from config.analysis import default_bands as default_bands  # the layout's, re-exported
 from sensors.base import SampleWindow
 
 FeatureKind = Literal["auto", "vibration", "slow"]
 FloatArray = npt.NDArray[np.float64]
 Band = tuple[float, float]
 
-FEATURES = ("rms", "peak", "mean", "min", "max")
+# The feature names and default bands are the config's (config/analysis.py), which checks the
+# features that limits and anomaly models name against them.
+FEATURES = BASE_FEATURES
 """Computed for every window whatever the settings (and the only ones without settings)."""
-VIBRATION_FEATURES = ("crest", "kurtosis", "skewness", "centroid_hz")
-"""Added for vibration, followed by one `band_<low>_<high>` energy per band."""
-SLOW_FEATURES = ("slope",)
-"""Added for slow signals."""
-
-VIBRATION_MIN_RATE_HZ = 100.0
-"""`auto` treats a regularly sampled source at this rate or above as vibration."""
-OCTAVE_BANDS = 5
-"""Default bands: [0, N/16), [N/16, N/8), [N/8, N/4), [N/4, N/2), [N/2, N] (N = Nyquist)."""
 
 Summary = dict[str, dict[str, float | int | None]]
 
@@ -59,23 +60,8 @@ def resolve_kind(kind: FeatureKind, sample_rate: float | None) -> Literal["vibra
     return "slow"
 
 
-def default_bands(sample_rate: float) -> tuple[Band, ...]:
-    """Five octave bands up to the Nyquist frequency (OCTAVE_BANDS)."""
-    nyquist = sample_rate / 2.0
-    edges = [0.0] + [nyquist / 2.0**k for k in range(OCTAVE_BANDS - 1, -1, -1)]
-    return tuple((edges[i], edges[i + 1]) for i in range(OCTAVE_BANDS))
-
-
-def _hz(value: float) -> str:
-    # Positional and shortest (625.0 -> "625"); "p" for the decimal point keeps feature names
-    # free of dots, so a `channel.feature` name splits at its last dot even when the channel
-    # name has dots in it.
-    return np.format_float_positional(value, trim="-").replace(".", "p")
-
-
-def band_name(low: float, high: float) -> str:
-    """`band_<low>_<high>` in Hz, compact: band_0_625, band_312p5_625."""
-    return f"band_{_hz(low)}_{_hz(high)}"
+band_name = band_feature
+"""`band_<low>_<high>` in Hz, compact: band_0_625, band_312p5_625."""
 
 
 def _bands_for(sample_rate: float, bands: Sequence[Band]) -> tuple[Band, ...]:

@@ -18,6 +18,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from config.names import NAME_RE
 from config.sensors import MqttSensor
+from config.sensors import mqtt_topic_channel as topic_channel
 from sensors.base import SourceError
 from sensors.live import LiveSource
 
@@ -168,16 +169,6 @@ def _routes(cfg: MqttSensor) -> list[_Route]:
 def _has_wildcards(topic_filter: str) -> bool:
     levels = topic_filter.split("/")
     return "+" in levels or "#" in levels
-
-
-def topic_channel(topic: str) -> str:
-    """The channel a topic's values go to when its filter has no `channel`: the topic with / turned
-    into `.`, less a `$share/<group>/` prefix (messages arrive on the topic after it). The result
-    may still be no valid channel name; check it with `CHANNEL_NAME`."""
-    levels = topic.split("/")
-    if levels[0] == "$share":
-        levels = levels[2:]
-    return ".".join(levels)
 
 
 def _channel_of(source: str, topic_filter: str) -> str:

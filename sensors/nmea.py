@@ -19,28 +19,14 @@ import serial  # type: ignore[import-untyped]
 import serial_asyncio  # type: ignore[import-untyped]
 
 from config.names import NAME_RE
+
+# Every channel the decoders produce, except the dynamic `xdr.<name>` ones, and their naming of
+# XDR transducers: the config's, which checks limits and features on NMEA sources against them.
+from config.sensors import NMEA_CHANNELS as NMEA_CHANNELS
 from config.sensors import NmeaSensor
+from config.sensors import xdr_channel as xdr_channel
 from sensors.base import SourceError, utc_now
 from sensors.live import LiveSource
-
-NMEA_CHANNELS: tuple[str, ...] = (
-    "lat",
-    "lon",
-    "fix_quality",
-    "satellites",
-    "hdop",
-    "altitude_m",
-    "sog_kn",
-    "sog_kmh",
-    "cog_deg",
-    "heading_deg",
-    "wind_angle_rel",
-    "wind_speed_rel",
-    "wind_angle_true",
-    "wind_speed_true",
-    "water_temp_c",
-)
-"""Every channel the decoders produce, except the dynamic `xdr.<name>` ones."""
 
 XDR_PREFIX = "xdr."
 MAX_XDR_CHANNELS = 64
@@ -65,7 +51,6 @@ _UTC_DATE = re.compile(r"(\d\d)(\d\d)(\d\d)")
 _CHECKSUM = re.compile(r"[0-9A-Fa-f]{2}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 _ADDRESS = re.compile(r"[A-Z][A-Z0-9]{2,9}")
-_NOT_CHANNEL_CHAR = re.compile(r"[^A-Za-z0-9._-]")
 
 KNOT_M_S = 1852.0 / 3600.0
 WIND_SPEED_TO_M_S = {"N": KNOT_M_S, "M": 1.0, "K": 1.0 / 3.6, "S": 0.44704}
@@ -107,11 +92,6 @@ def nmea_checksum(body: str) -> int:
     for char in body:
         result ^= ord(char)
     return result
-
-
-def xdr_channel(transducer: str) -> str:
-    """The channel of an XDR transducer name, made to fit the channel-name pattern."""
-    return XDR_PREFIX + _NOT_CHANNEL_CHAR.sub("_", transducer)[: 64 - len(XDR_PREFIX)]
 
 
 def parse_sentence(line: str) -> NmeaSentence:

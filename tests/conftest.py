@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, async_playwright
 
 from config import JournalSection
 from sync import Journal, PayloadStore
+from tests.helpers import component_missing
 from tests.postgres import PostgresServer, create_database
 from tests.seaweed import S3Server, run_seaweedfs
 
@@ -87,3 +90,19 @@ def database(request: pytest.FixtureRequest) -> str | None:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One SeaweedFS server for the session (tests/seaweed.py); tests keep apart by key prefix."""
     yield from run_seaweedfs(tmp_path_factory)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium (never a downloaded one), one per test module."""
+    if not CHROMIUM.exists():  # noqa: ASYNC240 -- one stat before anything runs
+        component_missing("chromium (Debian package chromium)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            yield launched
+        finally:
+            await launched.close()

@@ -11,17 +11,15 @@ import json
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import reduce
 from operator import xor
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, expect
 
 from inference.builtin import lookup, model_cache_dir
 from sensors.capture import builtin_footage
@@ -35,7 +33,6 @@ from tests.helpers import (
     write_config,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 ALARM_ID = "limit:gps:water_temp_c:max>40.0"
 PAGE_EVENTS = 20  # the newest events the page lists
@@ -131,19 +128,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield Daemon(wait_for(announced, 60, "the status page to listen"), nmea_port)
     finally:
         assert stop_daemon(proc) == 0, log.read_text()[-3000:]
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    if not CHROMIUM.exists():  # noqa: ASYNC240 -- one stat before anything runs
-        component_missing("chromium (Debian package chromium)")
-    async with async_playwright() as playwright:
-        # Debian's chromium, never a downloaded one.
-        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM))
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 async def api(daemon: Daemon, path: str) -> Any:

@@ -10,24 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.status.web import MIN_TOKEN_CHARS, is_loopback
 from config import ConfigError, ConfigErrors, check_config, config_schema, parse_config
-from config.analysis import (
-    BASE_FEATURES,
-    SLOW_FEATURES,
-    VIBRATION_FEATURES,
-    VIBRATION_MIN_RATE_HZ,
-    band_feature,
-    default_bands,
-)
-from config.cameras import BUILTIN_LABELS
 from config.loader import receiver_config_schema
-from config.models import STATUS_TOKEN_MIN_CHARS, is_loopback_host
-from config.sensors import NMEA_CHANNELS, mqtt_topic_channel, xdr_channel
 from config.words import PATTERN_WORDS
-from inference import features
-from inference.detect import COCO_LABELS
-from sensors import mqtt, nmea
 from tests.helpers import run_cli
 
 HEAD = "appliance:\n  id: t-1\n  data_dir: /tmp/x\n"
@@ -470,30 +455,3 @@ def test_a_config_that_forwards_nowhere_gets_one_warning_line(tmp_path: Path) ->
     assert line.startswith(f"{config}: warning: records are journalled but forwarded nowhere")
     config.write_text(HEAD + GEARBOX + SHORE)
     assert check(config)[2] == ""
-
-
-# ------------------------------------------------ what config knows of the other packages
-
-
-def test_what_config_knows_matches_what_the_sources_and_models_do() -> None:
-    # config imports nothing of ours, so it keeps its own copy of these; here they meet.
-    assert BUILTIN_LABELS == COCO_LABELS
-    assert NMEA_CHANNELS == nmea.NMEA_CHANNELS
-    for name in ("C1", "Air Temp", "x" * 80, "a/b"):
-        assert xdr_channel(name) == nmea.xdr_channel(name)
-    for topic in ("a/b", "$share/g/a/b/c", "x"):
-        assert mqtt_topic_channel(topic) == mqtt.topic_channel(topic)
-    assert (BASE_FEATURES, VIBRATION_FEATURES, SLOW_FEATURES) == (
-        features.FEATURES,
-        features.VIBRATION_FEATURES,
-        features.SLOW_FEATURES,
-    )
-    assert VIBRATION_MIN_RATE_HZ == features.VIBRATION_MIN_RATE_HZ
-    for rate in (10.0, 1000.0, 2000.0, 5000.0, 44100.0, 12.5):
-        assert default_bands(rate) == features.default_bands(rate)
-        assert [band_feature(lo, hi) for lo, hi in default_bands(rate)] == [
-            features.band_name(lo, hi) for lo, hi in features.default_bands(rate)
-        ]
-    assert STATUS_TOKEN_MIN_CHARS == MIN_TOKEN_CHARS
-    for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost", "0.0.0.0", "10.0.0.5", "box.lan"):
-        assert is_loopback_host(host) == is_loopback(host), host

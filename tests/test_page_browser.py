@@ -19,8 +19,7 @@ from zoneinfo import ZoneInfo
 import cv2
 import numpy as np
 import pytest
-import pytest_asyncio
-from playwright.async_api import Browser, BrowserContext, Page, Request, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Page, Request, expect
 
 from appliance.stages.recorder import Recorder
 from appliance.status.health import HealthMonitor
@@ -31,9 +30,8 @@ from sensors.base import SourceHealth
 from sync import Journal, NewRecord, PayloadStore, Priority, StorageGuard
 from sync.engine import SyncEngine
 from sync.targets import make_target
-from tests.helpers import ROOT, component_missing
+from tests.helpers import ROOT
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
 TOKEN = "page-test-token-0123456789"
 ZONE = "Asia/Kathmandu"  # UTC+05:45: a local time that no UTC time can be mistaken for
@@ -104,18 +102,6 @@ async def serve(
             yield Appliance(server, journal, store, monitor, server.url.rstrip("/"))
     finally:
         await journal.close()
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    if not CHROMIUM.exists():  # noqa: ASYNC240 -- one stat before anything runs
-        component_missing("chromium (Debian package chromium)")
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=str(CHROMIUM))
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 @asynccontextmanager

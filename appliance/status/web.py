@@ -11,7 +11,6 @@ import contextlib
 import functools
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 import time
@@ -38,6 +37,8 @@ from appliance.status.page import SCRIPT, STYLE, render_live, render_page
 from appliance.status.report import collect_status, live_report
 from appliance.status.schema import StatusFigures, StatusReport
 from config import ApplianceConfig, ConfigError, StatusSection
+from config.models import STATUS_TOKEN_MIN_CHARS
+from config.models import is_loopback_host as is_loopback
 from sync import Journal, JournalReader, PayloadStore, StorageFull
 from sync.engine import SyncEngine
 from sync.errors import PayloadError
@@ -49,7 +50,7 @@ _WATCH_INTERVAL_S = 1.0
 # so several open pages polling every few seconds cost one set of reads, not one each.
 _FIGURES_TTL_S = 2.0
 _PAGE_EVENTS = 20
-MIN_TOKEN_CHARS = 16
+MIN_TOKEN_CHARS = STATUS_TOKEN_MIN_CHARS
 COOKIE_NAME = "appliance_status"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The event stream: a fresh fragment this often, at once when a new alert or event is journalled
@@ -86,17 +87,6 @@ def split_listen(listen: str) -> tuple[str, int]:
     if number > 65535:
         raise ConfigError(f"port must be 0-65535, not {number}", key="status.listen", line=None)
     return host, number
-
-
-def is_loopback(host: str) -> bool:
-    """Whether only this machine can reach `host`. A host name other than `localhost` may
-    resolve to anything, so it counts as reachable from the network."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_status_token(section: StatusSection) -> str | None:
