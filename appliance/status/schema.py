@@ -92,7 +92,7 @@ class AlarmReport(TypedDict):
     when it starts until it clears (appliance/status/alarms.py; docs/status-api.md). An alarm is
     about the machine watched or the link, not the appliance's own health (`state`/`reasons`)."""
 
-    id: str  # stable while the alarm is open: "limit:vibration:vib_radial:peak"
+    id: str  # stable while the alarm is open: "limit:gearbox:vib_radial:peak>2.0"
     kind: str  # limit | anomaly | zone | delivery | storage | journal
     source: str  # the source, camera or destination it belongs to ("appliance" for storage)
     what: str  # in words: "vib_radial peak 3.51 over 2.0"
