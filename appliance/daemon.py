@@ -34,7 +34,15 @@ from sensors import SensorConfig, open_source
 from sensors.camera import CameraSource
 from sensors.capture import parse_camera_url
 from sensors.nmea import NmeaSource, Position
-from sync import Journal, NewRecord, PayloadStore, Priority, StorageFull, StorageGuard
+from sync import (
+    Journal,
+    NewRecord,
+    PayloadStore,
+    Priority,
+    StorageFull,
+    StorageGuard,
+    TelemetryRollup,
+)
 from sync.engine import SyncEngine
 from sync.targets import make_target
 
@@ -183,7 +191,14 @@ class Daemon:
             )
             stack.push_async_callback(journal.close)
             store.on_disk_full = journal.notify_disk_full
-            guard = await stack.enter_async_context(StorageGuard(journal, store, cfg.storage))
+            guard = await stack.enter_async_context(
+                StorageGuard(
+                    journal,
+                    store,
+                    cfg.storage,
+                    TelemetryRollup(journal, cfg.storage, cfg.sync.batch_records),
+                )
+            )
             if cfg.cameras:
                 quiet_opencv()
             model_store = ModelStore.from_config(cfg)

@@ -12,6 +12,20 @@ from config.checks import repeated
 from config.words import HTTP_URL_PATTERN
 
 
+class Tier(Strict):
+    """One step of tiered telemetry: readings older than `after` are kept as aggregates of
+    `resolution` (mean, min, max and count per channel and feature) instead of one by one."""
+
+    after: Duration = Field(
+        gt=0, description="Telemetry older than this is rolled up to this tier's resolution."
+    )
+    resolution: Duration = Field(
+        ge=1,
+        le=86400,
+        description="The length of one aggregate (e.g. 1m, 10m); whole seconds, dividing a day.",
+    )
+
+
 class StorageSection(Strict):
     disk_budget: ByteSize = Field(
         default=20 * 1024**3,
@@ -40,6 +54,43 @@ class StorageSection(Strict):
     check_interval: Duration = Field(
         default=10.0, gt=0, description="How often retention checks the budget and free space."
     )
+    tiers: list[Tier] = Field(
+        default_factory=list,
+        description="Tiered telemetry, oldest resolution last: e.g. [{after: 30d, resolution: "
+        "1m}, {after: 180d, resolution: 10m}] keeps readings one by one for 30 days, 1-minute "
+        "aggregates to 180 days and 10-minute aggregates beyond. Alerts, events, anomaly "
+        "windows, samples and data-quality records are never rolled up. Empty: no rollups.",
+    )
+
+    @model_validator(mode="after")
+    def _tiers_grow_coarser(self) -> StorageSection:
+        problems: list[Problem] = []
+        for index, tier in enumerate(self.tiers):
+            key = ("tiers", index)
+            if tier.resolution != int(tier.resolution) or 86400 % int(tier.resolution):
+                problems.append(
+                    (
+                        (*key, "resolution"),
+                        "a tier's resolution is whole seconds that divide a day (e.g. 1m, 10m, 1h)",
+                    )
+                )
+            if index == 0:
+                continue
+            before = self.tiers[index - 1]
+            if tier.after <= before.after:
+                problems.append(
+                    ((*key, "after"), "tiers are listed youngest first: each after is later")
+                )
+            if tier.resolution <= before.resolution or tier.resolution % before.resolution:
+                problems.append(
+                    (
+                        (*key, "resolution"),
+                        "each tier's resolution is coarser than the one before and a multiple "
+                        "of it",
+                    )
+                )
+        raise_problems(problems)
+        return self
 
 
 class JournalSection(Strict):

@@ -23,11 +23,13 @@ from sync.records import NewRecord, PayloadRef, Priority, StoredRecord
 if TYPE_CHECKING:
     from sync.journal import Journal
     from sync.retention import StorageGuard, Usage
+    from sync.rollup import TelemetryRollup
 
 _ON_FIRST_USE = {
     "Journal": "sync.journal",
     "StorageGuard": "sync.retention",
     "Usage": "sync.retention",
+    "TelemetryRollup": "sync.rollup",
 }
 
 
@@ -54,5 +56,6 @@ __all__ = [
     "StorageGuard",
     "StoredRecord",
     "SyncError",
+    "TelemetryRollup",
     "Usage",
 ]

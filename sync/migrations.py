@@ -111,10 +111,29 @@ def _journal_identity(db: sqlite_utils.Database) -> None:
     ensure_identity(db.conn)
 
 
+def _rollups(db: sqlite_utils.Database) -> None:
+    # Tiered telemetry (sync/rollup.py): per resolution and kind of record rolled up, how many
+    # records the rollups replaced and what they took on disk before and after; kept in the
+    # transactions that roll up, as evictions are.
+    db["rollups"].create(  # type: ignore[union-attr]
+        {
+            "resolution_s": int,
+            "of_kind": str,
+            "records": int,
+            "rollups": int,
+            "bytes_before": int,
+            "bytes_after": int,
+        },
+        pk=("resolution_s", "of_kind"),
+        not_null={"records", "rollups", "bytes_before", "bytes_after"},
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_initial", _initial),
     Migration("0002_payload_outbox", _payload_outbox),
     Migration("0003_journal_identity", _journal_identity),
+    Migration("0004_rollups", _rollups),
 )
 
 

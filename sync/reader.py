@@ -341,6 +341,15 @@ class JournalReader:
         ).fetchall()
         return [(Priority(p), r, int(n), int(b)) for p, r, n, b in rows]
 
+    def rollups(self) -> list[tuple[int, str, int, int, int, int]]:
+        """Tiered telemetry so far: (resolution in seconds, kind rolled up, records replaced,
+        rollups written, bytes before, bytes after), finest resolution first."""
+        rows = self.conn.execute(
+            "SELECT resolution_s, of_kind, records, rollups, bytes_before, bytes_after "
+            "FROM rollups ORDER BY resolution_s, of_kind"
+        ).fetchall()
+        return [(int(r), str(k), int(n), int(m), int(b), int(a)) for r, k, n, m, b, a in rows]
+
     def drops(self) -> list[tuple[Priority, str, int]]:
         rows = self.conn.execute(
             "SELECT priority, reason, records FROM drops ORDER BY priority"

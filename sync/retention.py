@@ -28,6 +28,7 @@ from sync.journal import Journal
 from sync.payloads import PayloadStore
 from sync.reader import JournalReader
 from sync.records import NewRecord, Priority, format_ts
+from sync.rollup import TelemetryRollup
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,19 @@ def _evict_chunk(
 class StorageGuard:
     """Owns the disk budget: measures usage, evicts, sheds load on a full disk, recovers."""
 
-    def __init__(self, journal: Journal, payloads: PayloadStore, settings: StorageSection) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        payloads: PayloadStore,
+        settings: StorageSection,
+        rollup: TelemetryRollup | None = None,
+    ) -> None:
         self.journal = journal
         self.payloads = payloads
         self.settings = settings
+        # Tiered telemetry (storage.tiers): rolled up once an hour, and before evicting for the
+        # budget, so that old readings become aggregates before anything is evicted whole.
+        self.rollup = rollup
         self.ballast = journal.data_dir / BALLAST_FILE
         self.degraded_reason: str | None = None
         self.last_usage: Usage | None = None
@@ -290,6 +300,14 @@ class StorageGuard:
             reports: list[EvictionReport] = []
             await self._retry_unjournalled()
             usage = await self.usage()
+            if self.rollup is not None and (
+                self.rollup.due()
+                or (self.rollup.enabled and usage.used > self.settings.disk_budget)
+            ):
+                rolled = await self.rollup.run_once()
+                if rolled.records:
+                    await self._compact()
+                    usage = await self.usage()
             if self.journal.shed_level or usage.fs_free < _RECOVER_AT_FREE * self.settings.min_free:
                 # Near the edge the WAL's size swings free space by megabytes; measure without it.
                 with contextlib.suppress(SyncError, sqlite3.Error):

@@ -120,6 +120,11 @@ class SourcePipeline:
             # stamped: each window's records name the one baseline that scored it.
             await self.anomaly.begin_window(window)
         summary = summarise(window, settings=self.cfg.features)
+        # Scored before the reading is journalled, so that the reading carries its score (the
+        # rollups of tiered telemetry keep each bucket's highest).
+        score = None
+        if self.anomaly is not None:
+            score = await self.anomaly.on_window(window, summary)
         body: dict[str, object] = {
             "window_s": window.duration_s,
             "sample_rate": window.sample_rate,
@@ -127,6 +132,8 @@ class SourcePipeline:
         }
         if window.quality:
             body["quality"] = list(window.quality)
+        if score is not None and math.isfinite(score):
+            body["anomaly_score"] = float(f"{score:.7g}")
         await self._append(
             NewRecord(
                 source=self.cfg.name,
@@ -139,9 +146,6 @@ class SourcePipeline:
             )
         )
         await self._check_limits(window, summary)
-        score = None
-        if self.anomaly is not None:
-            score = await self.anomaly.on_window(window, summary)
         await self._check_drift(window, summary, score)
         if self.raw_sampler.take(window.ts):
             await self._keep_sample(window, summary)
