@@ -6,20 +6,31 @@ spanned."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import math
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
-from config import StorageSection, SyncSection
+from appliance.status.report import collect_status, render_status
+from config import ApplianceConfig, StorageSection, SyncSection
 from config.shipping import DirectoryDestination
+from receiver import build_receiver_app, serve_receiver
 from sync import Journal, JournalReader, NewRecord, PayloadStore, Priority, StorageGuard
 from sync.destination import MemoryDestination
 from sync.engine import SyncEngine
 from sync.rollup import REPORT_KIND, ROLLUP_KIND, TelemetryRollup
+from tests.conftest import APPLIANCE_ID
+from tests.test_sync_http import TOKEN, engine_for
+
+ADMIN = "rollup-reader-admin-token"
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 TIERS = [{"after": "1d", "resolution": "1m"}, {"after": "2d", "resolution": "10m"}]
@@ -67,7 +78,7 @@ def rows(data_dir: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 
 def kinds(data_dir: Path) -> dict[str, int]:
-    return dict(rows(data_dir, "SELECT kind, COUNT(*) FROM records GROUP BY kind"))  # type: ignore[arg-type]
+    return dict(rows(data_dir, "SELECT kind, COUNT(*) FROM records GROUP BY kind"))
 
 
 def engine(
@@ -169,24 +180,21 @@ async def test_a_destination_gets_each_reading_once_raw_or_rolled_up(
 
     for memory in (early, late, mid):
         all_readings = total - (mid_had if memory is mid else 0)
-        received = memory.records
+        received: dict[int, Any] = memory.records
         raw = [s for s, r in received.items() if r["kind"] == "reading"]
         rolled = [r["body"] for r in received.values() if r["kind"] == ROLLUP_KIND]
         spans = [(b["replaces"]["first_seq"], b["replaces"]["last_seq"]) for b in rolled]
         # No raw reading also inside a rollup's range, no two rollups overlapping.
         assert not [s for s in raw for lo, hi in spans if lo <= s <= hi], memory.name
         spans.sort()
-        assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False)), memory.name
+        assert all(a[1] < b[0] for a, b in itertools.pairwise(spans)), memory.name
         assert len(raw) + sum(b["replaces"]["records"] for b in rolled) == all_readings, memory.name
     # `early` had the first four hours raw: it got no rollup of them.
-    early_first_drain = max(s for s, r in early.records.items() if r["ts"] < "2026-05-29T22")
-    assert not [
-        b
-        for r in early.records.values()
-        if r["kind"] == ROLLUP_KIND
-        for b in [r["body"]]
-        if b["replaces"]["first_seq"] <= early_first_drain
+    early_first_drain = max(s for s, r in early.records.items() if str(r["ts"]) < "2026-05-29T22")
+    early_rollups: list[Any] = [
+        r["body"] for r in early.records.values() if r["kind"] == ROLLUP_KIND
     ]
+    assert not [b for b in early_rollups if b["replaces"]["first_seq"] <= early_first_drain]
     assert [r for r in late.records.values() if r["kind"] == ROLLUP_KIND]
     # The records just past `mid`'s cursor (3 batches of 50) stayed readings.
     guarded = [s for (s,) in telemetry[151:301]]
@@ -270,3 +278,87 @@ async def test_retention_rolls_up_before_it_evicts(
 def test_tiers_that_cannot_work_are_refused(tiers: list[dict[str, str]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         storage(tiers=tiers)
+
+
+async def test_a_receiver_stores_rollups_and_serves_them_with_the_readings_once(
+    journal: Journal, payload_store: PayloadStore, data_dir: Path, tmp_path: Path
+) -> None:
+    """Over the real protocol: the receiver ashore got the first hours raw, the rest arrives as
+    rollups; its read API gives each reading once, raw or inside a rollup, and no batch is
+    refused. `appliance export --kind rollup` lists the same rollups on the appliance."""
+    total = await journal_hours(journal, NOW - timedelta(days=2, hours=6), 2)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    app = build_receiver_app(tmp_path / "shore", {APPLIANCE_ID: TOKEN}, admin_tokens=(ADMIN,))
+    async with serve_receiver(app, "127.0.0.1", 0) as bound:
+        url = f"http://127.0.0.1:{bound[0][1]}"
+        shore, target = engine_for(journal, payload_store, url, token_file)
+        async with target:
+            await shore.drain()
+            total += await journal_hours(journal, NOW - timedelta(days=2, hours=3), 2)
+            await TelemetryRollup(journal, storage(), batch_records=25).run_once(now=NOW)
+            await shore.drain()
+        assert shore.state.refused is None
+        got: list[dict[str, Any]] = []
+        after = None
+        async with aiohttp.ClientSession() as session:
+            while True:
+                params = {"limit": "1000", **({"after": after} if after else {})}
+                async with session.get(
+                    f"{url}/v1/records",
+                    params=params,
+                    headers={"Authorization": f"Bearer {ADMIN}"},
+                ) as response:
+                    page = await response.json()
+                    assert response.status == 200, page
+                got += [entry["record"] for entry in page["records"]]
+                after = page["next"]
+                if not page["more"]:
+                    break
+    raw = [r["seq"] for r in got if r["kind"] == "reading"]
+    rolled = [r["body"] for r in got if r["kind"] == ROLLUP_KIND]
+    assert rolled and raw
+    assert len(raw) + sum(b["replaces"]["records"] for b in rolled) == total
+    assert len({r["seq"] for r in got}) == len(got)
+    await journal.checkpoint()
+    exported = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "appliance",
+            "export",
+            "--data-dir",
+            str(data_dir),
+            "--kind",
+            "rollup",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert exported.returncode == 0, exported.stderr
+    lines = [json.loads(line) for line in exported.stdout.splitlines()]
+    local = {r["seq"] for r in lines}
+    assert {r["seq"] for r in got if r["kind"] == ROLLUP_KIND} <= local
+    assert all(r["kind"] == ROLLUP_KIND and r["body"]["of"] == "reading" for r in lines)
+
+
+async def test_status_counts_rollups(journal: Journal, data_dir: Path) -> None:
+    """`appliance status` (and so the page and /metrics, which render the same figures)."""
+    await journal_hours(journal, NOW - timedelta(days=1, hours=2), 1)
+    await TelemetryRollup(journal, storage(), batch_records=25).run_once(now=NOW)
+    await journal.checkpoint()
+    cfg = ApplianceConfig.model_validate(
+        {"appliance": {"id": APPLIANCE_ID, "data_dir": str(data_dir)}}
+    )
+    figures = collect_status(cfg)
+    (tier,) = figures["rollups"]
+    assert (tier["resolution_s"], tier["of"], tier["records"], tier["rollups"]) == (
+        60,
+        "reading",
+        360,
+        60,
+    )
+    assert tier["bytes_before"] > tier["bytes_after"] > 0
+    assert "rollups    360 reading -> 60 of 60 s" in render_status(figures)

@@ -53,6 +53,13 @@ RECORD_KINDS: tuple[Kind, ...] = (
     Kind("health", "telemetry", "the health snapshot and each destination's backlog"),
     # The journal and shipping (sync/)
     Kind("eviction", "event", "records retention evicted, by priority and reason"),
+    Kind(
+        "rollup",
+        "telemetry",
+        "readings (or health snapshots) older than a tier, as one aggregate per channel, "
+        "feature and bucket (storage.tiers)",
+    ),
+    Kind("rollup_pass", "event", "what a pass of tiered telemetry rolled up, by tier"),
     Kind("recovery", "event", "what a salvage or payload reconciliation at start found"),
     Kind("journal_fork", "event", "`appliance journal fork` gave the journal a new id"),
     Kind("sync_refused", "alert", "a destination refused the backlog; its cursor holds"),

@@ -80,6 +80,29 @@ class _ReportCollector(Collector):
         for evicted in report["evictions"]:
             evictions.add_metric([evicted["priority"], evicted["reason"]], evicted["records"])
         yield evictions
+        rolled = CounterMetricFamily(
+            "appliance_rollup_records_replaced",
+            "Telemetry records replaced by rollups (storage.tiers), by tier resolution and kind.",
+            labels=["resolution", "of"],
+        )
+        written = CounterMetricFamily(
+            "appliance_rollups_written",
+            "Rollup records written by tiered telemetry, by tier resolution and kind.",
+            labels=["resolution", "of"],
+        )
+        saved = CounterMetricFamily(
+            "appliance_rollup_bytes_saved",
+            "Journal bytes tiered telemetry saved (the records' size estimate, before - after).",
+            labels=["resolution", "of"],
+        )
+        for tier in report["rollups"]:
+            labels = [f"{tier['resolution_s']}s", tier["of"]]
+            rolled.add_metric(labels, tier["records"])
+            written.add_metric(labels, tier["rollups"])
+            saved.add_metric(labels, max(0, tier["bytes_before"] - tier["bytes_after"]))
+        yield rolled
+        yield written
+        yield saved
         drops = CounterMetricFamily(
             "appliance_drops",
             "Records refused before reaching the journal (full disk, shedding), by reason.",

@@ -383,6 +383,23 @@ def render_live(
     )
     parts.append(
         _table(
+            ["rolled up", "per", "records", "into", "bytes saved"],
+            [
+                [
+                    _e(x["of"]),
+                    _e(f"{x['resolution_s']} s"),
+                    _e(x["records"]),
+                    _e(x["rollups"]),
+                    _e(format_size(x["bytes_before"] - x["bytes_after"])),
+                ]
+                for x in report["rollups"]
+            ],
+            "no rollups (storage.tiers)",
+            name="rollups",
+        )
+    )
+    parts.append(
+        _table(
             ["dropped", "reason", "records"],
             [[_e(x["priority"]), _e(x["reason"]), _e(x["records"])] for x in report["drops"]],
             "no drops",

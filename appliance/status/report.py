@@ -52,6 +52,7 @@ def collect_status(cfg: ApplianceConfig) -> StatusFigures:
         counts = reader.counts()
         unsynced = reader.unsynced()
         evictions = reader.evictions()
+        rollups = reader.rollups()
         drops = reader.drops()
         quality = reader.quality()
         files, payload_bytes, missing = reader.payload_totals()
@@ -169,6 +170,17 @@ def collect_status(cfg: ApplianceConfig) -> StatusFigures:
         "destinations": destinations,
         "evictions": [
             {"priority": p.label, "reason": r, "records": n, "bytes": b} for p, r, n, b in evictions
+        ],
+        "rollups": [
+            {
+                "resolution_s": r,
+                "of": k,
+                "records": n,
+                "rollups": m,
+                "bytes_before": b,
+                "bytes_after": a,
+            }
+            for r, k, n, m, b, a in rollups
         ],
         "drops": [{"priority": p.label, "reason": r, "records": n} for p, r, n in drops],
         "data_quality": [{"source": s, "reason": r, "count": c} for s, r, c in quality],
@@ -330,6 +342,15 @@ def render_status(report: StatusFigures) -> str:
         )
     else:
         lines.append("evictions  none")
+    if report["rollups"]:
+        lines.append(
+            "rollups    "
+            + ", ".join(
+                f"{r['records']} {r['of']} -> {r['rollups']} of {r['resolution_s']} s "
+                f"({format_size(r['bytes_before'])} -> {format_size(r['bytes_after'])})"
+                for r in report["rollups"]
+            )
+        )
     if report["drops"]:
         lines.append(
             "dropped    "

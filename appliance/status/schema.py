@@ -240,6 +240,17 @@ class EvictionCount(TypedDict):
     bytes: int
 
 
+class RollupCount(TypedDict):
+    """Tiered telemetry since the journal began, per tier and kind rolled up (storage.tiers)."""
+
+    resolution_s: int
+    of: str
+    records: int  # records the rollups replaced
+    rollups: int  # rollup records written
+    bytes_before: int
+    bytes_after: int
+
+
 class DropCount(TypedDict):
     priority: str
     reason: str
@@ -267,6 +278,7 @@ class StatusFigures(TypedDict):
     disk: DiskReport
     destinations: dict[str, DestinationReport]
     evictions: list[EvictionCount]
+    rollups: list[RollupCount]
     drops: list[DropCount]
     data_quality: list[QualityCount]
 
@@ -304,6 +316,7 @@ __all__ = [
     "LiveDestination",
     "QualityCount",
     "RecordsReport",
+    "RollupCount",
     "SourceReport",
     "StatusFigures",
     "StatusReport",

@@ -247,6 +247,36 @@ def _eviction(body: Mapping[str, Any]) -> str:
     return f"{total} records removed ({_words(body['reason'])}): {parts}"
 
 
+def _span(seconds: Any) -> str:
+    value = int(seconds) if isinstance(seconds, int | float) else 0
+    for unit, size in (("h", 3600), ("min", 60)):
+        if value >= size and value % size == 0:
+            return f"{value // size} {unit}"
+    return f"{value} s"
+
+
+_ROLLED = {"reading": "readings", "health": "health snapshots"}
+
+
+def _rollup(body: Mapping[str, Any]) -> str:
+    replaced = (body.get("replaces") or {}).get("records", "?")
+    what = _ROLLED.get(str(body.get("of")), f"{body.get('of')} records")
+    text = f"{replaced} {what} as one {_span(body.get('resolution_s'))} aggregate"
+    if body.get("anomaly_score_max") is not None:
+        text += f", anomaly score up to {number(body['anomaly_score_max'])}"
+    return text
+
+
+def _rollup_pass(body: Mapping[str, Any]) -> str:
+    tiers = body.get("tiers") or []
+    parts = ", ".join(
+        f"{t['records']} {_ROLLED.get(t['of'], t['of'])} into {t['rollups']} aggregates of "
+        f"{_span(t['resolution_s'])}"
+        for t in tiers
+    )
+    return f"older telemetry rolled up: {parts}" if parts else "older telemetry rolled up"
+
+
 def _recovery(body: Mapping[str, Any]) -> str:
     found = []
     if body.get("salvaged"):
@@ -298,6 +328,8 @@ _BY_KIND: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "sync_refused": _sync_refused,
     "journal_collision": _journal_collision,
     "eviction": _eviction,
+    "rollup": _rollup,
+    "rollup_pass": _rollup_pass,
     "recovery": _recovery,
     "journal_fork": _journal_fork,
     "lifecycle": _lifecycle,
