@@ -101,8 +101,8 @@ RUN printf '%s\n' \
 # Extension modules lose their symbol tables (strip), but not the libraries auditwheel bundled in
 # the *.libs folders: patchelf edited those, and strip breaks some. Every shared object must load.
 # Then a smoke test of what the appliance needs: its imports, the detector in onnxruntime, a frame
-# of the footage through OpenCV's FFmpeg, an S3 client, an IsolationForest exported to ONNX (-P:
-# the installed packages, not the sources in /src).
+# of the footage through OpenCV's FFmpeg, an S3 client, an IsolationForest exported to ONNX, and
+# PyAV's libx264, which writes the clips (-P: the installed packages, not the sources in /src).
 RUN site="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
     && pip uninstall --yes pip setuptools \
     && find /opt/venv -depth -type d \( -name tests -o -name __pycache__ \) -exec rm -rf {} + \
@@ -128,6 +128,7 @@ botocore.session.get_session().create_client('s3', region_name='us-east-1', \
 x = numpy.random.default_rng(0).normal(size=(64, 3)); \
 method = AnomalySettings.model_validate({'method': 'isolation_forest'}); \
 b = fit_baseline(method, x, ['a', 'b', 'c']); \
+import av; av.codec.Codec('libx264', 'w'); \
 print('smoke test ok:', [i.name for i in s.get_inputs()], frame.shape, b.method)"
 
 # --- the image: the same BASE, the venv, the prepared model and config, a non-root user.

@@ -48,6 +48,7 @@ soak: $(TESTING)
 bench: $(TESTING)
 	$(BIN)/python -m bench.journal_append
 	$(BIN)/python -m bench.journal_growth
+	$(BIN)/python -m bench.journal_startup
 	$(BIN)/python -m bench.sync_drain
 	$(BIN)/python -m bench.sync_backlog
 	$(BIN)/python -m bench.detection
@@ -55,6 +56,7 @@ bench: $(TESTING)
 	$(BIN)/python -m bench.anomaly_quality
 	$(BIN)/python -m bench.autonomy
 	$(BIN)/python -m bench.fleet_ingest
+	$(BIN)/python -m bench.clip_codec
 
 system-deps:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \

@@ -256,6 +256,11 @@ class Daemon:
             await stack.enter_async_context(jobs)
             stack.push_async_callback(monitor.heartbeat, state="stopped")
             await self._lifecycle(journal, "started")
+            # After the first record, never before it: an unclean stop's full check reads the
+            # whole file in a niced child process while sources journal. Stopped before the
+            # last heartbeat, so that says it did not finish (the next start runs it again).
+            journal.start_integrity_check()
+            stack.push_async_callback(journal.stop_integrity_check)
             log.info(
                 "started",
                 extra={

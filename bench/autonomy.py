@@ -1,6 +1,7 @@
 """Benchmark: disk autonomy. Typical profiles replayed through the real pipeline, the journal's and
 the payload store's growth measured, and days of autonomy per GB of disk budget computed from
-bytes per record and records per hour of source time.
+bytes per record and records per hour of source time; with the profile's tiered telemetry, what a
+day costs at each resolution and the days that fit its budget; what a reading's bytes are made of.
 
 Profiles (built from the shipped config files, so they follow them as they change)
   turbine  config/turbine.yaml: its simulated sensors as they are (5 kHz vibration with features
@@ -35,7 +36,32 @@ process (what `appliance replay -c CONFIG` runs; the configs are written next to
      over record kinds by the journal's own size estimate of each record (`size`). Payload bytes
      are the payload rows' sizes (what the disk budget counts); blocks allocated on this file
      system are reported beside them.
-  3. anomaly cost (profiles whose anomaly sources are simulated): those sources replayed with one
+  3. tiers (profiles with `storage.tiers`; `tiered`), on a copy of the journal as the stretch
+     left it: only the stretch's records of the sensor sources are kept, in whole buckets of the
+     coarsest tier's resolution, the same number for every source, each source moved to one
+     common start (csv sources run in 2024, simulated ones from the wall clock; a device's
+     sources share one clock), then VACUUMed (an appended journal is dense); health records
+     are added, one per health_interval over the window, each the stretch's newest (a replay
+     writes them on its much shorter wall time). Measured: the dense copy (full resolution);
+     after a `TelemetryRollup` pass with only the first tier, at a data time past every tier's
+     age (its 1-minute rollups); after a pass with both tiers (10 minutes, rolled from the
+     1-minute ones as a device does at 180 days), each time with the incremental vacuum and
+     checkpoint retention runs after a pass, as live pages (`JournalReader.live_bytes`, what
+     the disk budget counts; the pages rollups leave half empty count) and VACUUMed beside;
+     then only the records no tier touches (alerts, events, anomaly records and windows,
+     samples, data quality), VACUUMed. Telemetry a day at a resolution = (its state - that
+     last one) x a day / the window; the untouched records and the payloads cost their full
+     rate every day, and so do the `rollup_pass` reports (one an hour, at their size
+     estimate). Days in the disk budget: the newest `after` days cost the full rate, then each
+     tier's rate, the cumulative cost solved for the budget (`days_in_budget`).
+  4. what a record is made of (`record_bytes`, the turbine): on a copy of the real journal file
+     after the stretch, each reading row of each source taken apart (body keys, values and
+     punctuation; the other columns; SQLite's record header, cell and index entry; page slack,
+     shared out from `dbstat`), the layout checked against `dbstat`'s own counts; the same
+     rows rebuilt at page sizes 4096/8192/16384, and with every body compressed (zlib-6,
+     zstd-3/19, zstd-3/19 with a dictionary trained on the stretch's first half, measured on
+     its second half): bytes per record, compress and decompress microseconds per body.
+  5. anomaly cost (profiles whose anomaly sources are simulated): those sources replayed with one
      injected imbalance fault; records, journal bytes and payload bytes per anomaly started.
 
 Per day = the measured rates x 24, except: bookkeeping records follow wall time, not source time
@@ -49,6 +75,9 @@ at a time per source, so on a disk it runs at the disk's fsync rate, and the byt
 the same on any file system (but for the whole blocks allocated to payload files, reported as
 `allocated_bytes`).
 
+A tiered day is measured on whole buckets of the stretch (`tiered.window`), each state counted
+in whole pages (`bytes_per_day.page_resolution`: what one page more or less moves a figure).
+
 Prints one JSON object on stdout; progress on stderr.
 `python -m bench.autonomy [--quick] [--profiles turbine ship camera] [--hours H] [--minutes M]`."""
 
@@ -60,7 +89,10 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import time
+import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,6 +138,9 @@ from sensors.nmea import NMEA_CHANNELS, Position, next_position, nmea_checksum, 
 from sync.journal import Journal
 from sync.payloads import PayloadStore
 from sync.reader import JOURNAL_FILE, JournalReader
+from sync.records import NewRecord, Priority, format_ts, parse_ts
+from sync.rollup import REPORT_KIND as ROLLUP_REPORT_KIND
+from sync.rollup import ROLLED_KINDS, ROLLUP_INTERVAL_S, ROLLUP_KIND, TelemetryRollup
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE_FILES = {
@@ -138,8 +173,14 @@ a few zone entries a day, costed at the measured bytes per object and per zone a
 SEED = 20_240_601
 FAULT_MINUTES = 15.0
 QUICK_FAULT_MINUTES = 3.0
+QUICK_HOURS = 0.75
+"""A quick run's sensor stretch: three whole 10-minute buckets at least, for the tiers."""
 REPLAY_LIMIT_S = 900.0
 RAM_DIR = Path("/dev/shm")
+TIERED_TARGET_DAYS = {"turbine": 365.0}
+"""Issue 17: the turbine keeps a year of data in its disk budget with its tiers."""
+RECORD_BYTES_PROFILES = ("turbine",)
+"""Profiles whose reading rows are taken apart byte by byte (`record_bytes`)."""
 
 Rows = list[tuple[datetime, list[float]]]
 
@@ -926,6 +967,939 @@ def anomaly_cost(stretch: Stretch, factor: float) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------- tiered telemetry
+
+
+@dataclass(frozen=True)
+class TierWindow:
+    """What the tier copy holds: `buckets` whole buckets of `bucket_s` seconds (the coarsest
+    tier's resolution) of every sensor source, each source moved to start at `start`."""
+
+    start: datetime
+    buckets: int
+    bucket_s: int
+    shifted_s: dict[str, float]
+
+    @property
+    def seconds(self) -> float:
+        return float(self.buckets * self.bucket_s)
+
+
+@dataclass(frozen=True)
+class JournalBytes:
+    """One state of the tier copy, the journal closed and its WAL checkpointed."""
+
+    live: int
+    """Pages in use (free pages left out): what the disk budget counts (JournalReader.live_bytes)."""
+    dense: int
+    """The same rows VACUUMed into a scratch file: what the pages would be without slack."""
+    records: int
+    by_kind: dict[str, int]
+    """The journal's size estimate per kind (a rollup under `rollup:<kind it rolled>`)."""
+    page_size: int
+
+    def to_dict(self, scale: float) -> dict[str, Any]:
+        return {
+            "live_bytes": self.live,
+            "dense_bytes": self.dense,
+            "records": self.records,
+            "estimated_bytes_per_day_by_kind": {
+                kind: round(size * scale) for kind, size in sorted(self.by_kind.items())
+            },
+        }
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def _aligned(moment: float, size: int, *, up: bool) -> int:
+    return (math.ceil(moment / size) if up else math.floor(moment / size)) * size
+
+
+def prepare_tier_copy(
+    data_dir: Path,
+    target: Path,
+    *,
+    first_seq: int,
+    last_seq: int,
+    sources: Sequence[str],
+    bucket_s: int,
+) -> TierWindow:
+    """Copy data_dir's journal into `target` (payload files stay where they are: rollups never
+    touch them) and keep the measured stretch's records (`first_seq`..`last_seq`) of `sources`
+    in whole buckets of `bucket_s`, the same number of buckets for every source, each source
+    moved to one common start (whole buckets, so that every tier's buckets line up as on a
+    device whose sources share one clock: the replay's csv sources run in 2024, its simulated
+    ones from the wall clock). Then VACUUM: the copy starts dense, as an appended journal is."""
+    target.mkdir(parents=True)
+    for item in data_dir.iterdir():
+        if item.is_file() and item.name != "journal.lock":
+            shutil.copy2(item, target / item.name)
+    conn = sqlite3.connect(target / JOURNAL_FILE, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            f"DELETE FROM records WHERE seq < ? OR seq > ? OR source NOT IN ({_marks(sources)}) "
+            f"OR kind IN ({_marks(sorted(BOOKKEEPING_KINDS))})",
+            (first_seq, last_seq, *sources, *sorted(BOOKKEEPING_KINDS)),
+        )
+        firsts: dict[str, int] = {}
+        whole: dict[str, int] = {}
+        for source, low, high in conn.execute(
+            "SELECT source, MIN(ts), MAX(ts) FROM records GROUP BY source"
+        ).fetchall():
+            first = _aligned(parse_ts(low).timestamp(), bucket_s, up=True)
+            # The bucket the last record starts in may end past the stretch: not whole.
+            end = _aligned(parse_ts(high).timestamp(), bucket_s, up=False)
+            firsts[str(source)] = first
+            whole[str(source)] = (end - first) // bucket_s
+        if not whole or min(whole.values()) < 1:
+            raise ValueError(
+                f"the measured stretch holds no whole {bucket_s} s bucket of every source "
+                f"({whole}): run with more --hours"
+            )
+        buckets = min(whole.values())
+        start = max(firsts.values())
+        for source, first in firsts.items():
+            conn.execute(
+                "DELETE FROM records WHERE source = ? AND (ts < ? OR ts >= ?)",
+                (
+                    source,
+                    format_ts(datetime.fromtimestamp(first, UTC)),
+                    format_ts(datetime.fromtimestamp(first + buckets * bucket_s, UTC)),
+                ),
+            )
+            shift = timedelta(seconds=start - first)
+            if shift:
+                moved = [
+                    (format_ts(parse_ts(ts) + shift), seq)
+                    for seq, ts in conn.execute(
+                        "SELECT seq, ts FROM records WHERE source = ?", (source,)
+                    ).fetchall()
+                ]
+                conn.executemany("UPDATE records SET ts = ? WHERE seq = ?", moved)
+        # Nothing has shipped anywhere in the copy; the counts and payload rows follow the rows
+        # kept (the payloads table's rows are journal bytes too).
+        for table in ("cursors", "acks", "payload_outbox"):
+            conn.execute(f"DELETE FROM {table}")
+        conn.execute(
+            "DELETE FROM payloads WHERE sha256 NOT IN (SELECT j.value FROM records r, "
+            "json_each(r.payloads) j WHERE r.payloads IS NOT NULL)"
+        )
+        conn.execute("DELETE FROM counts")
+        conn.execute(
+            "INSERT INTO counts (priority, kind, records, bytes) "
+            "SELECT priority, kind, COUNT(*), SUM(size) FROM records GROUP BY priority, kind"
+        )
+        conn.execute("COMMIT")
+        conn.execute("VACUUM")
+    finally:
+        conn.close()
+    return TierWindow(
+        start=datetime.fromtimestamp(start, UTC),
+        buckets=buckets,
+        bucket_s=bucket_s,
+        shifted_s={source: float(start - first) for source, first in sorted(firsts.items())},
+    )
+
+
+def measure_journal(data_dir: Path) -> JournalBytes:
+    """The closed journal's live pages, its VACUUMed size, and its records by kind."""
+    scratch = data_dir / "vacuumed.db"
+    scratch.unlink(missing_ok=True)
+    conn = sqlite3.connect(data_dir / JOURNAL_FILE, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        live = JournalReader(conn).live_bytes()
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        by_kind: dict[str, int] = {}
+        records = 0
+        for kind, of_kind, count, size in conn.execute(
+            "SELECT kind, CASE WHEN kind = ? THEN json_extract(body, '$.of') END, COUNT(*), "
+            "SUM(size) FROM records GROUP BY 1, 2",
+            (ROLLUP_KIND,),
+        ).fetchall():
+            name = f"{kind}:{of_kind}" if of_kind else str(kind)
+            by_kind[name] = by_kind.get(name, 0) + int(size)
+            records += int(count)
+        conn.execute("VACUUM INTO ?", (str(scratch),))
+    finally:
+        conn.close()
+    dense = scratch.stat().st_size
+    scratch.unlink()
+    return JournalBytes(live, dense, records, by_kind, page_size)
+
+
+def never_rolled(data_dir: Path) -> list[tuple[int, str, int, str]]:
+    """Every record tiers must never touch (alerts, events, anomaly records and windows,
+    samples, data-quality records...), as (seq, kind, size, body)."""
+    conn = sqlite3.connect(data_dir / JOURNAL_FILE)
+    try:
+        return [
+            (int(seq), str(kind), int(size), str(body))
+            for seq, kind, size, body in conn.execute(
+                f"SELECT seq, kind, size, body FROM records WHERE kind NOT IN "
+                f"({_marks(ROLLED_KINDS)}) ORDER BY seq",
+                ROLLED_KINDS,
+            )
+        ]
+    finally:
+        conn.close()
+
+
+def rolled_counts(data_dir: Path) -> dict[str, int]:
+    """Telemetry records by kind, each rollup counted as the records it replaced: the same
+    before and after every pass when nothing was lost or counted twice."""
+    conn = sqlite3.connect(data_dir / JOURNAL_FILE)
+    try:
+        out: dict[str, int] = {}
+        for kind, count in conn.execute(
+            "SELECT CASE WHEN kind = ? THEN json_extract(body, '$.of') ELSE kind END, "
+            "SUM(CASE WHEN kind = ? THEN json_extract(body, '$.replaces.records') ELSE 1 END) "
+            f"FROM records WHERE kind IN ({_marks(ROLLED_KINDS)}) GROUP BY 1",
+            (ROLLUP_KIND, ROLLUP_KIND, *ROLLED_KINDS),
+        ).fetchall():
+            out[str(kind)] = int(count)
+        return out
+    finally:
+        conn.close()
+
+
+def take_reports(data_dir: Path) -> list[int]:
+    """Remove the `rollup_pass` reports the passes journalled (their size estimates are
+    returned): one report stands for a pass over the whole stretch, where a device journals
+    one an hour; they are costed per day on their own."""
+    conn = sqlite3.connect(data_dir / JOURNAL_FILE, isolation_level=None)
+    try:
+        sizes = [
+            int(size)
+            for (size,) in conn.execute(
+                "SELECT size FROM records WHERE kind = ?", (ROLLUP_REPORT_KIND,)
+            )
+        ]
+        conn.execute("DELETE FROM records WHERE kind = ?", (ROLLUP_REPORT_KIND,))
+        conn.execute("DELETE FROM counts WHERE kind = ?", (ROLLUP_REPORT_KIND,))
+        return sizes
+    finally:
+        conn.close()
+
+
+def keep_only_never_rolled(data_dir: Path) -> None:
+    conn = sqlite3.connect(data_dir / JOURNAL_FILE, isolation_level=None)
+    try:
+        conn.execute(f"DELETE FROM records WHERE kind IN ({_marks(ROLLED_KINDS)})", ROLLED_KINDS)
+        conn.execute("VACUUM")
+    finally:
+        conn.close()
+
+
+async def _with_journal(
+    cfg: ApplianceConfig, data_dir: Path, work: Callable[[Journal], Any]
+) -> Any:
+    journal = await Journal.open(data_dir, appliance_id=cfg.appliance.id, settings=cfg.journal)
+    try:
+        return await work(journal)
+    finally:
+        await journal.close()
+
+
+def add_health(
+    cfg: ApplianceConfig, data_dir: Path, window: TierWindow, body: Mapping[str, Any]
+) -> int:
+    """The health records a device journals over the window (one per health_interval, of wall
+    time; a replay writes them on its own, much shorter, wall time), each the stretch's newest.
+    Appended after the stretch's records: a device interleaves them, the same rows on slightly
+    different pages."""
+    interval = cfg.appliance.health_interval
+    count = int(window.seconds // interval)
+
+    async def append(journal: Journal) -> None:
+        await journal.append_many(
+            [
+                NewRecord(
+                    "appliance",
+                    "health",
+                    Priority.TELEMETRY,
+                    body,
+                    ts=window.start + timedelta(seconds=i * interval),
+                )
+                for i in range(count)
+            ]
+        )
+
+    asyncio.run(_with_journal(cfg, data_dir, append))
+    return count
+
+
+def roll_up(cfg: ApplianceConfig, data_dir: Path, tiers: int, now: datetime) -> None:
+    """One TelemetryRollup pass with the profile's first `tiers` tiers at data time `now`, then
+    what retention does after a pass that rolled something up (incremental vacuum, checkpoint)."""
+    storage = cfg.storage.model_copy(update={"tiers": cfg.storage.tiers[:tiers]})
+
+    async def run(journal: Journal) -> None:
+        rollup = TelemetryRollup(journal, storage, batch_records=cfg.sync.batch_records)
+        await rollup.run_once(now=now)
+        await journal.execute_write(
+            lambda conn: conn.executescript("PRAGMA incremental_vacuum;"), transaction=False
+        )
+        await journal.checkpoint()
+
+    asyncio.run(_with_journal(cfg, data_dir, run))
+
+
+def rollup_tallies(data_dir: Path) -> list[dict[str, Any]]:
+    with JournalReader.open(data_dir) as reader:
+        return [
+            {
+                "resolution_s": resolution,
+                "of": of_kind,
+                "records_replaced": records,
+                "rollups": rollups,
+                "estimated_bytes_before": before,
+                "estimated_bytes_after": after,
+            }
+            for resolution, of_kind, records, rollups, before, after in reader.rollups()
+        ]
+
+
+def days_in_budget(budget: float, segments: Sequence[tuple[float, float]]) -> float:
+    """Days of data that fit `budget` bytes when the data of age [start_i, start_i+1) days
+    costs rate_i bytes a day (`segments`: (start_i, rate_i), the first starting at 0, the last
+    running on): the cumulative cost solved for the age where it reaches the budget."""
+    if not segments or segments[0][0] != 0:
+        raise ValueError("the first segment must start at day 0")
+    spent = 0.0
+    for index, (start, rate) in enumerate(segments):
+        end = segments[index + 1][0] if index + 1 < len(segments) else math.inf
+        if rate <= 0:
+            continue
+        if end == math.inf or spent + rate * (end - start) >= budget:
+            return start + (budget - spent) / rate
+        spent += rate * (end - start)
+    return math.inf
+
+
+def tiered_result(
+    cfg: ApplianceConfig,
+    window: TierWindow,
+    states: Mapping[str, JournalBytes],
+    *,
+    payload_bytes: int,
+    report_sizes: Sequence[int],
+    fixed_bytes: int,
+    untiered_bytes_per_day: float,
+) -> dict[str, Any]:
+    """Bytes per data day at each resolution and days in the disk budget with the tiers.
+
+    `states`: "full" (the copy before any pass, dense), one per tier's resolution in seconds
+    (after the pass that added that tier: live pages, as the budget counts them), and "kept"
+    (only the records no tier touches, dense). Telemetry at a resolution = its state - kept;
+    the never-rolled records = kept - the empty journal's pages."""
+    scale = DAY_S / window.seconds
+    kept = states["kept"]
+    never_rolled_journal = (kept.live - fixed_bytes) * scale
+    payloads = payload_bytes * scale
+    reports = (
+        DAY_S / ROLLUP_INTERVAL_S * (sum(report_sizes) / len(report_sizes)) if report_sizes else 0
+    )
+    always = never_rolled_journal + payloads + reports
+    resolutions = [int(tier.resolution) for tier in cfg.storage.tiers]
+    telemetry = {"full": (states["full"].live - kept.live) * scale}
+    for resolution in resolutions:
+        telemetry[str(resolution)] = (states[str(resolution)].live - kept.live) * scale
+    segments = [(0.0, telemetry["full"] + always)] + [
+        (tier.after / DAY_S, telemetry[str(int(tier.resolution))] + always)
+        for tier in cfg.storage.tiers
+    ]
+    days = days_in_budget(cfg.storage.disk_budget, segments)
+    coarsest = segments[-1][1]
+    return {
+        "tiers": [
+            {"after_days": tier.after / DAY_S, "resolution_s": int(tier.resolution)}
+            for tier in cfg.storage.tiers
+        ],
+        "window": {
+            "buckets": window.buckets,
+            "bucket_s": window.bucket_s,
+            "data_hours": round(window.seconds / 3600.0, 3),
+            "start": format_ts(window.start),
+            "sources_shifted_s": window.shifted_s,
+        },
+        "states": {name: state.to_dict(scale) for name, state in states.items()},
+        "bytes_per_day": {
+            "telemetry": {name: round(value) for name, value in telemetry.items()},
+            "never_rolled_records": round(never_rolled_journal),
+            "payloads": round(payloads),
+            "rollup_reports": round(reports),
+            "total": {name: round(value + always) for name, value in telemetry.items()},
+            # Each state is counted in whole pages: one page more or less in a state moves
+            # its figures by this much.
+            "page_resolution": round(states["full"].page_size * scale),
+        },
+        "full_total_vs_untiered": round((telemetry["full"] + always) / untiered_bytes_per_day, 3),
+        "slack_after_rollups": {
+            str(r): round(states[str(r)].live / states[str(r)].dense, 3) for r in resolutions
+        },
+        "past_last_tier_shares": {
+            "telemetry": round((coarsest - always) / coarsest, 3),
+            "never_rolled_records": round(never_rolled_journal / coarsest, 3),
+            "payloads": round(payloads / coarsest, 3),
+            "rollup_reports": round(reports / coarsest, 3),
+        },
+        "disk_budget_bytes": cfg.storage.disk_budget,
+        "days_in_disk_budget": significant(days),
+    }
+
+
+def measure_tiers(
+    name: str,
+    cfg: ApplianceConfig,
+    data_dir: Path,
+    folder: Path,
+    *,
+    first_seq: int,
+    last_seq: int,
+    untiered_bytes_per_day: float,
+) -> dict[str, Any]:
+    """The measured stretch rolled up tier by tier on a copy of its journal."""
+    tiers = cfg.storage.tiers
+    coarsest = int(tiers[-1].resolution)
+    copy_dir = folder / "tiers"
+    window = prepare_tier_copy(
+        data_dir,
+        copy_dir,
+        first_seq=first_seq,
+        last_seq=last_seq,
+        sources=[sensor.name for sensor in cfg.sensors],
+        bucket_s=coarsest,
+    )
+    with JournalReader.open(data_dir) as reader:
+        found = reader.conn.execute(
+            "SELECT body FROM records WHERE kind = 'health' AND seq BETWEEN ? AND ? "
+            "ORDER BY seq DESC LIMIT 1",
+            (first_seq, last_seq),
+        ).fetchone()
+    health = add_health(cfg, copy_dir, window, json.loads(found[0])) if found else 0
+    with JournalReader.open(copy_dir) as reader:
+        fixed = reader.fixed_bytes()
+        payload_bytes = reader.payload_totals()[1]
+        newest = parse_ts(reader.conn.execute("SELECT MAX(ts) FROM records").fetchone()[0])
+    # Every record is past every tier's age at this data time.
+    now = newest + timedelta(seconds=tiers[-1].after + 2 * DAY_S)
+    progress(
+        f"{name}: tiers on {window.buckets} whole {coarsest} s buckets "
+        f"({window.seconds / 3600:.2f} h), {health} health records added"
+    )
+    untouched = never_rolled(copy_dir)
+    counted = rolled_counts(copy_dir)
+    states = {"full": measure_journal(copy_dir)}
+    reports: list[int] = []
+    accounted = True
+    for index, tier in enumerate(tiers, start=1):
+        roll_up(cfg, copy_dir, index, now)
+        reports += take_reports(copy_dir)
+        states[str(int(tier.resolution))] = measure_journal(copy_dir)
+        accounted = accounted and rolled_counts(copy_dir) == counted
+    kept_whole = never_rolled(copy_dir) == untouched
+    tallies = rollup_tallies(copy_dir)
+    keep_only_never_rolled(copy_dir)
+    states["kept"] = measure_journal(copy_dir)
+    result = tiered_result(
+        cfg,
+        window,
+        states,
+        payload_bytes=payload_bytes,
+        report_sizes=reports,
+        fixed_bytes=fixed,
+        untiered_bytes_per_day=untiered_bytes_per_day,
+    )
+    never = Counter(kind for _, kind, _, _ in untouched)
+    result.update(
+        {
+            "health_records_added": health,
+            "never_rolled_in_window": dict(sorted(never.items())),
+            "rolled_in_window": counted,
+            "rollups": tallies,
+            "rollup_report_estimated_bytes": (
+                round(sum(reports) / len(reports)) if reports else None
+            ),
+            "checks": {
+                "never_rolled_records_unchanged": kept_whole,
+                "every_reading_and_health_record_accounted_once": accounted,
+                "rates_fall_tier_by_tier": all(
+                    a > b
+                    for a, b in itertools.pairwise(
+                        [states["full"].live] + [states[str(int(t.resolution))].live for t in tiers]
+                    )
+                ),
+            },
+        }
+    )
+    target = TIERED_TARGET_DAYS.get(name)
+    if target is not None:
+        result["target"] = {
+            "days": target,
+            "met": result["days_in_disk_budget"] >= target,
+            "margin_days": significant(result["days_in_disk_budget"] - target),
+        }
+    return result
+
+
+# ---------------------------------------------------------------------- what a record is made of
+
+RECORD_COLUMNS = (
+    "seq",
+    "appliance_id",
+    "boot_id",
+    "ts",
+    "mono_ns",
+    "source",
+    "kind",
+    "priority",
+    "model",
+    "body",
+    "payloads",
+    "size",
+)
+"""The records table's columns in their order (sync/migrations.py); seq is the rowid."""
+RECORDS_INDEX = "records_priority_seq"
+PAGE_SIZES = (4096, 8192, 16384)
+DICTIONARY_BYTES = 16_384
+TIMING_ROUNDS = 3
+
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def varint_bytes(value: int) -> int:
+    """Bytes of SQLite's variable-length integer (7 bits a byte, the ninth byte takes 8)."""
+    if value < 0:
+        return 9
+    for size in range(1, 9):
+        if value < 1 << (7 * size):
+            return size
+    return 9
+
+
+def serial(value: object) -> tuple[int, int]:
+    """(serial type, content bytes) of one value in a SQLite record (file format 4)."""
+    if value is None:
+        return 0, 0
+    if isinstance(value, int):
+        if value in (0, 1):
+            return 8 + value, 0
+        for code, size in ((1, 1), (2, 2), (3, 3), (4, 4), (5, 6)):
+            if -(1 << (8 * size - 1)) <= value < 1 << (8 * size - 1):
+                return code, size
+        return 6, 8
+    if isinstance(value, float):
+        return 7, 8
+    if isinstance(value, str):
+        size = len(value.encode())
+        return 2 * size + 13, size
+    if isinstance(value, bytes):
+        return 2 * len(value) + 12, len(value)
+    raise TypeError(f"no SQLite serial type for {type(value).__name__}")
+
+
+def record_layout(values: Sequence[object]) -> tuple[int, list[int]]:
+    """(header bytes, content bytes per value) of the record SQLite stores for `values`."""
+    types = [serial(value) for value in values]
+    body = sum(varint_bytes(code) for code, _ in types)
+    header = body + 1
+    while varint_bytes(header) + body != header:
+        header = varint_bytes(header) + body
+    return header, [size for _, size in types]
+
+
+def json_parts(text: str) -> dict[str, int] | None:
+    """A compact JSON body's bytes: key names, values (numbers, strings without their quotes,
+    true/false/null), and punctuation (braces, brackets, colons, commas, quotes). None when
+    the text is not compact JSON as the journal writes it (then the split would be a guess)."""
+    document = json.loads(text)
+    if _compact(document) != text:
+        return None
+    keys = values = key_count = value_count = 0
+
+    def walk(item: Any) -> None:
+        nonlocal keys, values, key_count, value_count
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                keys += len(_compact(key).encode()) - 2
+                key_count += 1
+                walk(inner)
+        elif isinstance(item, list):
+            for inner in item:
+                walk(inner)
+        else:
+            encoded = len(_compact(item).encode())
+            values += encoded - 2 if isinstance(item, str) else encoded
+            value_count += 1
+
+    walk(document)
+    total = len(text.encode())
+    return {
+        "bytes": total,
+        "keys": keys,
+        "values": values,
+        "punctuation": total - keys - values,
+        "key_count": key_count,
+        "value_count": value_count,
+    }
+
+
+def btree_pages(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Per table and index (sqlite's dbstat): pages, cells, payload, unused and page bytes."""
+    return {
+        str(name): {
+            "pages": int(pages),
+            "cells": int(cells),
+            "payload": int(payload),
+            "unused": int(unused),
+            "bytes": int(size),
+        }
+        for name, pages, cells, payload, unused, size in conn.execute(
+            "SELECT name, COUNT(*), SUM(ncell), SUM(payload), SUM(unused), SUM(pgsize) "
+            "FROM dbstat GROUP BY name"
+        )
+    }
+
+
+def file_bytes(conn: sqlite3.Connection) -> int:
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    return int(pages * conn.execute("PRAGMA page_size").fetchone()[0])
+
+
+def grown_bytes(conn: sqlite3.Connection) -> int:
+    """File bytes beyond an empty journal's (a root page per table and index, and page 1):
+    what the rows cost, the part that grows with them."""
+    return file_bytes(conn) - JournalReader(conn).fixed_bytes()
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """One records row as SQLite stores it, in bytes."""
+
+    header: int
+    columns: list[int]
+    """Per column of RECORD_COLUMNS after seq (seq is the rowid: in the cell, not the record)."""
+    cell_overhead: int
+    """The payload-size and rowid varints and the cell's 2-byte pointer."""
+    index_record: int
+    """Its entry in the (priority, seq) index: priority, seq and the rowid (seq again)."""
+
+    @property
+    def index_entry(self) -> int:
+        """The index cell: its record, its payload-size varint and its 2-byte pointer."""
+        return varint_bytes(self.index_record) + self.index_record + 2
+
+
+@dataclass
+class RowBytes:
+    """Sums over the rows of one group (a source's readings, or every row), in bytes."""
+
+    rows: int = 0
+    body: Counter[str] = field(default_factory=Counter)
+    columns: Counter[str] = field(default_factory=Counter)
+    header: int = 0
+    cell_overhead: int = 0
+    index_entry: int = 0
+    index_record: int = 0
+    not_compact: int = 0
+
+    def add(self, layout: RowLayout) -> None:
+        self.rows += 1
+        self.header += layout.header
+        self.columns.update(dict(zip(RECORD_COLUMNS[1:], layout.columns, strict=True)))
+        self.cell_overhead += layout.cell_overhead
+        self.index_entry += layout.index_entry
+        self.index_record += layout.index_record
+
+    @property
+    def record(self) -> int:
+        return self.header + sum(self.columns.values())
+
+    @property
+    def cell(self) -> int:
+        return self.record + self.cell_overhead
+
+
+def row_layout(values: Sequence[Any]) -> RowLayout:
+    """A records row (values in RECORD_COLUMNS order) as SQLite lays it out. A row too long for
+    its page also has a 4-byte overflow pointer, left out: no reading comes near 4 kB."""
+    seq, priority = int(values[0]), values[7]
+    header, sizes = record_layout([None, *values[1:]])
+    index_header, index_sizes = record_layout([priority, seq, seq])
+    return RowLayout(
+        header=header,
+        columns=sizes[1:],
+        cell_overhead=varint_bytes(header + sum(sizes)) + varint_bytes(seq) + 2,
+        index_record=index_header + sum(index_sizes),
+    )
+
+
+def rebuild(
+    source: Path, target: Path, page_size: int, squeeze: Callable[[str], bytes] | None = None
+) -> sqlite3.Connection:
+    """The same schema and rows in a new file at `page_size`, inserted in rowid order as the
+    journal appends them (indexes made first, so they grow as the journal's do); `squeeze`
+    replaces every record's body by its compressed bytes."""
+    target.unlink(missing_ok=True)
+    conn = sqlite3.connect(target, isolation_level=None)
+    conn.execute(f"PRAGMA page_size = {int(page_size)}")
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    conn.execute("ATTACH DATABASE ? AS src", (str(source),))
+    schema = conn.execute(
+        "SELECT type, name, sql FROM src.sqlite_master WHERE sql IS NOT NULL "
+        "AND name NOT LIKE 'sqlite_%' ORDER BY type = 'index', rowid"
+    ).fetchall()
+    conn.execute("BEGIN")
+    for _, _, sql in schema:
+        conn.execute(sql)
+    if squeeze is not None:
+        conn.create_function("squeeze", 1, squeeze, deterministic=True)
+    for kind, name, _ in schema:
+        if kind != "table":
+            continue
+        columns = "*"
+        if name == "records" and squeeze is not None:
+            columns = ", ".join(
+                "squeeze(body)" if column == "body" else column for column in RECORD_COLUMNS
+            )
+        conn.execute(f"INSERT INTO main.[{name}] SELECT {columns} FROM src.[{name}] ORDER BY rowid")
+    conn.execute("COMMIT")
+    conn.execute("DETACH DATABASE src")
+    return conn
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One way to store a body compressed, and to read it back."""
+
+    name: str
+    compress: Callable[[bytes], bytes]
+    decompress: Callable[[bytes], bytes]
+    note: str | None = None
+
+
+def codecs(training: Sequence[bytes]) -> tuple[list[Codec], str | None]:
+    """zlib, zstd and zstd with a dictionary trained on `training`; the second value says what
+    could not be measured and why."""
+    out = [Codec("zlib-6", lambda b: zlib.compress(b, 6), zlib.decompress)]
+    try:
+        import zstandard  # a test extra, not a dependency of the appliance
+    except ImportError:
+        return out, "zstandard is not installed (`.venv/bin/pip install zstandard`): no zstd rows"
+    plain = zstandard.ZstdDecompressor()
+    for level in (3, 19):
+        compressor = zstandard.ZstdCompressor(level=level)
+        out.append(Codec(f"zstd-{level}", compressor.compress, plain.decompress))
+    trained = zstandard.train_dictionary(DICTIONARY_BYTES, list(training))
+    with_dict = zstandard.ZstdDecompressor(dict_data=trained)
+    for level in (3, 19):
+        compressor = zstandard.ZstdCompressor(level=level, dict_data=trained)
+        out.append(
+            Codec(
+                f"zstd-{level}+dict",
+                compressor.compress,
+                with_dict.decompress,
+                f"{len(trained.as_bytes()):,}-byte dictionary trained on {len(training):,} "
+                "bodies of the stretch's first half",
+            )
+        )
+    return out, None
+
+
+def squeezer(compress: Callable[[bytes], bytes]) -> Callable[[str], bytes]:
+    """A stored body (text) to its compressed bytes, as SQL function `squeeze`."""
+
+    def squeeze(text: str) -> bytes:
+        return compress(text.encode())
+
+    return squeeze
+
+
+def per_record_us(fn: Callable[[bytes], bytes], items: Sequence[bytes]) -> float:
+    """Microseconds per call of `fn` over `items`, the best of TIMING_ROUNDS rounds."""
+    best = math.inf
+    for _ in range(TIMING_ROUNDS):
+        start = time.perf_counter()
+        for item in items:
+            fn(item)
+        best = min(best, time.perf_counter() - start)
+    return best / len(items) * 1e6
+
+
+def record_bytes(
+    journal_file: Path, folder: Path, *, first_seq: int, last_seq: int
+) -> dict[str, Any]:
+    """What the stretch's `reading` rows are made of, measured on a copy of the real journal
+    file, and what other page sizes and compressed bodies would make of the same rows."""
+    folder.mkdir(parents=True)
+    copy = folder / JOURNAL_FILE
+    for suffix in ("", "-wal"):
+        if Path(f"{journal_file}{suffix}").exists():
+            shutil.copy2(f"{journal_file}{suffix}", f"{copy}{suffix}")
+    conn = sqlite3.connect(copy, isolation_level=None)
+    try:
+        # Out of WAL mode, so that the rebuilds read the copy as one file.
+        conn.execute("PRAGMA journal_mode = DELETE")
+        file_total = file_bytes(conn)
+        journal_grown = grown_bytes(conn)
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        trees = btree_pages(conn)
+        every = RowBytes()
+        groups: dict[str, RowBytes] = {}
+        bodies: list[tuple[str | None, bytes]] = []  # (source of a reading, body), seq order
+        for values in conn.execute(f"SELECT {', '.join(RECORD_COLUMNS)} FROM records ORDER BY seq"):
+            layout = row_layout(values)
+            every.add(layout)
+            seq, source, kind, body = values[0], values[5], values[6], values[9]
+            if not first_seq <= seq <= last_seq:
+                continue
+            bodies.append((source if kind == "reading" else None, body.encode()))
+            if kind != "reading":
+                continue
+            group = groups.setdefault(source, RowBytes())
+            group.add(layout)
+            parts = json_parts(body)
+            if parts is None:
+                group.not_compact += 1
+            else:
+                group.body.update(parts)
+    finally:
+        conn.close()
+    table, index = trees["records"], trees[RECORDS_INDEX]
+    # A b-tree's page bytes per byte of its cells (with their pointers): page headers, space
+    # left free in pages, interior pages. The rest of the file (page 1, the other tables, free
+    # pages) beyond one page per table and index is shared out over the records by their bytes
+    # in those two b-trees.
+    table_factor = table["bytes"] / every.cell
+    index_factor = index["bytes"] / every.index_entry
+    rest = file_total - table["bytes"] - index["bytes"] - page_size * (len(trees) - 2)
+    rest_factor = rest / (table["bytes"] + index["bytes"])
+    readings: dict[str, Any] = {}
+    for source, group in sorted(groups.items()):
+        n = group.rows
+        cell, index_entry = group.cell / n, group.index_entry / n
+        on_pages = cell * table_factor + index_entry * index_factor
+        columns = {c: round(size / n, 1) for c, size in group.columns.items() if c != "body"}
+        readings[source] = {
+            "rows": n,
+            "body": {key: round(value / n, 1) for key, value in group.body.items()},
+            "body_not_compact_json": group.not_compact,
+            "other_columns": columns,
+            "other_columns_total": round(sum(columns.values()), 1),
+            "record_header": round(group.header / n, 1),
+            "cell_overhead": round(group.cell_overhead / n, 1),
+            "index_entry": round(index_entry, 1),
+            "page_slack": round(on_pages - cell - index_entry, 1),
+            "rest_of_file": round(on_pages * rest_factor, 1),
+            "file_bytes": round(on_pages * (1 + rest_factor), 1),
+        }
+    return {
+        "journal": {
+            "file_bytes": file_total,
+            "bytes_beyond_an_empty_journal": journal_grown,
+            "page_size": page_size,
+            "records": every.rows,
+            "row_bytes": every.record,
+            "file_bytes_per_row_byte": round(file_total / every.record, 3),
+            "records_btree_bytes_per_cell_byte": round(table_factor, 3),
+            "index_bytes_per_entry_byte": round(index_factor, 3),
+            "btrees": trees,
+            # The layout computed here is SQLite's own: the records' bytes and the index's
+            # are what dbstat counts on their pages.
+            "rows_match_dbstat": every.record == table["payload"],
+            "index_matches_dbstat": every.index_record == index["payload"],
+        },
+        "readings": readings,
+        "what_is_what": {
+            "body": "keys: names without quotes; values: numbers, strings without quotes, "
+            "true/false/null; punctuation: braces, brackets, colons, commas, quotes",
+            "other_columns": "stored bytes of each column (seq is the rowid, in the cell; "
+            "NULL, 0 and 1 take no bytes)",
+            "record_header": "SQLite's record header: its length and a serial type per column",
+            "cell_overhead": "payload-size and rowid varints and the cell's 2-byte pointer",
+            "index_entry": f"its {RECORDS_INDEX} cell (priority, seq, rowid) with its pointer",
+            "page_slack": "its share of its b-trees' page headers, free space in pages and "
+            "interior pages",
+            "rest_of_file": "its share of the other tables' pages beyond their first, and "
+            "of free pages",
+        },
+        "options": record_options(copy, folder, bodies, every.rows, journal_grown, page_size),
+    }
+
+
+def record_options(
+    copy: Path,
+    folder: Path,
+    bodies: Sequence[tuple[str | None, bytes]],
+    records: int,
+    journal_bytes: int,
+    page_size: int,
+) -> dict[str, Any]:
+    """The same rows rebuilt at other page sizes, and with every body compressed: file bytes
+    per record beyond an empty journal's pages (`journal_bytes`: the real file's); and per
+    reading body, the bytes each codec saves and what it costs to compress and to decompress
+    (a drain would decompress each record it sends)."""
+    pages: dict[str, Any] = {}
+    for size in PAGE_SIZES:
+        target = folder / f"page-{size}.db"
+        conn = rebuild(copy, target, size)
+        total, grown = file_bytes(conn), grown_bytes(conn)
+        conn.close()
+        target.unlink()
+        pages[str(size)] = {
+            "file_bytes": total,
+            "bytes_per_record": round(grown / records, 1),
+            "vs_journal": round(grown / journal_bytes, 3),
+        }
+    half = len(bodies) // 2
+    training = [body for _, body in bodies[:half]]
+    # Measured on bodies the dictionary was not trained on.
+    held = [(source, body) for source, body in bodies[half:] if source is not None]
+    raw = [body for _, body in held]
+    found, missing = codecs(training)
+    compression: dict[str, Any] = {}
+    for codec in found:
+        packed = [codec.compress(body) for body in raw]
+        if any(codec.decompress(p) != b for p, b in zip(packed, raw, strict=True)):
+            raise RuntimeError(f"{codec.name} does not give back the bodies it compressed")
+        by_source: dict[str, list[int]] = {}
+        for (source, body), small in zip(held, packed, strict=True):
+            pair = by_source.setdefault(str(source), [0, 0, 0])
+            pair[0] += 1
+            pair[1] += len(body)
+            pair[2] += len(small)
+        target = folder / f"{codec.name}.db"
+        conn = rebuild(copy, target, page_size, squeezer(codec.compress))
+        grown = grown_bytes(conn)
+        conn.close()
+        target.unlink()
+        compression[codec.name] = {
+            "reading_bodies": len(raw),
+            "body_bytes": round(sum(map(len, raw)) / len(raw), 1),
+            "compressed_bytes": round(sum(map(len, packed)) / len(packed), 1),
+            "by_source": {
+                source: {"body_bytes": round(b / n, 1), "compressed_bytes": round(c / n, 1)}
+                for source, (n, b, c) in sorted(by_source.items())
+            },
+            "compress_us_per_record": round(per_record_us(codec.compress, raw), 2),
+            "decompress_us_per_record": round(per_record_us(codec.decompress, packed), 2),
+            "bytes_per_record_every_body_compressed": round(grown / records, 1),
+            "vs_journal": round(grown / journal_bytes, 3),
+            "note": codec.note,
+        }
+    return {
+        "records": records,
+        "journal_bytes_per_record": round(journal_bytes / records, 1),
+        "page_size": pages,
+        "compression": compression,
+        "compression_missing": missing,
+    }
+
+
 @dataclass
 class Settings:
     hours: float
@@ -1008,6 +1982,30 @@ def measure_profile(name: str, root: Path, settings: Settings) -> dict[str, Any]
     result = profile_result(cfg, hours, stretch, before, after)
     out.update(result)
     out["anomalies_in_stretch"] = stretch.anomalies_started
+    # Both on copies of the journal as the stretch left it, before the fault replay adds to it.
+    out["tiered"] = None
+    if base.storage.tiers and base.sensors:
+        out["tiered"] = measure_tiers(
+            name,
+            cfg,
+            data_dir,
+            folder,
+            first_seq=before.max_seq + 1,
+            last_seq=after.max_seq,
+            untiered_bytes_per_day=result["per_day"]["total_bytes"],
+        )
+    out["days_in_disk_budget_tiered"] = (
+        out["tiered"]["days_in_disk_budget"] if out["tiered"] else None
+    )
+    out["record_bytes"] = None
+    if name in RECORD_BYTES_PROFILES:
+        progress(f"{name}: what a reading is made of; page sizes and compression")
+        out["record_bytes"] = record_bytes(
+            data_dir / JOURNAL_FILE,
+            folder / "record-bytes",
+            first_seq=before.max_seq + 1,
+            last_seq=after.max_seq,
+        )
 
     faulty = plan_sources(
         base,
@@ -1041,7 +2039,7 @@ def checks(profile: Mapping[str, Any]) -> dict[str, bool]:
     """The numbers hold together: payload bytes on disk match the rows, the journal grew, and
     the per-day total is its parts."""
     per_day = profile["per_day"]
-    return {
+    out = {
         "journal_grew": profile["journal"]["growth_bytes"] > 0,
         "payload_rows_match_files": (
             profile["payloads"]["bytes"] == profile["payloads"]["bytes_by_rows"]
@@ -1050,6 +2048,13 @@ def checks(profile: Mapping[str, Any]) -> dict[str, bool]:
             abs(per_day["total_bytes"] - per_day["journal_bytes"] - per_day["payload_bytes"]) <= 1
         ),
     }
+    if profile.get("tiered"):
+        out.update({f"tiers_{k}": v for k, v in profile["tiered"]["checks"].items()})
+    if profile.get("record_bytes"):
+        journal = profile["record_bytes"]["journal"]
+        out["record_bytes_rows_match_dbstat"] = journal["rows_match_dbstat"]
+        out["record_bytes_index_matches_dbstat"] = journal["index_matches_dbstat"]
+    return out
 
 
 def table_rows(name: str, profile: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -1067,6 +2072,7 @@ def table_rows(name: str, profile: Mapping[str, Any]) -> list[dict[str, Any]]:
             "days_per_gb": profile["days_per_gb"],
             "disk_budget_gib": round(profile["disk_budget_bytes"] / 1024**3, 2),
             "days_in_disk_budget": profile["days_in_disk_budget"],
+            "days_in_disk_budget_tiered": profile.get("days_in_disk_budget_tiered"),
             "kb_per_anomaly": round(per_anomaly["total_bytes"] / 1e3, 1) if per_anomaly else None,
         }
     ]
@@ -1088,6 +2094,7 @@ def table_rows(name: str, profile: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "days_per_gb": quiet["days_per_gb"],
                 "disk_budget_gib": round(profile["disk_budget_bytes"] / 1024**3, 2),
                 "days_in_disk_budget": quiet["days_in_disk_budget"],
+                "days_in_disk_budget_tiered": None,
                 "kb_per_anomaly": None,
             }
         )
@@ -1121,6 +2128,10 @@ EXTRAPOLATED = [
     "`sources`); telemetry grows with the number of channels, not with their sample rate.",
     "Payload bytes are the files' sizes, which the disk budget counts; the file system "
     "allocates whole blocks (`payloads.allocated_bytes`).",
+    "Tiers: a day at each resolution is the stretch's whole buckets rolled up, x a day / their "
+    "span; the never-rolled records and payloads at the stretch's rate every day; days in the "
+    "budget solve the cumulative cost of the newest days at full resolution and older ones at "
+    "each tier's resolution.",
 ]
 
 
@@ -1134,7 +2145,10 @@ def main() -> None:
         help="which profiles to measure (default: all)",
     )
     parser.add_argument(
-        "--hours", type=float, help="source hours of the sensor profiles (default 2, quick 0.1)"
+        "--hours",
+        type=float,
+        help="source hours of the sensor profiles (default 2, quick 0.75: tiers need whole "
+        "buckets of their coarsest resolution)",
     )
     parser.add_argument(
         "--minutes", type=float, help="minutes of camera footage (default 2, quick 0.3)"
@@ -1144,7 +2158,7 @@ def main() -> None:
     # The daemons' own warnings (a source that failed, and why) go to stderr beside the progress.
     setup_logging("warning", json_lines=False)
     settings = Settings(
-        hours=args.hours or (0.1 if args.quick else 2.0),
+        hours=args.hours or (QUICK_HOURS if args.quick else 2.0),
         minutes=args.minutes or (0.3 if args.quick else 2.0),
         fault_minutes=QUICK_FAULT_MINUTES if args.quick else FAULT_MINUTES,
         quick=args.quick,

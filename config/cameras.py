@@ -277,6 +277,42 @@ class ClipSettings(Strict):
     pre: Duration = Field(default=5.0, ge=0, le=60, description="Seconds before the alert.")
     post: Duration = Field(default=5.0, ge=0, le=60, description="Seconds after the alert.")
     max_width: int = Field(default=640, ge=64, le=1920, description="Clips are shrunk to it.")
+    codec: Literal["h264", "mp4v"] = Field(
+        default="h264",
+        description="`h264`: H.264 by libx264 (through PyAV), which browsers and the status page "
+        "play; `mp4v`: OpenCV's MPEG-4 Part 2, which VLC and ffmpeg play but browsers do not, "
+        "in two to four times the bytes at the same quality. `h264` falls back to `mp4v`, with one warning in the "
+        "log, where PyAV or its libx264 is missing.",
+    )
+    crf: int = Field(
+        default=28,
+        ge=0,
+        le=51,
+        description="H.264 quality (x264's constant rate factor): 0 is lossless, 51 the worst; "
+        "6 more roughly halves the bytes. `mp4v` ignores it.",
+    )
+    preset: Literal[
+        "ultrafast",
+        "superfast",
+        "veryfast",
+        "faster",
+        "fast",
+        "medium",
+        "slow",
+        "slower",
+        "veryslow",
+    ] = Field(
+        default="faster",
+        description="x264's speed preset: a slower one saves bytes at the same quality for more "
+        "CPU per clip. `mp4v` ignores it.",
+    )
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Threads encoding one H.264 clip. Clips are encoded in their own thread "
+        "beside the camera's frames, so 1 leaves the other cores to detection.",
+    )
 
 
 class SamplingSettings(Strict):

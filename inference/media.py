@@ -1,27 +1,17 @@
 """Payload media of camera events: JPEG snapshots under a byte cap, privacy blur, the pre-roll
-frame ring, pre+post-roll clip building and MP4 clip writing, with the choice of its codec.
+frame ring and pre+post-roll clip building, and the media errors (writing a clip's file is
+`inference.clips`').
 
-Everything here is synchronous CPU (and, for clips, file) work with no event loop in sight: the
-pipeline runs it in a worker thread (`asyncio.to_thread`). Nothing here touches the journal; the
-caller stores what these functions return.
+Everything here is synchronous CPU work with no event loop in sight: the pipeline runs it in a
+worker thread (`asyncio.to_thread`). Nothing here touches the journal; the caller stores what
+these functions return.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import re
-import secrets
-import statistics
-import subprocess
-import sys
-import tempfile
-import threading
 from collections import deque
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 
 import cv2
@@ -30,8 +20,6 @@ import numpy.typing as npt
 
 from config.cameras import ClipSettings, SnapshotSettings
 from inference.detections import Detection
-
-log = logging.getLogger(__name__)
 
 Image = npt.NDArray[np.uint8]
 TimedImage = tuple[int, Image]
@@ -86,7 +74,7 @@ class ClipWriteError(MediaError):
 # ---------------------------------------------------------------------------------- images
 
 
-def _check_image(image: object, what: str = "image") -> Image:
+def check_image(image: object, what: str = "image") -> Image:
     """The image as a BGR uint8 HxWx3 array, or a ValueError naming what is wrong with it."""
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{what} must be a numpy array, not {type(image).__name__}")
@@ -161,7 +149,7 @@ def encode_snapshot(
     quality ladder starts again. Raises SnapshotTooLarge if even the smallest try does not fit.
     The input image is not modified.
     """
-    source = _check_image(image_bgr, "snapshot image")
+    source = check_image(image_bgr, "snapshot image")
     src_width = source.shape[1]
     width = min(src_width, cfg.max_width)
     # e.g. 80, 70, 60, 50, 40, 30; a configured quality at or under the floor is tried alone.
@@ -196,7 +184,7 @@ def blur_regions(
     unlike a Gaussian, which can be partly undone), then smoothed so the block edges do not
     leave a grid of sharp lines.
     """
-    image = _check_image(image_bgr, "image to blur")
+    image = check_image(image_bgr, "image to blur")
     out = image.copy()
     if not classes:
         return out
@@ -260,7 +248,7 @@ class FrameRing:
                 f"frame mono_ns {mono_ns} is not after the newest in the ring "
                 f"({self._frames[-1][0]}); frames must be added in order"
             )
-        stored = fit_width(_check_image(image, "frame"), self.max_width)
+        stored = fit_width(check_image(image, "frame"), self.max_width)
         stored.setflags(write=False)
         self._frames.append((mono_ns, stored))
         self._bytes += stored.nbytes
@@ -409,7 +397,7 @@ class ClipBuilder:
         if self._finished:
             return True
         if mono_ns <= self._end_ns:
-            self._append(mono_ns, _check_image(image, "clip frame"))
+            self._append(mono_ns, check_image(image, "clip frame"))
         if mono_ns >= self._end_ns:
             self._finished = True
         return self._finished
@@ -499,221 +487,3 @@ class ClipRecorder:
             builder.stop()
             self._done.append(builder)
         return self._take_done()
-
-
-# ----------------------------------------------------------------------------- clip writing
-
-
-@dataclass(frozen=True, slots=True)
-class ClipInfo:
-    """What write_clip wrote (checked by reading the file back)."""
-
-    path: Path
-    frames: int
-    width: int
-    height: int
-    fps: float
-    fourcc: str
-    bytes: int
-    start_mono_ns: int
-    end_mono_ns: int
-
-    @property
-    def duration_s(self) -> float:
-        return self.frames / self.fps
-
-
-_fourcc_lock = threading.Lock()
-_fourcc: str | None = None
-
-PROBE_TIMEOUT_S = 30.0  # a hardware encoder that hangs its open is given up on, not waited for
-
-# The codec probe's program, run in a child interpreter. FFmpeg writes its complaints about an
-# encoder it cannot use (opencv-python's FFmpeg offers only h264_v4l2m2m for H.264, which says
-# "Could not find a valid device" on every machine without a V4L2 encoder) straight to the
-# process's stderr, where no OpenCV or Python log level reaches; OPENCV_FFMPEG_LOGLEVEL would
-# silence it, but for the whole process and for good, hiding what FFmpeg says about cameras too.
-# In a child those lines go to a pipe, and a hardware encoder whose probe hangs or crashes takes
-# the child with it, not the daemon. The child imports nothing of ours, only cv2 and numpy (-P:
-# not from the working directory either).
-_PROBE = """
-import sys
-import cv2
-import numpy as np
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-path = sys.argv[1]
-writer = cv2.VideoWriter(path, cv2.VideoWriter.fourcc(*"avc1"), 5.0, (64, 48))
-if writer.isOpened():
-    for level in (0, 128, 255):
-        writer.write(np.full((48, 64, 3), level, dtype=np.uint8))
-writer.release()
-capture = cv2.VideoCapture(path)
-frames = 0
-while capture.isOpened() and capture.grab():
-    frames += 1
-capture.release()
-print(frames)
-"""
-_FFMPEG_LINE = re.compile(r"^\[(?P<who>[\w.-]+) @ 0x[0-9a-f]+\] (?P<said>.+)$")
-
-
-def _count_frames(path: Path) -> tuple[int, int, int]:
-    """Frames, width and height of a video as OpenCV decodes it (0 frames if it cannot)."""
-    capture = cv2.VideoCapture(str(path))
-    try:
-        if not capture.isOpened():
-            return 0, 0, 0
-        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
-        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        count = 0
-        while capture.grab():
-            count += 1
-        return count, width, height
-    finally:
-        capture.release()
-
-
-def _probe_avc1() -> tuple[bool, str]:
-    """Whether this OpenCV writes H.264 MP4s that read back (three frames written, three read),
-    and why not: the first thing FFmpeg said, or how the probe failed."""
-    with tempfile.TemporaryDirectory(prefix="fourcc-probe-") as tmp:
-        probe = Path(tmp) / "probe.mp4"
-        try:
-            done = subprocess.run(
-                [sys.executable, "-P", "-c", _PROBE, str(probe)],
-                capture_output=True,
-                text=True,
-                timeout=PROBE_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
-            return False, f"the H.264 probe did not finish in {PROBE_TIMEOUT_S:g} s"
-        except OSError as exc:
-            return False, f"the H.264 probe could not start: {exc}"
-    if done.returncode == 0 and done.stdout.strip() == "3":
-        return True, ""
-    for line in done.stderr.splitlines():
-        said = _FFMPEG_LINE.match(line.strip())
-        if said:
-            return False, f"{said['who']}: {said['said']}"
-    if done.returncode != 0:
-        return False, f"the H.264 probe exited with {done.returncode}"
-    return False, "no H.264 encoder in this OpenCV build"
-
-
-def clip_fourcc() -> str:
-    """`avc1` (H.264, plays in browsers) where this OpenCV can write it, else `mp4v`.
-
-    Probed once per process by writing and reading back a tiny clip in a child process (see
-    _PROBE: opencv-python wheels announce avc1 but have no working encoder for it), logging one
-    line that says which codec clips use and, for mp4v, why.
-    """
-    global _fourcc
-    with _fourcc_lock:
-        if _fourcc is None:
-            h264, why = _probe_avc1()
-            _fourcc = "avc1" if h264 else "mp4v"
-            log.info(
-                "clips are H.264 (avc1) MP4s"
-                if h264
-                else f"clips are MPEG-4 Part 2 (mp4v) MP4s: no usable H.264 encoder ({why}); "
-                "VLC and ffmpeg play them, most browsers do not",
-                extra={"fields": {"codec": _fourcc}},
-            )
-        return _fourcc
-
-
-def clip_fps(frames: Sequence[TimedImage]) -> float:
-    """Frame rate from the median interval between the frames' monotonic times.
-
-    The median shrugs off the odd late frame or gap. Raises ValueError with fewer than two
-    frames or timestamps that do not increase.
-    """
-    if len(frames) < 2:
-        raise ValueError("the frame rate of fewer than two frames is unknown; pass fps")
-    intervals = [b[0] - a[0] for a, b in pairwise(frames)]
-    if any(step <= 0 for step in intervals):
-        raise ValueError("clip frame timestamps must strictly increase")
-    return _NS / statistics.median(intervals)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_clip(frames: Sequence[TimedImage], fps: float | None, path: Path) -> ClipInfo:
-    """Write the frames as an MP4 at `path` (temp file, fsync, rename) and check it reads back.
-
-    The frame size is the first frame's (rounded down to even numbers, which H.264 needs); any
-    other frame is resized to it. `fps` None: from the frames' timestamps. Raises ValueError for
-    bad input and ClipWriteError when the file cannot be written or does not read back with the
-    frames written; no partial file is left at `path` either way.
-    """
-    if not frames:
-        raise ValueError("a clip needs at least one frame")
-    if path.suffix.lower() != ".mp4":
-        raise ValueError(f"clip path must end in .mp4 (the container follows it), not {path}")
-    if fps is None:
-        fps = clip_fps(frames) if len(frames) > 1 else 1.0
-    if not (math.isfinite(fps) and 0 < fps <= 240):
-        raise ValueError(f"clip fps must be in (0, 240], not {fps}")
-    first = _check_image(frames[0][1], "clip frame 0")
-    height, width = first.shape[0] & ~1, first.shape[1] & ~1
-    if width < 2 or height < 2:
-        raise ValueError(f"clip frames are too small to encode ({first.shape[1]}x{first.shape[0]})")
-    fourcc = clip_fourcc()
-    # The temp name keeps the .mp4 suffix: OpenCV picks the container from it.
-    temp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp.mp4")
-    try:
-        # Creating the file ourselves turns a missing or read-only directory into a real OSError
-        # (VideoWriter only says "not opened").
-        with temp.open("xb"):
-            pass
-    except OSError as exc:
-        raise ClipWriteError(path, f"cannot create a file in {path.parent}: {exc}") from exc
-    try:
-        writer = cv2.VideoWriter(str(temp), cv2.VideoWriter.fourcc(*fourcc), fps, (width, height))
-        try:
-            if not writer.isOpened():
-                raise ClipWriteError(path, f"OpenCV could not open a {fourcc} writer on {temp}")
-            for i, (_, image) in enumerate(frames):
-                image = _check_image(image, f"clip frame {i}")
-                if image.shape[0] != height or image.shape[1] != width:
-                    image = np.asarray(
-                        cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA),
-                        dtype=np.uint8,
-                    )
-                writer.write(np.ascontiguousarray(image))
-        finally:
-            writer.release()
-        with temp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        count, read_width, read_height = _count_frames(temp)
-        if (count, read_width, read_height) != (len(frames), width, height):
-            raise ClipWriteError(
-                path,
-                f"read back {count} frames of {read_width}x{read_height}, wrote {len(frames)} "
-                f"of {width}x{height} (disk full or a broken encoder?)",
-            )
-        size = temp.stat().st_size
-        temp.replace(path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise ClipWriteError(path, f"{exc}", retryable=True) from exc
-    finally:
-        temp.unlink(missing_ok=True)
-    return ClipInfo(
-        path=path,
-        frames=len(frames),
-        width=width,
-        height=height,
-        fps=fps,
-        fourcc=fourcc,
-        bytes=size,
-        start_mono_ns=frames[0][0],
-        end_mono_ns=frames[-1][0],
-    )

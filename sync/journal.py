@@ -32,7 +32,15 @@ from sync.journal_writer import AppendRow, EncodedRow, JournalWriter, WriterCall
 from sync.payloads import PayloadStore
 from sync.reader import JournalReader, connect
 from sync.records import RECORD_OVERHEAD_BYTES, NewRecord, Priority, format_ts
-from sync.recovery import RecoveryReport
+from sync.recovery import (
+    CLEAN_STOP_KEY,
+    CheckOutcome,
+    IntegrityState,
+    RecoveryReport,
+    clean_stop_mark,
+    run_check_process,
+    write_damage_flag,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,6 +83,9 @@ class Journal(JournalWriter):
         # Made when the journal was created and kept for its life (sync/identity.py).
         self.identity = identity
         self.recovery = recovery
+        # The file's integrity as this run knows it; the background check keeps it current.
+        self.integrity: IntegrityState = recovery.integrity
+        self._check_task: asyncio.Task[None] | None = None
         self.shed_level = 0  # 0 accept all; 1 shed telemetry; 2 also samples; 3 also events
         # Where the appliance is, stamped as `position` into every record's body (ships: the
         # last NMEA fix); None, or a provider answering None, stamps nothing.
@@ -116,6 +127,17 @@ class Journal(JournalWriter):
             os.close(lock_fd)
             raise
         conn, next_seq, reserved, recovery, identity = opened
+        log.info(
+            "journal opened",
+            extra={
+                "fields": {
+                    "last_stop": recovery.integrity.last_stop,
+                    "check": recovery.check,
+                    "integrity": recovery.integrity.state,
+                    "seconds": recovery.seconds,
+                }
+            },
+        )
         journal = cls(
             data_dir,
             conn,
@@ -147,6 +169,8 @@ class Journal(JournalWriter):
         return journal
 
     def _record_boot(self, conn: sqlite3.Connection) -> None:
+        # Before any record of this run: a crash from here on must find no clean-stop mark.
+        conn.execute("DELETE FROM meta WHERE key = ?", (CLEAN_STOP_KEY,))
         boots = conn.execute("SELECT value FROM meta WHERE key = 'boots'").fetchone()
         conn.executemany(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -169,20 +193,102 @@ class Journal(JournalWriter):
         await self.close()
 
     async def close(self) -> None:
-        """Commit everything queued, stop the writer, close connections. Safe to call twice."""
+        """Stop a background check, commit everything queued, mark the stop clean (when the
+        file is known sound), stop the writer, close connections. Safe to call twice."""
         if self._close_task is None:
             self._closed = True
-            self._queue.put(None)
             self._close_task = asyncio.ensure_future(self._finish_close())
         await asyncio.shield(self._close_task)
 
     async def _finish_close(self) -> None:
+        await self.stop_integrity_check()
+        marked: asyncio.Future[None] | None = None
+        if self.integrity.vouched:
+            # Queued behind every append already handed over: the mark is the last write.
+            marked = self._loop.create_future()
+            self._queue.put(WriterCall(self._mark_clean_stop, marked, True))
+        self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
+        if marked is not None:
+            try:
+                await marked
+            except Exception as exc:  # the next start checks the file: slower, never unsafe
+                log.warning("could not mark the stop clean", extra={"fields": {"error": str(exc)}})
         await self._loop.run_in_executor(self._reader_pool, self._close_reader)
         self._reader_pool.shutdown(wait=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the writer lock
             self._lock_fd = None
+
+    @staticmethod
+    def _mark_clean_stop(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", clean_stop_mark(conn)
+        )
+
+    # ------------------------------------------------------------------- background check
+
+    def start_integrity_check(self) -> asyncio.Task[None] | None:
+        """Start the check an unclean stop left owed (`integrity.state == "pending"`) in a
+        niced child process, while records keep flowing; None when none is owed. Its result is
+        journalled (`integrity_check`); damage is flagged for the next start to salvage. A
+        close stops it (the next start runs it again)."""
+        state = self.integrity
+        if state.state != "pending" or self._check_task is not None or self._closed:
+            return None
+        # Running from here, not from the task's first step: checkpoints go PASSIVE at once.
+        state.state, state.started_at, state.detail = "running", format_ts_now(), ""
+        self._check_task = asyncio.create_task(self._integrity_check(), name="journal:check")
+        return self._check_task
+
+    async def _integrity_check(self) -> None:
+        state = self.integrity
+        pragma = state.check or "integrity_check"
+        log.info("journal check started", extra={"fields": {"check": pragma}})
+        try:
+            outcome = await run_check_process(self.path, pragma)
+        except asyncio.CancelledError:
+            state.state, state.started_at = "pending", None
+            state.detail = "stopped before it finished; it runs again at the next start"
+            raise
+        except Exception as exc:  # no process could start (out of memory, no executable)
+            log.error("journal check could not run", exc_info=exc)
+            outcome = CheckOutcome("error", f"the check could not run: {exc}", None)
+        outcome_state, detail = outcome.state, outcome.detail
+        state.state, state.detail, state.seconds = outcome_state, detail, outcome.seconds
+        state.checked_at = format_ts_now()
+        if outcome_state == "failed":
+            log.error("journal damaged: restart to salvage", extra={"fields": state.to_dict()})
+            try:
+                await asyncio.to_thread(write_damage_flag, self.data_dir, pragma, detail)
+            except OSError as exc:  # no mark is written at close either: the next start checks
+                log.error("could not flag the damage", extra={"fields": {"error": str(exc)}})
+        else:
+            log.info("journal check ended", extra={"fields": state.to_dict()})
+        with contextlib.suppress(StorageFull, JournalClosed):
+            await self.append(
+                NewRecord(
+                    source="journal",
+                    kind="integrity_check",
+                    priority=Priority.ALERT if outcome_state == "failed" else Priority.EVENT,
+                    body=state.to_dict(),
+                ),
+                force=True,
+            )
+
+    async def stop_integrity_check(self) -> None:
+        """Stop the background check (its child process is killed); it stays owed."""
+        task = self._check_task
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def checking(self) -> bool:
+        """Whether the background check is reading the file now."""
+        return self.integrity.state == "running"
 
     @property
     def journal_id(self) -> str:
@@ -426,10 +532,13 @@ class Journal(JournalWriter):
         await self.execute_write(apply)
 
     async def checkpoint(self) -> tuple[int, int, int]:
-        """Checkpoint and truncate the WAL; returns SQLite's (busy, wal frames, checkpointed)."""
+        """Checkpoint and truncate the WAL; returns SQLite's (busy, wal frames, checkpointed).
+        While the background check reads (one long read transaction), PASSIVE only: TRUNCATE
+        would wait for it, holding the writer for the whole busy timeout (30 s)."""
+        mode = "PASSIVE" if self.checking else "TRUNCATE"
 
         def run(conn: sqlite3.Connection) -> tuple[int, int, int]:
-            row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            row = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
             return int(row[0]), int(row[1]), int(row[2])
 
         return await self.execute_write(run, transaction=False)

@@ -1,6 +1,7 @@
 """bench.autonomy: the sizing arithmetic on hand-made numbers (sample caps, the per-day split, levels
-clear of limits, the generated NMEA voyage), and a --quick run end to end whose JSON is checked
-against itself and against the journals it leaves behind (--keep)."""
+clear of limits, the generated NMEA voyage, days in a tiered budget), SQLite's record layout
+against dbstat on a real journal, and a --quick run end to end whose JSON is checked against
+itself and against the journals it leaves behind (--keep)."""
 
 from __future__ import annotations
 
@@ -16,18 +17,26 @@ import pytest
 
 from bench.autonomy import (
     GB,
+    RECORDS_INDEX,
     DiskState,
     KindTally,
+    RowBytes,
     Stretch,
+    btree_pages,
     capped_samples,
+    days_in_budget,
+    json_parts,
     level_within_limits,
     profile_result,
+    row_layout,
     voyage,
 )
 from config import Camera, Limit, load_config
 from inference.builtin import BuiltinModelError, builtin_model_path
 from sensors.camera import builtin_footage
 from sensors.nmea import NMEA_CHANNELS
+from sync import Journal, NewRecord, PayloadStore, Priority
+from sync.reader import JOURNAL_FILE
 from tests.helpers import component_missing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +127,62 @@ def test_the_voyage_is_parsed_nmea_of_a_moving_ship() -> None:
     assert 10.0 <= last["sog_kn"] <= 18.0
 
 
+def test_days_in_a_tiered_budget_solve_the_cumulative_cost() -> None:
+    # 100 B a day for the newest 30 days, 10 B to 180 days, 1 B beyond.
+    segments = [(0.0, 100.0), (30.0, 10.0), (180.0, 1.0)]
+    assert days_in_budget(1_000, segments) == 10.0
+    assert days_in_budget(3_000 + 10 * 20, segments) == 50.0
+    assert days_in_budget(3_000 + 1_500 + 500, segments) == 680.0
+    # Nothing past the last tier costs anything: everything fits.
+    assert days_in_budget(1e12, [(0.0, 100.0), (30.0, 0.0)]) == float("inf")
+    with pytest.raises(ValueError, match="day 0"):
+        days_in_budget(1_000, [(1.0, 100.0)])
+
+
+def test_json_parts_split_keys_values_and_punctuation() -> None:
+    body = '{"a":1.5,"bc":[true,"xyz",null],"d":{"e":-2}}'
+    parts = json_parts(body)
+    assert parts is not None
+    # keys a, bc, d, e: 5 bytes; values 1.5, true, xyz, null, -2: 3 + 4 + 3 + 4 + 2.
+    assert (parts["keys"], parts["values"]) == (5, 16)
+    assert parts["punctuation"] == len(body) - 21
+    assert (parts["key_count"], parts["value_count"]) == (4, 5)
+    # Not as the journal writes it: no split is guessed.
+    assert json_parts('{"a": 1}') is None
+
+
+async def test_the_record_layout_is_what_sqlite_stores(
+    journal: Journal, payload_store: PayloadStore, data_dir: Path
+) -> None:
+    """Rows of every shape the journal writes (a model, payloads, a body long enough to spill
+    onto overflow pages, large mono_ns): the computed records and index entries add up to what
+    SQLite's dbstat finds on the pages."""
+    ref = await payload_store.put(b"a snapshot")
+    await journal.append_many(
+        [
+            NewRecord("gearbox", "reading", Priority.TELEMETRY, {"i": i, "x": 0.1 * i})
+            for i in range(300)
+        ]
+        + [
+            NewRecord("gearbox", "sample", Priority.SAMPLE, {"x": "v" * 9000}, model="m@1"),
+            NewRecord("yard", "zone_entry", Priority.ALERT, {"n": 1}, payloads=(ref,)),
+        ],
+        force=True,
+    )
+    await journal.checkpoint()
+    conn = sqlite3.connect(data_dir / JOURNAL_FILE)
+    try:
+        every = RowBytes()
+        for values in conn.execute("SELECT * FROM records ORDER BY seq"):
+            every.add(row_layout(values))
+        trees = btree_pages(conn)
+    finally:
+        conn.close()
+    assert every.rows > 300
+    assert every.record == trees["records"]["payload"]
+    assert every.index_record == trees[RECORDS_INDEX]["payload"]
+
+
 # ------------------------------------------------------------------------------- a quick run
 
 
@@ -137,7 +202,7 @@ def test_a_quick_run_adds_up_and_matches_the_journals_it_wrote(tmp_path: Path) -
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=115,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -205,7 +270,17 @@ def test_a_quick_run_adds_up_and_matches_the_journals_it_wrote(tmp_path: Path) -
     cost = turbine["anomaly_cost"]["per_anomaly"]
     assert cost is not None and cost["payload_bytes"] > 0 and cost["records"] >= 2
 
+    for name in ("turbine", "ship"):
+        check_tiers(name, profiles[name], tmp_path)
+    assert profiles["turbine"]["tiered"]["target"]["days"] == 365
+    check_record_bytes(turbine)
+    assert [row["days_in_disk_budget_tiered"] for row in result["table"][:2]] == [
+        profiles["turbine"]["days_in_disk_budget_tiered"],
+        profiles["ship"]["days_in_disk_budget_tiered"],
+    ]
+
     cam = profiles["camera"]
+    assert cam["tiered"] is None and cam["days_in_disk_budget_tiered"] is None
     demo = load_config(ROOT / "config" / "demo.yaml", environ={})
     for samples in cam["camera_samples"].values():
         assert samples["per_day"] <= demo.cameras[0].sampling.per_day
@@ -213,3 +288,83 @@ def test_a_quick_run_adds_up_and_matches_the_journals_it_wrote(tmp_path: Path) -
     assert events["object"]["bytes_each"] > 0
     quiet = events["quiet_scene"]
     assert quiet["days_per_gb"] == pytest.approx(GB / quiet["total_bytes_per_day"], rel=1e-3)
+
+
+def check_tiers(name: str, profile: dict[str, Any], root: Path) -> None:
+    """The tiered figures add up, solve the budget as the issue states it, and match the tier
+    copy the run left behind."""
+    tiered = profile["tiered"]
+    assert profile["days_in_disk_budget_tiered"] == tiered["days_in_disk_budget"]
+    day = tiered["bytes_per_day"]
+    telemetry = day["telemetry"]
+    resolutions = ["full"] + [str(t["resolution_s"]) for t in tiered["tiers"]]
+    falling = [telemetry[resolution] for resolution in resolutions]
+    assert falling == sorted(falling, reverse=True) and falling[-1] > 0, name
+    always = day["never_rolled_records"] + day["payloads"] + day["rollup_reports"]
+    for resolution, total in day["total"].items():
+        assert total == pytest.approx(telemetry[resolution] + always, abs=2), (name, resolution)
+    # The days found cost the budget: the newest days at full resolution, then each tier's
+    # rate from its age on.
+    days = tiered["days_in_disk_budget"]
+    starts = [0.0] + [t["after_days"] for t in tiered["tiers"]]
+    rates = [day["total"][resolution] for resolution in resolutions]
+    ends = [*starts[1:], float("inf")]
+    cost = sum(
+        rate * max(0.0, min(days, end) - start)
+        for start, end, rate in zip(starts, ends, rates, strict=True)
+    )
+    assert cost == pytest.approx(profile["disk_budget_bytes"], rel=1e-3), name
+    assert tiered["days_in_disk_budget"] > profile["days_in_disk_budget"]
+    # The same data measured two ways: the stretch's growth and the tier copy's dense pages.
+    assert 0.8 < tiered["full_total_vs_untiered"] < 1.25, name
+    assert all(tiered["checks"].values()), name
+    readings_rolled = sum(
+        t["records_replaced"]
+        for t in tiered["rollups"]
+        if t["of"] == "reading" and t["resolution_s"] == tiered["tiers"][0]["resolution_s"]
+    )
+    assert 0 < readings_rolled <= tiered["rolled_in_window"]["reading"]
+    # The copy ends holding only the records no tier touches, every one of them.
+    conn = sqlite3.connect(next(root.iterdir()) / name / "tiers" / "journal.db")
+    try:
+        left = dict(conn.execute("SELECT kind, COUNT(*) FROM records GROUP BY kind").fetchall())
+    finally:
+        conn.close()
+    assert left == tiered["never_rolled_in_window"], name
+
+
+def check_record_bytes(profile: dict[str, Any]) -> None:
+    """Each source's reading is taken apart into parts that add up to its file bytes, and those
+    agree with the bytes per reading the stretch's growth gave."""
+    record_bytes = profile["record_bytes"]
+    readings = record_bytes["readings"]
+    assert set(readings) == {"main_bearing", "gearbox", "temperatures", "converter"}
+    weighted = 0.0
+    for source, row in readings.items():
+        body = row["body"]
+        assert body["keys"] + body["values"] + body["punctuation"] == pytest.approx(
+            body["bytes"], abs=0.2
+        ), source
+        parts = (
+            body["bytes"]
+            + row["other_columns_total"]
+            + row["record_header"]
+            + row["cell_overhead"]
+            + row["index_entry"]
+            + row["page_slack"]
+            + row["rest_of_file"]
+        )
+        assert parts == pytest.approx(row["file_bytes"], abs=0.6), source
+        weighted += row["file_bytes"] * row["rows"]
+    rows = sum(row["rows"] for row in readings.values())
+    grown = profile["by_kind"]["reading"]["journal_bytes_per_record"]
+    assert weighted / rows == pytest.approx(grown, rel=0.1)
+    options = record_bytes["options"]
+    assert set(options["page_size"]) == {"4096", "8192", "16384"}
+    codecs = options["compression"]
+    assert "zlib-6" in codecs
+    assert ("zstd-3+dict" in codecs) == (options["compression_missing"] is None)
+    for name, codec in codecs.items():
+        assert 0 < codec["compressed_bytes"] < codec["body_bytes"], name
+        assert codec["decompress_us_per_record"] > 0, name
+        assert codec["vs_journal"] < 1.0, name

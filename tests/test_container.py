@@ -32,7 +32,9 @@ from tests.container import (
 from tests.helpers import component_missing, run_cli, wait_for
 
 IMAGE = "localhost/edge-appliance:container-test"
-SIZE_LIMIT = 600 * 1000**2  # bytes, uncompressed, as `docker images` counts MB
+# Bytes, uncompressed, as `docker images` counts MB: 600 MB until clips became H.264, whose
+# encoder (PyAV with its own FFmpeg and libx264) adds 114 MB (docs/container.md, "Size").
+SIZE_LIMIT = 720 * 1000**2
 STOP_GRACE_S = 30
 DATA = "/var/lib/appliance"
 CONFIG = "/etc/appliance/config.yaml"

@@ -1,5 +1,6 @@
 """Payload media on real footage: snapshots under their byte cap, privacy blur of real people,
-the pre-roll ring, clip building with pre/post roll, and MP4 clips that OpenCV reads back."""
+the pre-roll ring, clip building with pre/post roll, and H.264 MP4 clips that OpenCV reads back
+with every frame at its own time."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from config import ClipSettings, SnapshotSettings
+from inference.clips import TIME_BASE, clip_fps, write_clip
 from inference.detections import Detection
 from inference.media import (
     ClipBuilder,
@@ -21,9 +24,7 @@ from inference.media import (
     FrameRing,
     SnapshotTooLarge,
     blur_regions,
-    clip_fps,
     encode_snapshot,
-    write_clip,
 )
 from tests.helpers import component_missing
 
@@ -330,8 +331,8 @@ def test_write_clip_reads_back_with_its_frames_and_size(tmp_path: Path, vtest: l
     info = write_clip(frames_arr, None, path)
     assert info.path == path and info.frames == 30
     assert (info.width, info.height) == (320, 240)  # even sizes, as H.264 needs
-    assert info.fps == pytest.approx(10.0)
-    assert info.fourcc in {"avc1", "mp4v"}
+    assert info.fps == pytest.approx(10.0) and info.duration_s == pytest.approx(3.0)
+    assert info.fourcc == "avc1" and info.encode_cpu_s > 0
     assert info.bytes == path.stat().st_size > 0
     assert info.start_mono_ns == 0 and info.end_mono_ns == 29 * 100 * MS
     capture = cv2.VideoCapture(str(path))
@@ -403,3 +404,54 @@ def test_write_clip_rejects_bad_input(tmp_path: Path) -> None:
 def test_clip_fps_uses_the_median_interval() -> None:
     stamps = [0, 100, 200, 300, 900, 1000, 1100]  # one long gap (a dropped stretch)
     assert clip_fps([(ms * MS, _tiny(0)) for ms in stamps]) == pytest.approx(10.0)
+
+
+def test_an_h264_clip_keeps_each_frames_own_time(tmp_path: Path, vtest: list[Image]) -> None:
+    # 10 fps with one late frame and a gap (frames the camera dropped): the clip shows the pause
+    # where it was, and a browser plays it at the pace it was filmed.
+    stamps_ms = [i * 100 for i in range(10)] + [1030] + [1200 + i * 100 for i in range(9)]
+    frames = [(ms * MS, vtest[i]) for i, ms in enumerate(stamps_ms)]
+    info = write_clip(frames, None, tmp_path / "gap.mp4")
+    assert info.fps == pytest.approx(10.0)
+    assert info.duration_s == pytest.approx(2.1)  # 0 to 2.0 s, and the last frame's 0.1 s
+    with av.open(str(tmp_path / "gap.mp4")) as container:
+        stream = container.streams.video[0]
+        base = stream.time_base
+        assert base is not None
+        times = [
+            round(float(frame.pts * base) * 1000)
+            for frame in container.decode(stream)
+            if frame.pts is not None
+        ]
+        assert stream.codec_context.name == "h264"
+    assert times == stamps_ms
+
+
+def test_a_given_fps_is_a_steady_rate(tmp_path: Path, vtest: list[Image]) -> None:
+    frames = [(ms * MS, vtest[i]) for i, ms in enumerate([0, 30, 500, 510, 900])]
+    info = write_clip(frames, 25.0, tmp_path / "steady.mp4")
+    assert info.duration_s == pytest.approx(5 / 25.0)
+    with av.open(str(tmp_path / "steady.mp4")) as container:
+        stream = container.streams.video[0]
+        pts = [frame.pts for frame in container.decode(stream) if frame.pts is not None]
+    step = round(1 / (25.0 * TIME_BASE))
+    assert [p - pts[0] for p in pts] == [i * step for i in range(5)]
+
+
+def test_an_odd_sized_frame_is_cropped_by_a_pixel_not_resampled(
+    tmp_path: Path, vtest: list[Image]
+) -> None:
+    odd = [(i * 100 * MS, np.ascontiguousarray(image[:241, :321])) for i, image in enumerate(vtest)]
+    info = write_clip(odd, None, tmp_path / "odd.mp4")
+    assert (info.width, info.height) == (320, 240)
+    capture = cv2.VideoCapture(str(tmp_path / "odd.mp4"))
+    try:
+        ok, first = capture.read()
+    finally:
+        capture.release()
+    assert ok
+    # The decoded picture is the source's top-left 320x240, up to the codec's loss (a resize
+    # of the whole frame would shift every edge and cost several dB).
+    error = first.astype(np.float64) - odd[0][1][:240, :320].astype(np.float64)
+    psnr = 10 * np.log10(255.0**2 / np.mean(error * error))
+    assert psnr > 32, psnr

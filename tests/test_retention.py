@@ -58,6 +58,13 @@ async def used_bytes(journal: Journal, store: PayloadStore) -> int:
         return (await probe.usage()).used
 
 
+async def budget_for(journal: Journal, store: PayloadStore, fraction: float) -> int:
+    """A budget of `fraction` of what the records and payloads take now. The empty journal's
+    own pages (a root page per table and index: 16 KiB each) stay whatever is evicted."""
+    fixed = await journal.read(JournalReader.fixed_bytes)
+    return fixed + int((await used_bytes(journal, store) - fixed) * fraction)
+
+
 def remaining(data_dir: Path, kind: str = "reading") -> Counter[Priority]:
     with JournalReader.open(data_dir) as r:
         rows = r.conn.execute(
@@ -121,7 +128,7 @@ async def test_over_budget_evicts_lowest_priority_first(
 ) -> None:
     per = 300
     await fill(journal, per)
-    budget = int(await used_bytes(journal, payload_store) * fraction)
+    budget = await budget_for(journal, payload_store, fraction)
     async with StorageGuard(journal, payload_store, storage(disk_budget=budget)) as guard:
         reports = await guard.run_once()
         assert [r.reason for r in reports] == ["disk_budget"]
@@ -147,8 +154,8 @@ async def test_synced_records_go_before_any_unsynced_record(
     alerts = [s for i, s in enumerate(seqs) if i % 4 == 0]
     # Half the alerts (the most precious priority) are acknowledged: they go first.
     await journal.acknowledge("shore", Priority.ALERT, alerts[0], alerts[149], "b-1")
-    used = await used_bytes(journal, payload_store)
-    async with StorageGuard(journal, payload_store, storage(disk_budget=int(used * 0.95))) as guard:
+    budget = await budget_for(journal, payload_store, 0.95)
+    async with StorageGuard(journal, payload_store, storage(disk_budget=budget)) as guard:
         await guard.run_once()
     left = remaining(data_dir)
     assert left[Priority.TELEMETRY] == left[Priority.SAMPLE] == left[Priority.EVENT] == per
@@ -173,8 +180,8 @@ async def test_synced_records_of_every_priority_before_unsynced_telemetry(
     for priority in (Priority.ALERT, Priority.EVENT, Priority.SAMPLE):
         mine = [s for i, s in enumerate(seqs) if Priority(1 + i % 4) is priority]
         await journal.acknowledge("shore", priority, mine[0], mine[49], "b")
-    used = await used_bytes(journal, payload_store)
-    async with StorageGuard(journal, payload_store, storage(disk_budget=int(used * 0.9))) as guard:
+    budget = await budget_for(journal, payload_store, 0.9)
+    async with StorageGuard(journal, payload_store, storage(disk_budget=budget)) as guard:
         await guard.run_once()
     left = remaining(data_dir)
     # 150 synced records are worth more than 15% of the file: unsynced data is all still here.
@@ -246,10 +253,8 @@ async def test_every_pass_journals_its_evictions_and_counts_stay_right(
 ) -> None:
     await fill(journal, 200)
     for fraction in (0.8, 0.6):
-        used = await used_bytes(journal, payload_store)
-        async with StorageGuard(
-            journal, payload_store, storage(disk_budget=int(used * fraction))
-        ) as guard:
+        budget = await budget_for(journal, payload_store, fraction)
+        async with StorageGuard(journal, payload_store, storage(disk_budget=budget)) as guard:
             [report] = await guard.run_once()
         assert report.records > 0
         assert_accounts_agree(data_dir)
@@ -280,8 +285,8 @@ async def test_payloads_of_evicted_records_are_deleted_shared_ones_kept(
     await journal.append(reading(Priority.ALERT, 100, payloads=(shared, only_kept)))
     await journal.append_many([reading(Priority.ALERT, i) for i in range(101, 200)])
     await journal.checkpoint()
-    used = await used_bytes(journal, payload_store)
-    async with StorageGuard(journal, payload_store, storage(disk_budget=int(used * 0.8))) as guard:
+    budget = await budget_for(journal, payload_store, 0.8)
+    async with StorageGuard(journal, payload_store, storage(disk_budget=budget)) as guard:
         [report] = await guard.run_once()
     assert report.payload_files == 1
     assert report.payload_bytes == only_evicted.size

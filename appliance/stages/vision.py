@@ -15,12 +15,12 @@ sample of the frames through the slot's `shadow`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,17 +33,17 @@ import numpy.typing as npt
 from appliance.runtime.logs import RateLimitedLog
 from appliance.stages.drift import DriftStage
 from appliance.stages.recorder import Recorder
-from config import ApplianceConfig, Camera, DetectorModel
+from config import ApplianceConfig, Camera, ClipSettings, DetectorModel
+from inference.clips import ClipInfo, clip_fourcc, write_clip
 from inference.detect import OnnxDetector, open_detector
 from inference.detections import Detection, Detector
 from inference.media import (
     ClipBuilder,
     ClipRecorder,
     MediaError,
+    TimedImage,
     blur_regions,
-    clip_fourcc,
     encode_snapshot,
-    write_clip,
 )
 from inference.motion import MotionGate
 from inference.sampling import Sampler, sample_body
@@ -62,6 +62,12 @@ Image = npt.NDArray[np.uint8]
 _NS = 1_000_000_000
 _BEST_SNAPSHOT_INTERVAL_NS = _NS  # re-encode a track's best snapshot at most this often
 _STATS_WIDTH = 160  # frames are measured for drift at this width (like the motion gate's)
+# Clips of one camera being encoded or waiting for its clip thread. Each holds its frames (10 s
+# at 5 fps and 640 px: 46 MB); when this many are, the frame loop waits for the oldest, like a
+# producer of the journal's queue: a clip is evidence and is not dropped. A camera finishes a
+# clip at most once per post-roll, and one encodes in a few hundredths of its length
+# (docs/benchmarks.md), so a camera only waits when its clip thread is starved of CPU.
+CLIP_BACKLOG = 2
 
 
 def image_statistics(image: Image) -> tuple[float, float]:
@@ -91,6 +97,8 @@ class CameraStats:
     objects: int = 0
     zone_entries: int = 0
     clips: int = 0
+    clips_waited: int = 0  # times the frame loop waited for room in the clip backlog
+    clip_encode_cpu_s: float = 0.0  # CPU time of the clip thread, encoding (clip.threads: 1)
     samples: int = 0
     media_errors: int = 0
 
@@ -308,6 +316,10 @@ class CameraPipeline:
         self._best_encoded_ns: dict[int, int] = {}
         self._better: dict[int, tuple[Frame, Image, Detection]] = {}
         self._pending_clips: list[_PendingClip] = []
+        # Clips are encoded in the camera's own clip thread, and their records journalled by
+        # these tasks, while the frame loop goes on; _finish() waits for them.
+        self._clip_thread: ThreadPoolExecutor | None = None
+        self._clip_tasks: set[asyncio.Task[None]] = set()
         self._private: list[Detection] = []  # latest boxes of blur classes, for frames not analysed
         self._last_frame: Frame | None = None
         self._warn = RateLimitedLog(log)
@@ -318,7 +330,8 @@ class CameraPipeline:
         await self.drift.activate(self.model)
         if self.clips is not None:
             # Chosen (and logged) at start, where the operator reads the log, not at the first alert.
-            await asyncio.to_thread(clip_fourcc)
+            await asyncio.to_thread(clip_fourcc, self.cfg.clip.codec)
+            self._clip_thread = ThreadPoolExecutor(1, thread_name_prefix=f"clip-{self.cfg.name}")
         async with self.source:
             try:
                 async for frame in self.source.frames():
@@ -352,6 +365,8 @@ class CameraPipeline:
 
     async def _on_frame(self, raw: Frame) -> None:
         self.stats.frames += 1
+        if self._clip_tasks:
+            self._reap_clips()
         slot = self.slot
         if slot is not None and slot.detector is not self._slot_detector:
             self._slot_detector = slot.detector
@@ -543,23 +558,44 @@ class CameraPipeline:
     # ---------------------------------------------------------------------- clips, samples
 
     async def _write_clip(self, builder: ClipBuilder, frame: Frame | None) -> None:
+        """Hand a finished clip to the clip thread; its record follows when it is written."""
         pending = next((p for p in self._pending_clips if p.builder is builder), None)
         if pending is not None:
             self._pending_clips.remove(pending)
         frames = builder.frames
         if pending is None or len(frames) < 2:
             return
+        while len(self._clip_tasks) >= CLIP_BACKLOG:
+            self.stats.clips_waited += 1
+            await asyncio.wait(self._clip_tasks, return_when=asyncio.FIRST_COMPLETED)
+            self._reap_clips()
+        task = asyncio.create_task(
+            self._keep_clip(frames, builder.capped, pending, None if frame is None else frame.ts),
+            name=f"clip:{self.cfg.name}",
+        )
+        self._clip_tasks.add(task)
+
+    def _reap_clips(self) -> None:
+        """Forget the clip tasks that are done; one that failed (a bug: media and disk errors
+        are caught in it) raises here, in the camera's task, where its supervisor sees it."""
+        for task in [t for t in self._clip_tasks if t.done()]:
+            self._clip_tasks.discard(task)
+            task.result()
+
+    async def _keep_clip(
+        self, frames: list[TimedImage], capped: bool, pending: _PendingClip, ts: datetime | None
+    ) -> None:
+        assert self._clip_thread is not None, "clips are written only after run() started"
         path = self.scratch_dir / f"clip-{uuid.uuid4().hex}.mp4"
         try:
-            info = await asyncio.to_thread(write_clip, frames, None, path)
-            data = await asyncio.to_thread(path.read_bytes)
+            info, data = await asyncio.get_running_loop().run_in_executor(
+                self._clip_thread, _encode_clip, frames, path, self.cfg.clip
+            )
         except (MediaError, OSError) as exc:
             self.stats.media_errors += 1
             self._warn.warning("clip", "clip not kept", camera=self.cfg.name, error=str(exc))
             return
-        finally:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(path.unlink, missing_ok=True)
+        self.stats.clip_encode_cpu_s += info.encode_cpu_s
         ref = await self.recorder.store(data, "video/mp4", pending.priority)
         if ref is None:
             return
@@ -577,11 +613,11 @@ class CameraPipeline:
                     "fps": round(info.fps, 3),
                     "duration_s": round(info.duration_s, 3),
                     "codec": info.fourcc,
-                    "capped": builder.capped,
+                    "capped": capped,
                 },
                 model=self.model,
                 payloads=(ref,),
-                ts=None if frame is None else frame.ts,
+                ts=ts,
             )
         )
 
@@ -623,6 +659,24 @@ class CameraPipeline:
         if self.clips is not None:
             for done in self.clips.flush():
                 await self._write_clip(done, self._last_frame)
+        try:
+            if self._clip_tasks:
+                await asyncio.wait(self._clip_tasks)
+                self._reap_clips()
+        finally:
+            if self._clip_thread is not None:
+                self._clip_thread.shutdown(wait=False)
+
+
+def _encode_clip(
+    frames: Sequence[TimedImage], path: Path, settings: ClipSettings
+) -> tuple[ClipInfo, bytes]:
+    """The clip thread's work: the MP4 written, checked and read into memory, its file gone."""
+    try:
+        info = write_clip(frames, None, path, settings)
+        return info, path.read_bytes()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _frame_info(frame: Frame) -> dict[str, Any]:

@@ -299,6 +299,7 @@ class AlarmBoard:
         self._deliveries(destinations)
         self._storage(guard, journal)
         self._journal(journal, now)
+        self._integrity(journal)
         self._anomalies_now(anomalies)
 
     def _deliveries(self, destinations: Mapping[str, DestinationState]) -> None:
@@ -446,6 +447,27 @@ class AlarmBoard:
                 )
             )
         self._dropped_seen = dropped
+
+    def _integrity(self, journal: Journal) -> None:
+        """The background check found the journal damaged: open until a restart salvages it
+        (only a restart can: the file is quarantined before anything else opens it)."""
+        check = journal.integrity
+        if check.state != "failed":
+            self._clear("journal:damaged", f"journal check {check.state}")
+            return
+        at = check.checked_at or format_ts(datetime.now(UTC))
+        self._open(
+            Alarm(
+                id="journal:damaged",
+                kind="journal",
+                source=APPLIANCE,
+                what=describe("integrity_check", check.to_dict()),
+                severity=CRITICAL,
+                since=at,
+                updated=at,
+                value=None,
+            )
+        )
 
     def _anomalies_now(self, anomalies: Mapping[str, Callable[[], Mapping[str, Any]]]) -> None:
         """An open anomaly alarm follows its stage: closed when the stage is no longer in an

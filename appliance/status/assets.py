@@ -1,6 +1,7 @@
 """Owns the status page's one script (`/app.js`: live updates from the event stream or by
-polling, local times, table cells labelled for a phone, "Sync now") and its one style sheet
-(`/app.css`). Both are served by this server; the CSP allows no inline script or style."""
+polling, which leave the clips on the page as they are, local times, table cells labelled for a
+phone, "Sync now") and its one style sheet (`/app.css`). Both are served by this server; the
+CSP allows no inline script or style."""
 
 # Live updates come from the event stream; when the browser has no EventSource, or the stream
 # fails three times in a row without delivering (a proxy that buffers, a server that refuses),
@@ -48,7 +49,21 @@ SCRIPT = """"use strict";
     }
   }
   function show(html) {
+    // A clip survives the update: its element is moved into the new fragment in place of its
+    // fresh copy, in the same task, so one being watched never pauses or starts over, and none
+    // fetches its index again at every update.
+    const clips = new Map();
+    for (const video of live.querySelectorAll("video[data-clip]")) {
+      clips.set(video.dataset.clip, video);
+    }
     live.innerHTML = html;
+    for (const fresh of live.querySelectorAll("video[data-clip]")) {
+      const kept = clips.get(fresh.dataset.clip);
+      if (kept !== undefined) {
+        fresh.replaceWith(kept);
+        clips.delete(fresh.dataset.clip);
+      }
+    }
     live.classList.remove("stale");
     localTimes(live);
     labelCells(live);
@@ -151,6 +166,8 @@ time { white-space: nowrap; }
 .thumb { display: inline-block; margin: 0.3rem 0.3rem 0 0; }
 .thumb img { display: block; box-sizing: border-box; max-width: 10rem; max-height: 7.5rem;
   border: 1px solid #ccc; }
+.clip { display: inline-block; margin: 0.3rem 0.3rem 0 0; vertical-align: top; }
+.clip video { display: block; width: 20rem; max-width: 100%; height: auto; background: #000; }
 .good { color: #176f2c; font-weight: 600; }
 .bad { color: #b3261e; font-weight: 600; }
 .alarm { border: 2px solid #b3261e; background: #fdecea; padding: 0 0.8rem; margin: 0.8rem 0; }
@@ -209,5 +226,7 @@ input, select, button { font-size: 1rem; padding: 0.3rem; max-width: 100%; }
   table.cards td::before { content: attr(data-label) ": "; color: #666; }
   .what { min-width: 0; }
   .thumb img { max-width: 8rem; }
+  .clip { display: block; }
+  .clip video { width: 100%; }
 }
 """

@@ -1,6 +1,6 @@
 """Owns the status server's list of events: `GET /api/events`' filters (priority, kind, source,
 since) and pages (`before`, `limit`), and the records it answers with, each payload with its media
-type and, for a stored image, the URL the page shows it at (docs/status-api.md)."""
+type and, for a stored image or clip, the URL the page shows it at (docs/status-api.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ EVENTS_DEFAULT, EVENTS_MAX = 50, 500
 EVENT_PRIORITIES = (Priority.ALERT, Priority.EVENT)
 # Raster formats only: an SVG is a document that can carry script.
 SERVED_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
+SERVED_VIDEO_TYPES = frozenset({"video/mp4"})  # camera clips, played in place on the page
+SERVED_TYPES = SERVED_IMAGE_TYPES | SERVED_VIDEO_TYPES
 
 
 class BadQuery(ValueError):
@@ -114,14 +116,14 @@ def _event(record: StoredRecord, known: dict[str, tuple[int, str, str]]) -> dict
     refs = []
     for sha in record.payloads:
         size, media_type, state = known.get(sha, (0, "", "gone"))
-        image = state == "present" and media_type in SERVED_IMAGE_TYPES
+        served = state == "present" and media_type in SERVED_TYPES
         refs.append(
             {
                 "sha256": sha,
                 "size": size,
                 "media_type": media_type or None,
                 "state": state,
-                "url": f"/payloads/{sha}" if image else None,
+                "url": f"/payloads/{sha}" if served else None,
             }
         )
     return {
@@ -172,6 +174,8 @@ __all__ = [
     "EVENTS_MAX",
     "EVENT_PRIORITIES",
     "SERVED_IMAGE_TYPES",
+    "SERVED_TYPES",
+    "SERVED_VIDEO_TYPES",
     "BadQuery",
     "EventQuery",
     "find_events",

@@ -141,6 +141,7 @@ class HealthMonitor:
     def snapshot(self) -> HealthSnapshot:
         reasons = self.reasons()
         stats = self.journal.stats
+        integrity = self.journal.integrity
         usage = self.guard.last_usage
         return {
             "state": "degraded" if reasons else "ok",
@@ -164,6 +165,15 @@ class HealthMonitor:
                 "pending": self.journal.pending,
                 "shed_level": self.journal.shed_level,
                 "dropped": {f"{p}:{r}": n for (p, r), n in sorted(stats.dropped.items())},
+                "last_stop": integrity.last_stop,
+                "integrity": {
+                    "state": integrity.state,
+                    "check": integrity.check,
+                    "started_at": integrity.started_at,
+                    "checked_at": integrity.checked_at,
+                    "seconds": integrity.seconds,
+                    "detail": integrity.detail,
+                },
             },
             "storage": None
             if usage is None

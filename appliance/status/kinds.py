@@ -61,6 +61,12 @@ RECORD_KINDS: tuple[Kind, ...] = (
     ),
     Kind("rollup_pass", "event", "what a pass of tiered telemetry rolled up, by tier"),
     Kind("recovery", "event", "what a salvage or payload reconciliation at start found"),
+    Kind(
+        "integrity_check",
+        "event; alert when it found damage",
+        "the journal's full check after an unclean stop (run in the background): passed, "
+        "found damage (restart to salvage) or could not finish",
+    ),
     Kind("journal_fork", "event", "`appliance journal fork` gave the journal a new id"),
     Kind("sync_refused", "alert", "a destination refused the backlog; its cursor holds"),
     Kind(

@@ -12,6 +12,9 @@ from prometheus_client.registry import Collector
 from appliance.status.alarms import count_by_kind_and_severity
 from appliance.status.schema import StatusReport
 
+# Every state of the journal's integrity check gets a series (sync.recovery.IntegrityState).
+INTEGRITY_STATES = ("skipped", "pending", "running", "ok", "failed", "error", "salvaged")
+
 
 class _ReportCollector(Collector):
     """Turns one /api/status report into Prometheus metric families."""
@@ -169,6 +172,24 @@ class _ReportCollector(Collector):
         yield GaugeMetricFamily(
             "appliance_disk_budget_bytes", "storage.disk_budget.", value=disk["budget_bytes"]
         )
+        journal = report["daemon"].get("journal")
+        if journal is not None and "integrity" in journal:
+            integrity = GaugeMetricFamily(
+                "appliance_journal_integrity",
+                "1 for the state of the journal's integrity check (skipped, pending, running, ok, "
+                "failed, error, salvaged), 0 for the others.",
+                labels=["state"],
+            )
+            for state in INTEGRITY_STATES:
+                integrity.add_metric(
+                    [state], 1.0 if journal["integrity"]["state"] == state else 0.0
+                )
+            yield integrity
+            yield GaugeMetricFamily(
+                "appliance_journal_last_stop_clean",
+                "1 when the run before this one stopped cleanly, 0 when not (a crash, a power cut).",
+                value=1.0 if journal["last_stop"] == "clean" else 0.0,
+            )
         yield GaugeMetricFamily(
             "appliance_uptime_seconds",
             "Seconds since the daemon started.",

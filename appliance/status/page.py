@@ -1,8 +1,8 @@
 """Owns the status page's HTML: the page and its live fragment, rendered on the server from an
 `/api/status` report (the active alarms first), the recent events in words and the 24-hour
-history (its charts are `appliance.status.charts`), plus the page's one script and one style
-sheet. Every value is escaped here; no external resource, no inline script or style (the CSP
-forbids them)."""
+history (its charts are `appliance.status.charts`) with snapshots, and clips that play in place
+beside them, plus the page's one script and one style sheet. Every value is escaped here; no
+external resource, no inline script or style (the CSP forbids them)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from typing import Any
 from appliance.status.assets import SCRIPT, STYLE
 from appliance.status.charts import render_charts
 from appliance.status.history import History
-from appliance.status.schema import AlarmReport, DestinationReport, LiveDestination, StatusReport
+from appliance.status.schema import (
+    AlarmReport,
+    DestinationReport,
+    JournalHealth,
+    LiveDestination,
+    StatusReport,
+)
 from appliance.status.wording import describe, number
 from config.units import format_duration, format_size
 from sync.records import parse_ts
@@ -203,21 +209,84 @@ def _status_strip(report: StatusReport) -> str:
     )
 
 
+def _journal_check(journal: JournalHealth | None, now: float) -> str:
+    """How the last run stopped and what the journal's integrity check found (a background
+    check after an unclean stop, docs/operations.md)."""
+    if not journal or "integrity" not in journal:
+        return ""
+    check = journal["integrity"]
+    words = describe("integrity_check", {**check, "last_stop": journal["last_stop"]})
+    shown = (
+        f'<strong class="bad">{_e(words)}</strong>'
+        if check["state"] in ("failed", "error")
+        else _e(words)
+    )
+    ended = f" ({when(check['checked_at'], now)})" if check["checked_at"] else ""
+    return f'<p data-name="journal-check">Integrity: {shown}{ended}</p>'
+
+
 # ------------------------------------------------------------------------------ the page
 
 
+def _thumbnail(url: str, what: str) -> str:
+    # A thumbnail is a link to the image itself: a tap opens it full size.
+    return (
+        f'<a class="thumb" href="{_e(url)}" target="_blank" rel="noopener" '
+        f'title="open full size"><img src="{_e(url)}" alt="snapshot: {_e(what)}" '
+        'loading="lazy"></a>'
+    )
+
+
+def _video(payload: Mapping[str, Any], what: str, poster: str | None) -> str:
+    """A clip that plays in place. Only its index is fetched until it plays (preload="metadata",
+    then Range requests); `data-clip` lets the page's script keep a playing clip playing when
+    the live fragment around it is replaced."""
+    url = _e(payload["url"])
+    shown = f' poster="{_e(poster)}"' if poster else ""
+    return (
+        f'<span class="clip"><video data-clip="{_e(payload["sha256"])}" src="{url}" controls '
+        f'preload="metadata" playsinline{shown} aria-label="clip: {_e(what)}">'
+        f'<a href="{url}">download the clip</a></video></span>'
+    )
+
+
+def _entry_snapshots(body: Any, snapshots: Mapping[int, list[str]]) -> list[str]:
+    """The snapshots of the zone entries a clip covers, as far as they are on the page."""
+    entries = body.get("entries") if isinstance(body, Mapping) else None
+    urls: list[str] = []
+    for entry in entries if isinstance(entries, list) else []:
+        seq = entry.get("seq") if isinstance(entry, Mapping) else None
+        if isinstance(seq, int):
+            urls += [url for url in snapshots.get(seq, []) if url not in urls]
+    return urls
+
+
+def _event_media(event: Mapping[str, Any], what: str, snapshots: Mapping[int, list[str]]) -> str:
+    """An event's images as thumbnails; a clip's video beside the snapshots of its entries."""
+    served = [p for p in event["payloads"] if p["url"]]
+    videos = [p for p in served if str(p["media_type"]).startswith("video/")]
+    images = [str(p["url"]) for p in served if p not in videos]
+    if videos:
+        images += [u for u in _entry_snapshots(event["body"], snapshots) if u not in images]
+    poster = images[0] if images else None
+    return "".join(_thumbnail(url, what) for url in images) + "".join(
+        _video(p, what, poster) for p in videos
+    )
+
+
 def _event_rows(events: list[dict[str, Any]], now: float) -> list[list[str]]:
+    snapshots = {
+        int(event["seq"]): [
+            str(p["url"])
+            for p in event["payloads"]
+            if p["url"] and str(p["media_type"]).startswith("image/")
+        ]
+        for event in events
+    }
     rows = []
     for event in events:
         what = describe(event["kind"], event["body"])
-        # A thumbnail is a link to the image itself: a tap opens it full size.
-        images = "".join(
-            f'<a class="thumb" href="{_e(p["url"])}" target="_blank" rel="noopener" '
-            f'title="open full size"><img src="{_e(p["url"])}" alt="snapshot: {_e(what)}" '
-            'loading="lazy"></a>'
-            for p in event["payloads"]
-            if p["url"]
-        )
+        images = _event_media(event, what, snapshots)
         priority = event["priority"]
         rows.append(
             [
@@ -362,6 +431,7 @@ def render_live(
         f"{_e(format_size(disk['fs_free_bytes']))}; oldest unsynced "
         f"{_e(_age(report['oldest_unsynced_age_s']))}</p>"
     )
+    parts.append(_journal_check(daemon.get("journal"), now))
     parts.append(
         _table(
             ["priority", "records", "unsynced"],

@@ -17,12 +17,14 @@ from appliance.status.schema import (
     DaemonReport,
     DestinationReport,
     HealthSnapshot,
+    JournalHealth,
     LiveDestination,
     SourceReport,
     StatusFigures,
     StatusReport,
     UnsyncedReport,
 )
+from appliance.status.wording import describe
 from config import ApplianceConfig
 from config.units import format_duration, format_size
 from sync import JOURNAL_FILE, JournalReader, Priority
@@ -98,6 +100,10 @@ def collect_status(cfg: ApplianceConfig) -> StatusFigures:
             # A stopped daemon's alarms are as old as its last heartbeat: only a running one's.
             "alarms": beat.get("alarms", []) if running else [],
         }
+        if "journal" in beat:
+            # Kept when stopped too: the last run's check result (a damaged journal above all)
+            # matters most when the daemon is not running.
+            daemon["journal"] = beat["journal"]
 
     by_priority: dict[str, int] = {p.label: 0 for p in Priority}
     by_kind: dict[str, int] = {}
@@ -288,6 +294,9 @@ def render_status(report: StatusFigures) -> str:
     )
     if report["journal_id"]:
         lines.append(f"journal    {report['journal_id']}")
+    journal = daemon.get("journal")
+    if journal and "integrity" in journal:
+        lines.append(f"  check    {integrity_words(journal)}")
     disk = report["disk"]
     lines.append(
         f"disk       {format_size(disk['used_bytes'])} used of {format_size(disk['budget_bytes'])} budget "
@@ -376,6 +385,11 @@ def render_status(report: StatusFigures) -> str:
                 f"component  {name}: {component.get('state')} ({component.get('last_error')})"
             )
     return "\n".join(lines)
+
+
+def integrity_words(journal: JournalHealth) -> str:
+    """The journal's last stop and its integrity check in words (the page says the same)."""
+    return describe("integrity_check", {**journal["integrity"], "last_stop": journal["last_stop"]})
 
 
 def _source_line(name: str, source: SourceReport) -> str:

@@ -71,6 +71,17 @@ class SourceReport(TypedDict):
     """Only in the status server's report: windows per second over the last few seconds."""
 
 
+class IntegrityReport(TypedDict):
+    """The journal file's integrity as this run knows it (`sync.recovery.IntegrityState`)."""
+
+    state: str  # skipped | pending | running | ok | failed | error | salvaged
+    check: str | None  # integrity_check | quick_check: the check that ran, runs or will run
+    started_at: str | None  # when the background check started
+    checked_at: str | None  # when the last check ended
+    seconds: float | None
+    detail: str  # in words: why, or what the check found
+
+
 class JournalHealth(TypedDict):
     commits: int
     records: int
@@ -78,6 +89,8 @@ class JournalHealth(TypedDict):
     pending: int
     shed_level: int
     dropped: dict[str, int]
+    last_stop: str  # how the run before this one stopped: clean | unclean | new
+    integrity: IntegrityReport
 
 
 class StorageHealth(TypedDict):
@@ -311,6 +324,7 @@ __all__ = [
     "EvictionCount",
     "HealthRecord",
     "HealthSnapshot",
+    "IntegrityReport",
     "JournalHealth",
     "KindCount",
     "LiveDestination",

@@ -1,6 +1,6 @@
 """The local web status page's server and its HTTP API (aiohttp): routes (`/`, `/healthz`,
 `/api/status`, `/api/events`, `/api/history`, the `/api/stream` event stream, `/metrics`,
-`POST /api/sync`, image payloads), the token rules and the security headers every response
+`POST /api/sync`, image and clip payloads), the token rules and the security headers every response
 carries, and the sampling of the 24-hour history. The HTML is `appliance.status.page`'s, the
 events' filters and pages `appliance.status.events`'. Contract: docs/status-api.md."""
 
@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from appliance.runtime.control import drain_engines
 from appliance.status.events import (
-    SERVED_IMAGE_TYPES,
+    SERVED_TYPES,
     BadQuery,
     EventQuery,
     find_events,
@@ -65,7 +65,7 @@ _STREAM_STOP_S = 2.0
 _STREAM_RETRY_MS = 3000
 
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; media-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )
@@ -608,18 +608,23 @@ class StatusServer:
                 extra={"fields": {"destination": engine.name, "error": repr(exc)}},
             )
 
-    async def _payload(self, request: web.Request) -> web.Response:
+    async def _payload(self, request: web.Request) -> web.StreamResponse:
         sha256 = request.match_info["sha256"]
         if not _SHA256.fullmatch(sha256):
             raise web.HTTPBadRequest(text="a payload is named by its sha256: 64 lowercase hex")
         media_type = await self.journal.read(functools.partial(payload_media_type, sha256=sha256))
-        if media_type not in SERVED_IMAGE_TYPES:
-            raise web.HTTPNotFound(text=f"no image payload {sha256}")
+        if media_type not in SERVED_TYPES:
+            raise web.HTTPNotFound(text=f"no image or clip payload {sha256}")
         try:
-            data = await asyncio.to_thread(self.store.read, sha256)
+            path = self.store.path_for(sha256)
         except PayloadError:
-            raise web.HTTPNotFound(text=f"no image payload {sha256}") from None
-        return web.Response(body=data, content_type=media_type)
+            raise web.HTTPNotFound(text=f"no image or clip payload {sha256}") from None
+        if not await asyncio.to_thread(path.is_file):  # evicted since the journal said present
+            raise web.HTTPNotFound(text=f"no image or clip payload {sha256}")
+        # Streamed from the file, never held whole. A browser plays a clip a range at a time
+        # (the index first, then where the operator seeks): FileResponse answers `Range` with
+        # 206 and Content-Range, one past the end with 416, and says Accept-Ranges: bytes.
+        return web.FileResponse(path, headers={"Content-Type": media_type})
 
     async def _page(self, request: web.Request) -> web.Response:
         report = await self.status_report()

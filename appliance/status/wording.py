@@ -291,6 +291,36 @@ def _recovery(body: Mapping[str, Any]) -> str:
     return "journal checked at start: " + ("; ".join(found) or "temporary files removed")
 
 
+_LAST_STOP = {
+    "clean": "last stop clean",
+    "unclean": "last stop not clean",
+    "new": "a new journal",
+}
+
+
+def _integrity_check(body: Mapping[str, Any]) -> str:
+    """A journal check's result, and the status report's `journal.integrity` (with the
+    journal's `last_stop` added)."""
+    state, check = body["state"], body.get("check") or "the check"
+    stop = _LAST_STOP.get(str(body.get("last_stop")), "")
+    took = f" in {seconds(body['seconds'])}" if body.get("seconds") is not None else ""
+    if state == "failed":
+        return f"journal damaged: restart to salvage ({check} found: {body.get('detail')})"
+    if state == "salvaged":
+        return "journal damaged at start: quarantined and salvaged"
+    if state == "error":
+        return (
+            f"journal check did not finish ({body.get('detail')}); it runs again at the next start"
+        )
+    if state == "running":
+        return f"{stop}: {check} running in the background"
+    if state == "pending":
+        return f"{stop}: {check} to run in the background"
+    if state == "ok":
+        return f"{stop}: {check} passed{took}"
+    return f"{stop}: no check needed" if body.get("last_stop") == "clean" else stop or state
+
+
 def _journal_fork(body: Mapping[str, Any]) -> str:
     return f"journal forked after seq {body['after_seq']}: now {body['journal_id']}"
 
@@ -331,6 +361,7 @@ _BY_KIND: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "rollup": _rollup,
     "rollup_pass": _rollup_pass,
     "recovery": _recovery,
+    "integrity_check": _integrity_check,
     "journal_fork": _journal_fork,
     "lifecycle": _lifecycle,
     "component": _component,
