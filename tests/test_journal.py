@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -727,3 +728,23 @@ def test_a_journal_file_without_its_tables_yet_reads_as_missing(data_dir: Path) 
     sqlite3.connect(data_dir / "journal.db").close()  # what the writer has in its first instant
     with pytest.raises(JournalMissing, match="being created"):
         JournalReader.open(data_dir)
+
+
+async def test_slow_figures_do_not_hold_up_the_engines_reads(journal: Journal) -> None:
+    """A backlog count over a full journal takes tens of seconds cold: it runs on a reader of
+    its own (`read_figures`), and the engines' reads (`read`) go on meanwhile."""
+    await journal.append(NewRecord("src", "reading", Priority.TELEMETRY, {"i": 1}))
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_figures(reader: JournalReader) -> int:
+        started.set()
+        release.wait(30)
+        return reader.max_seq()
+
+    figures = asyncio.ensure_future(journal.read_figures(slow_figures))
+    await asyncio.to_thread(started.wait, 30)
+    assert await asyncio.wait_for(journal.read(JournalReader.max_seq), 10) == 1
+    assert not figures.done()
+    release.set()
+    assert await figures == 1

@@ -253,7 +253,7 @@ class HealthMonitor:
                 }
             return figures
 
-        return await self.journal.read(read) if names else {}
+        return await self.journal.read_figures(read) if names else {}
 
     async def record(self) -> None:
         """Journal a `health` telemetry record: the snapshot and the destinations' backlog."""
