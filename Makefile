@@ -55,6 +55,7 @@ bench: $(TESTING)
 	$(BIN)/python -m bench.sensor_throughput
 	$(BIN)/python -m bench.anomaly_quality
 	$(BIN)/python -m bench.autonomy
+	$(BIN)/python -m bench.voyage
 	$(BIN)/python -m bench.fleet_ingest
 	$(BIN)/python -m bench.clip_codec
 

@@ -180,8 +180,18 @@ class _Row:
         return 1, self.seq, self.seq
 
 
-def _of_kind(row: _Row, body: dict[str, Any]) -> str:
-    return str(body.get("of", "reading")) if row.kind == ROLLUP_KIND else row.kind
+def _parse(text: str) -> dict[str, Any] | None:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _rolled_kind(text: str) -> str | None:
+    """What a rollup record rolled up (`of`), or None for a body that is not a rollup's."""
+    body = _parse(text)
+    return None if body is None else str(body.get("of", "reading"))
 
 
 def aggregate(
@@ -314,7 +324,9 @@ def _roll_chunk(
         if reached_age
         else parse_ts(rows[-1].ts).timestamp() - resolution_s
     )
-    groups: dict[tuple[str, str, int, int], list[tuple[_Row, dict[str, Any]]]] = {}
+    # Grouped before any body is parsed: most records of a slow source sit alone in their
+    # bucket and are left as they are, so their JSON is never read.
+    grouped: dict[tuple[str, str, int, int], list[_Row]] = {}
     deferred: list[int] = []
     for row in rows:
         if row.kind not in ROLLED_KINDS or any(lo < row.seq <= hi for lo, hi in spans):
@@ -323,14 +335,15 @@ def _roll_chunk(
         if bucket + resolution_s > horizon:
             deferred.append(row.seq)
             continue
-        try:
-            body = json.loads(row.body)
-        except ValueError:
+        rolled = _rolled_kind(row.body) if row.kind == ROLLUP_KIND else row.kind
+        if rolled is None:  # a rollup whose body is not one: left as it is
             continue
-        if not isinstance(body, dict):
-            continue
-        key = (row.source, _of_kind(row, body), bucket, bisect.bisect_left(cuts, row.seq))
-        groups.setdefault(key, []).append((row, body))
+        key = (row.source, rolled, bucket, bisect.bisect_left(cuts, row.seq))
+        grouped.setdefault(key, []).append(row)
+    groups: dict[tuple[str, str, int, int], list[tuple[_Row, dict[str, Any]]]] = {}
+    for key, alike in grouped.items():
+        if len(alike) > 1:
+            groups[key] = [(row, body) for row in alike if (body := _parse(row.body)) is not None]
     tallies: dict[str, TierTally] = {}
     counts: dict[str, list[int]] = {}
     for (source, of_kind, bucket, _segment), members in groups.items():
