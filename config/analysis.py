@@ -11,6 +11,9 @@ from pydantic import AfterValidator, Field, WithJsonSchema, model_validator
 from config.base import Duration, Problem, Strict, TimeWindow, raise_problems
 from config.words import BAND_FEATURE_PATTERN, did_you_mean, listing
 
+TemporalKind = Literal["delta", "residual"]
+"""Temporal anomaly features (inference/temporal.py computes them)."""
+
 FeatureName = Literal[
     "rms",
     "peak",
@@ -202,17 +205,24 @@ class RefitSettings(Strict):
 
 class AnomalySettings(Strict):
     method: Literal["robust_z", "ewma", "hotelling", "isolation_forest", "autoencoder"] = Field(
+        default="hotelling",
         description="robust_z: the largest median/MAD z-score of the features; ewma: an "
-        "exponentially weighted control chart; hotelling: Hotelling's T² of the feature vector; "
-        "isolation_forest, autoencoder: scikit-learn models fitted on the baseline and run as "
-        "ONNX (skl2onnx). isolation_forest splits one feature at a time: it misses a broken "
-        "correlation between channels (use hotelling or autoencoder) and its scores level off "
-        "near the baseline's most extreme windows, so a margin of about 1.1 to 1.2 suits it."
+        "exponentially weighted control chart; hotelling: Hotelling's T² of the feature vector "
+        "(the default: see docs/configuration.md for what it is good for); isolation_forest, "
+        "autoencoder: scikit-learn models fitted on the baseline and run as ONNX (skl2onnx). "
+        "isolation_forest splits one feature at a time: it misses a broken correlation between "
+        "channels (use hotelling or autoencoder).",
     )
     features: list[str] = Field(
         default_factory=list,
         description="Feature vector as `channel.feature` names (e.g. `hss_axial.rms`); empty: "
         "every feature of every channel.",
+    )
+    temporal: list[TemporalKind] = Field(
+        default_factory=list,
+        description="Features that see change across windows, derived from each channel's "
+        "`mean` (or from every feature where none is a mean): `delta` (minus the previous "
+        "window's) and `residual` (minus a short-term forecast of it). Empty: each window alone.",
     )
     baseline: Duration = Field(
         default=3600.0,
@@ -223,18 +233,19 @@ class AnomalySettings(Strict):
     min_windows: int = Field(
         default=30, ge=5, description="Fewest clean windows a baseline may be fitted on."
     )
-    quantile: float = Field(
-        default=0.99,
-        gt=0.5,
-        lt=1,
-        description="The threshold is this quantile of the baseline's own scores, times `margin`.",
+    false_alarms_per_day: float = Field(
+        default=1.0,
+        gt=0,
+        le=10000,
+        description="How often running like the baseline may raise an anomaly, per day of data. "
+        "The threshold is calibrated from the baseline's held-out scores (a tail fit) to this "
+        "rate, the same way for every method.",
     )
     margin: float = Field(
-        default=1.5,
+        default=1.0,
         ge=1,
-        description="Threshold = quantile score x margin. 1.5 suits a baseline that saw the "
-        "machine's usual variation (the default hour); a short one (minutes) needs more, per "
-        "method: see docs/configuration.md.",
+        description="Multiplies the calibrated threshold. 1 for most uses: lower "
+        "`false_alarms_per_day` instead.",
     )
     debounce: tuple[int, int] = Field(
         default=(2, 3),
@@ -259,6 +270,16 @@ class AnomalySettings(Strict):
         default_factory=RefitSettings,
         description="Refitting the baseline on the device in scheduled windows.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantile_replaced(cls, data: object) -> object:
+        if isinstance(data, dict) and "quantile" in data:
+            raise ValueError(
+                "anomaly.quantile was replaced by false_alarms_per_day (how often healthy running "
+                "may raise an anomaly, per day): remove quantile, see docs/configuration.md"
+            )
+        return data
 
     @model_validator(mode="after")
     def _debounce_fits(self) -> AnomalySettings:

@@ -109,7 +109,9 @@ class AnomalyDetector:
     `alert` once score / threshold reaches `critical` at any window of it (an `event` that gets
     there is `escalated`), else an `event`. A non-finite vector is not scored and changes no
     state (counted in `skipped`). Scoring is synchronous and takes microseconds (numpy) to tens
-    of microseconds (onnxruntime), fine on the event loop at window rates.
+    of microseconds (onnxruntime), fine on the event loop at window rates. A vector is scored
+    on the baseline's model features (`Baseline.feature_map`): its excluded features may be
+    anything, even NaN; a window whose temporal features have no history yet is skipped.
     """
 
     def __init__(self, settings: AnomalySettings, baseline: Baseline) -> None:
@@ -126,6 +128,7 @@ class AnomalyDetector:
         self.settings = settings
         self.baseline = baseline
         self.threshold = baseline.threshold
+        self._map = baseline.feature_map()
         self._scorer = baseline.scorer()
         self._k, self._n = settings.debounce
         self._recent: deque[_Window] = deque(maxlen=self._n)
@@ -161,10 +164,11 @@ class AnomalyDetector:
                 f"feature vector has {values.size} values, the baseline "
                 f"{self.baseline.dimensions} ({', '.join(self.baseline.names)})"
             )
-        if not np.isfinite(values).all():
+        mapped = self._map.map(values)
+        if not np.isfinite(mapped).all():
             self.skipped += 1
             return []
-        score, contributions = self._scorer.score(values)
+        score, contributions = self._scorer.score(mapped)
         ratio = score / self.threshold
         self.scored += 1
         self.last_score, self.last_ratio = score, ratio
@@ -225,7 +229,7 @@ class AnomalyDetector:
             started_at=anomaly.started_at,
             at=window.at,
             features=tuple(
-                FeatureContribution(self.baseline.names[i], float(explained.contributions[i]))
+                FeatureContribution(self.baseline.model_names[i], float(explained.contributions[i]))
                 for i in order
             ),
             windows_over=anomaly.windows_over,

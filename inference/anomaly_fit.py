@@ -4,19 +4,24 @@ to fit on.
 
 What each method fits and how it scores: the docstring of `inference.baseline`.
 
-Thresholds: `quantile` of the baseline's scores times `margin`. The scores come from windows the
-parameters were not fitted on wherever in-sample scores would be optimistic: isolation_forest and
-autoencoder are fitted on the first 75% of the baseline windows and the threshold is taken on the
-last 25% (so the model never sees those windows; a slow drift during the baseline makes this
-conservative, not optimistic); hotelling is scored by 4-fold cross-fitting over contiguous blocks
-(with few windows per feature the in-sample T² are bounded far below fresh ones) and its final
-parameters use every window. robust_z (median/MAD barely move when one window is left out) and
-ewma (a smoothed statistic) use their in-sample scores.
+Features: an input feature that was not a number in more than `MISSING_SHARE` of the baseline's
+windows is `missing`, one that never changed is `frozen`; both are left out of the fit and the
+score (`Baseline.excluded`; the stage journals a data-quality record naming them) rather than
+fitted as normal: a dead sensor's flat line is not what the machine does. The temporal features
+of `settings.temporal` are then derived, window by window (inference/temporal.py).
+
+Thresholds, the same way for every method (`calibrated_threshold`): every baseline window is
+scored by a model that did not see it (`CROSS_FIT_FOLDS` contiguous blocks: each block scored by
+the method fitted on the others; a drift during the baseline shows as it will in live scores),
+a generalised Pareto tail is fitted to the highest of those scores (peaks over threshold), and
+the threshold is the score it puts at the per-window exceedance probability
+`false_alarms_per_day x window / 1 day`, times `margin`. An operator states how many false
+alarms a day of running like the baseline may give; the tail fit turns that into each method's
+own scale, where a fixed "quantile x margin" meant something different to every score.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import threading
@@ -30,7 +35,15 @@ import numpy as np
 import numpy.typing as npt
 
 from config.analysis import AnomalySettings
-from inference.baseline import EWMA_LAMBDA, Baseline, FloatArray, as_matrix, hotelling_scores
+from inference.baseline import (
+    EWMA_LAMBDA,
+    Baseline,
+    FloatArray,
+    as_matrix,
+    autoencoder_terms,
+    isolation_scores,
+    model_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +66,31 @@ HOTELLING_RIDGE = 1e-3
 baseline (collinear sensors) is scored as if it had 0.1% of a feature's variance, so it stays
 invertible and a break of that collinearity is still scored very high."""
 CROSS_FIT_FOLDS = 4
+"""Contiguous blocks the baseline is split into for the held-out scores."""
 
 ISOLATION_MAX_SAMPLES = 4096
 """Windows each isolation tree subsamples (all of them for smaller baselines); see
 `inference.baseline`'s docstring for why not the usual 256."""
 
-HELD_OUT_SHARE = 0.25
-"""Share of the baseline windows (the latest ones) kept out of fitting isolation_forest and
-autoencoder to set their threshold."""
+MISSING_SHARE = 0.1
+"""An input feature that is not a number in more than this share of the baseline's windows is
+`missing` and left out (fewer: those windows are dropped from the fit and skipped when scored)."""
+
+TAIL_SHARE = 0.1
+TAIL_MIN = 5
+TAIL_MAX = 200
+"""The tail fit uses the highest TAIL_SHARE of the held-out scores, at least TAIL_MIN and at most
+TAIL_MAX of them."""
+TAIL_SHAPE_MIN_PEAKS = 30
+"""With fewer peaks than this the tail's shape is not estimated but taken as exponential (shape
+0: the tail of T², of a squared error and of the largest of several normal |z|); estimated from
+20 peaks it would be noise, and a heavy-tailed guess multiplies the threshold."""
+TAIL_SHAPE_LIMIT = 0.3
+"""Bound on the estimated shape, either way."""
+DEFAULT_WINDOW_S = 1.0
+"""Window length assumed when the fit is given neither it nor the data time covered (a source's
+default window)."""
+DAY_S = 86400.0
 
 AUTOENCODER_MAX_EPOCHS = 200
 AUTOENCODER_MIN_EPOCHS = 20
@@ -86,10 +116,9 @@ class _Fitted:
     parameters: dict[str, FloatArray]
     onnx_model: bytes | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    threshold_rows: FloatArray | None = None
-    """Rows to score with the fitted baseline for the threshold; None: `threshold_scores`."""
-    threshold_scores: FloatArray | None = None
-    threshold_from: str = "in_sample"
+    scores: Callable[[FloatArray], FloatArray] | None = None
+    """For the scikit-learn methods fitted without their ONNX export (the held-out folds):
+    scores computed by scikit-learn itself, the same formula as the ONNX scorer's."""
 
 
 def _floored(spread: FloatArray, centre: FloatArray) -> FloatArray:
@@ -97,18 +126,18 @@ def _floored(spread: FloatArray, centre: FloatArray) -> FloatArray:
     return np.maximum(spread, floor)
 
 
-def _fit_robust_z(rows: FloatArray, seed: int) -> _Fitted:
+def _fit_robust_z(rows: FloatArray, seed: int, export: bool = True) -> _Fitted:
     median = np.median(rows, axis=0)
     deviation = np.abs(rows - median)
     spread = MAD_TO_SIGMA * np.median(deviation, axis=0)
     spread = np.where(spread > 0, spread, MEAN_AD_TO_SIGMA * deviation.mean(axis=0))
-    return _Fitted({"median": median, "scale": _floored(spread, median)}, threshold_rows=rows)
+    return _Fitted({"median": median, "scale": _floored(spread, median)})
 
 
-def _fit_ewma(rows: FloatArray, seed: int) -> _Fitted:
+def _fit_ewma(rows: FloatArray, seed: int, export: bool = True) -> _Fitted:
     mean = rows.mean(axis=0)
     std = _floored(rows.std(axis=0, ddof=1), mean)
-    return _Fitted({"mean": mean, "std": std}, info={"lambda": EWMA_LAMBDA}, threshold_rows=rows)
+    return _Fitted({"mean": mean, "std": std}, info={"lambda": EWMA_LAMBDA})
 
 
 def _hotelling_parameters(rows: FloatArray) -> dict[str, FloatArray]:
@@ -116,29 +145,35 @@ def _hotelling_parameters(rows: FloatArray) -> dict[str, FloatArray]:
     std = _floored(rows.std(axis=0, ddof=1), mean)
     z = (rows - mean) / std
     correlation = np.atleast_2d(z.T @ z / (rows.shape[0] - 1))
+    # Shrunk towards the identity by the Ledoit-Wolf intensity: with about as many features as
+    # windows (a minute's baseline of 50 channels) the sample correlation is singular and its
+    # smallest eigenvalues are noise, which T² would divide by; shrinkage keeps fresh windows'
+    # T² in proportion to the baseline's. With many windows per feature it is near 0.
+    shrinkage = _ledoit_wolf_shrinkage(z)
+    correlation = (1.0 - shrinkage) * correlation + shrinkage * np.eye(correlation.shape[0])
     eigenvalues, eigenvectors = np.linalg.eigh(correlation)
     eigenvalues = np.clip(eigenvalues, 0.0, None) + HOTELLING_RIDGE
     precision = (eigenvectors / eigenvalues) @ eigenvectors.T
-    return {"mean": mean, "std": std, "precision": (precision + precision.T) / 2.0}
+    return {
+        "mean": mean,
+        "std": std,
+        "precision": (precision + precision.T) / 2.0,
+        "shrinkage": np.array([shrinkage]),
+    }
 
 
-def _fit_hotelling(rows: FloatArray, seed: int) -> _Fitted:
-    folds = np.array_split(np.arange(rows.shape[0]), CROSS_FIT_FOLDS)
-    held_out = []
-    for fold in folds:
-        rest = np.setdiff1d(np.arange(rows.shape[0]), fold)
-        held_out.append(hotelling_scores(_hotelling_parameters(rows[rest]), rows[fold]))
-    return _Fitted(
-        _hotelling_parameters(rows),
-        info={"ridge": HOTELLING_RIDGE, "folds": CROSS_FIT_FOLDS},
-        threshold_scores=np.concatenate(held_out),
-        threshold_from=f"cross_fitted_{CROSS_FIT_FOLDS}_folds",
-    )
+def _ledoit_wolf_shrinkage(z: FloatArray) -> float:
+    from sklearn.covariance import ledoit_wolf_shrinkage  # type: ignore[import-untyped]
+
+    if z.shape[1] < 2:
+        return 0.0
+    return float(ledoit_wolf_shrinkage(z, assume_centered=True))
 
 
-def _split_held_out(rows: FloatArray) -> tuple[FloatArray, FloatArray]:
-    held = max(1, math.ceil(rows.shape[0] * HELD_OUT_SHARE))
-    return rows[:-held], rows[-held:]
+def _fit_hotelling(rows: FloatArray, seed: int, export: bool = True) -> _Fitted:
+    parameters = _hotelling_parameters(rows)
+    shrinkage = float(parameters.pop("shrinkage")[0])
+    return _Fitted(parameters, info={"ridge": HOTELLING_RIDGE, "shrinkage": shrinkage})
 
 
 def _library_versions(*names: str) -> dict[str, str]:
@@ -162,12 +197,12 @@ def _to_onnx(model: Any, dims: int) -> bytes:
     return serialised
 
 
-def _fit_isolation_forest(rows: FloatArray, seed: int) -> _Fitted:
+def _fit_isolation_forest(rows: FloatArray, seed: int, export: bool = True) -> _Fitted:
     from sklearn.ensemble import IsolationForest  # type: ignore[import-untyped]
     from sklearn.pipeline import Pipeline  # type: ignore[import-untyped]
     from sklearn.preprocessing import StandardScaler  # type: ignore[import-untyped]
 
-    fit_rows, tail = _split_held_out(rows)
+    fit_rows = rows
     pipeline = Pipeline(
         [
             ("scale", StandardScaler()),
@@ -180,26 +215,31 @@ def _fit_isolation_forest(rows: FloatArray, seed: int) -> _Fitted:
         ]
     ).fit(fit_rows)
     scaler = pipeline.named_steps["scale"]
+    reach = np.abs((fit_rows - scaler.mean_) / scaler.scale_).max(axis=0)
+
+    def scores(matrix: FloatArray) -> FloatArray:
+        scaled = (matrix - scaler.mean_) / scaler.scale_
+        return isolation_scores(-pipeline.score_samples(matrix), scaled, reach)
+
     return _Fitted(
-        {"center": scaler.mean_, "scale": scaler.scale_},
-        onnx_model=_to_onnx(pipeline, rows.shape[1]),
+        {"center": scaler.mean_, "scale": scaler.scale_, "reach": reach},
+        onnx_model=_to_onnx(pipeline, rows.shape[1]) if export else None,
+        scores=scores,
         info={
             "offset": float(pipeline.named_steps["forest"].offset_),
             "max_samples": int(pipeline.named_steps["forest"].max_samples_),
             "fit_windows": int(fit_rows.shape[0]),
             "libraries": _library_versions("scikit-learn", "skl2onnx"),
         },
-        threshold_rows=tail,
-        threshold_from="held_out_tail",
     )
 
 
-def _fit_autoencoder(rows: FloatArray, seed: int) -> _Fitted:
+def _fit_autoencoder(rows: FloatArray, seed: int, export: bool = True) -> _Fitted:
     from sklearn.neural_network import MLPRegressor  # type: ignore[import-untyped]
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    fit_rows, tail = _split_held_out(rows)
+    fit_rows = rows
     dims = rows.shape[1]
     scaler = StandardScaler().fit(fit_rows)
     scaled = scaler.transform(fit_rows)
@@ -223,9 +263,20 @@ def _fit_autoencoder(rows: FloatArray, seed: int) -> _Fitted:
             if stale >= AUTOENCODER_PATIENCE:
                 break
     pipeline = Pipeline([("scale", scaler), ("autoencoder", network)])
+
+    reach = np.abs(scaled).max(axis=0)
+
+    def scores(matrix: FloatArray) -> FloatArray:
+        reconstruction = np.asarray(pipeline.predict(matrix), dtype=np.float64)
+        standardised = scaler.transform(matrix)
+        errors = np.square(standardised - reconstruction.reshape(matrix.shape))
+        mean: FloatArray = autoencoder_terms(errors, standardised, reach).mean(axis=1)
+        return mean
+
     return _Fitted(
-        {"center": scaler.mean_, "scale": scaler.scale_},
-        onnx_model=_to_onnx(pipeline, dims),
+        {"center": scaler.mean_, "scale": scaler.scale_, "reach": reach},
+        onnx_model=_to_onnx(pipeline, dims) if export else None,
+        scores=scores,
         info={
             "hidden": max(2, dims // 2),
             "epochs": trained,
@@ -233,12 +284,10 @@ def _fit_autoencoder(rows: FloatArray, seed: int) -> _Fitted:
             "fit_windows": int(fit_rows.shape[0]),
             "libraries": _library_versions("scikit-learn", "skl2onnx"),
         },
-        threshold_rows=tail,
-        threshold_from="held_out_tail",
     )
 
 
-_FITTERS: dict[str, Callable[[FloatArray, int], _Fitted]] = {
+_FITTERS: dict[str, Callable[[FloatArray, int, bool], _Fitted]] = {
     "robust_z": _fit_robust_z,
     "ewma": _fit_ewma,
     "hotelling": _fit_hotelling,
@@ -259,6 +308,132 @@ def _check_names(names: Sequence[str], dims: int) -> tuple[str, ...]:
     return names
 
 
+def unusable_features(matrix: FloatArray, names: Sequence[str]) -> dict[str, str]:
+    """Input features to leave out of a baseline: `missing` (not a number in more than
+    MISSING_SHARE of the windows) or `frozen` (the same value in every window that has one)."""
+    finite = np.isfinite(matrix)
+    out: dict[str, str] = {}
+    for index, name in enumerate(names):
+        column = matrix[finite[:, index], index]
+        if column.size < (1.0 - MISSING_SHARE) * matrix.shape[0] or column.size == 0:
+            out[name] = "missing"
+        elif column.min() == column.max():
+            out[name] = "frozen"
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """How a threshold was set from held-out scores (see `calibrated_threshold`)."""
+
+    threshold: float
+    exceedance: float
+    """Per-window probability the threshold stands for."""
+    peaks: int
+    peak_floor: float
+    shape: float
+    scale: float
+    method: str
+
+    def as_info(self) -> dict[str, Any]:
+        return {
+            "exceedance": self.exceedance,
+            "tail_peaks": self.peaks,
+            "tail_from": self.peak_floor,
+            "tail_shape": self.shape,
+            "tail_scale": self.scale,
+            "tail_method": self.method,
+        }
+
+
+def calibrated_threshold(scores: FloatArray, exceedance: float) -> Calibration:
+    """The score that windows like these exceed with probability `exceedance`, by a peaks-over-
+    threshold fit: the highest TAIL_SHARE of `scores` (held-out, finite) over the next one, u,
+    follow a generalised Pareto distribution (shape xi, scale sigma), so P(score > x) =
+    t (1 + xi (x - u) / sigma)^(-1/xi) with t the share of peaks. The shape is estimated by
+    probability-weighted moments (Hosking and Wallis, 1987) from TAIL_SHAPE_MIN_PEAKS peaks on,
+    bounded by TAIL_SHAPE_LIMIT; with fewer it is 0 (exponential tail, sigma = median excess /
+    ln 2). An
+    exceedance at or above t is read off the scores themselves (an empirical quantile)."""
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    n = int(ordered.size)
+    if n < TAIL_MIN + 1:
+        raise ValueError(f"{n} held-out scores are too few to calibrate a threshold")
+    peaks = min(max(round(TAIL_SHARE * n), TAIL_MIN), TAIL_MAX, n - 1)
+    share = peaks / n
+    floor = float(ordered[n - peaks - 1])
+    if exceedance >= share:
+        level = float(np.quantile(ordered, 1.0 - exceedance))
+        return Calibration(level, exceedance, peaks, floor, 0.0, 0.0, "empirical")
+    excess = ordered[n - peaks :] - floor
+    mean_excess = float(excess.mean())
+    shape = 0.0
+    method = "exponential"
+    if peaks >= TAIL_SHAPE_MIN_PEAKS and mean_excess > 0:
+        ranks = np.arange(peaks, dtype=np.float64)
+        b1 = float(np.mean(excess * ranks / (peaks - 1)))
+        denominator = mean_excess - 2.0 * b1
+        if denominator > 0:
+            estimated = 2.0 - mean_excess / denominator
+            shape = float(np.clip(estimated, -TAIL_SHAPE_LIMIT, TAIL_SHAPE_LIMIT))
+            method = "pareto_pwm"
+    if method == "exponential":
+        # From the median excess (sigma ln 2 for an exponential tail), not the mean: one block of
+        # the baseline with a step in it (a valve operated once) gives a few peaks far above the
+        # rest, and the mean would carry the threshold up to them.
+        scale = float(np.median(excess)) / math.log(2.0)
+    else:
+        # The scale that keeps the tail's mean excess, mean = sigma / (1 - xi).
+        scale = mean_excess * (1.0 - shape)
+    ratio = share / exceedance
+    if shape == 0.0:
+        level = floor + scale * math.log(ratio)
+    else:
+        level = floor + scale / shape * (ratio**shape - 1.0)
+    return Calibration(level, exceedance, peaks, floor, shape, scale, method)
+
+
+def _window_seconds(
+    window_s: float | None, covering: tuple[datetime, datetime] | None, windows: int
+) -> tuple[float, str]:
+    if window_s is not None:
+        return window_s, "given"
+    if covering is not None and windows > 1:
+        span = (covering[1] - covering[0]).total_seconds()
+        if span > 0:
+            return span / (windows - 1), "baseline_span"
+    return DEFAULT_WINDOW_S, "assumed"
+
+
+def _held_out_scores(
+    method: str, rows: FloatArray, names: tuple[str, ...], seed: int
+) -> FloatArray:
+    """Each window's score by the method fitted on the other CROSS_FIT_FOLDS - 1 blocks. The
+    whole sequence is scored in order (a stateful score such as the EWMA sees the windows before
+    the block, as live), and the block's own scores are kept."""
+    folds = np.array_split(np.arange(rows.shape[0]), CROSS_FIT_FOLDS)
+    out = np.empty(rows.shape[0])
+    for fold in folds:
+        rest = np.setdiff1d(np.arange(rows.shape[0]), fold)
+        fitted = _FITTERS[method](rows[rest], seed, False)
+        if fitted.scores is not None:
+            out[fold] = fitted.scores(rows[fold])
+            continue
+        model = Baseline(
+            method=method,  # type: ignore[arg-type]
+            names=names,
+            parameters=fitted.parameters,
+            onnx_model=fitted.onnx_model,
+            threshold=1.0,
+            windows=int(rest.size),
+            dropped=0,
+            fitted_at=datetime.now(UTC),
+            info=fitted.info,
+        )
+        out[fold] = model.scorer().score_many(rows)[fold]
+    return out
+
+
 def fit_baseline(
     settings: AnomalySettings,
     vectors: npt.ArrayLike,
@@ -267,64 +442,89 @@ def fit_baseline(
     seed: int = 0,
     dropped: int = 0,
     covering: tuple[datetime, datetime] | None = None,
+    window_s: float | None = None,
 ) -> Baseline:
-    """Fit `settings.method` on healthy `vectors` (windows x features, columns in `names`
-    order) and set its threshold.
+    """Fit `settings.method` on healthy `vectors` (windows x features in time order, columns in
+    `names` order) and calibrate its threshold.
 
-    Rows with any non-finite value are dropped (counted in `Baseline.dropped`, plus `dropped`
-    rows the caller already left out); fewer than `settings.min_windows` clean rows is a
-    ValueError. `covering` is the data time the windows span (recorded in `info`). Blocking
-    (seconds for the scikit-learn methods): from the event loop run it via `asyncio.to_thread`.
+    Missing and frozen features are left out (`unusable_features`); the temporal features are
+    derived; then windows with any non-finite model value are dropped (counted in
+    `Baseline.dropped`, plus `dropped` windows the caller already left out). Fewer than
+    `settings.min_windows` left is a ValueError, as is a baseline with no usable feature.
+    `window_s` is the windows' length (default: from `covering`, the data time the windows span,
+    which is also recorded). Blocking (seconds for the scikit-learn methods): from the event
+    loop run it via `asyncio.to_thread`.
     """
     matrix = as_matrix(vectors)
     names = _check_names(names, matrix.shape[1])
-    finite = np.isfinite(matrix).all(axis=1)
-    rows = matrix[finite]
+    excluded = unusable_features(matrix, names)
+    if len(excluded) == len(names):
+        listed = ", ".join(f"{name} ({why})" for name, why in excluded.items())
+        raise ValueError(f"no usable feature: every one is missing or frozen ({listed})")
+    layout = {"excluded": excluded, "temporal": list(settings.temporal)}
+    fitted_names = model_names(names, layout)
+    probe = Baseline(
+        method="robust_z",
+        names=names,
+        parameters={"median": np.zeros(len(fitted_names)), "scale": np.ones(len(fitted_names))},
+        onnx_model=None,
+        threshold=1.0,
+        windows=0,
+        dropped=0,
+        fitted_at=datetime.now(UTC),
+        info=layout,
+    )
+    mapped = probe.feature_map().map_many(matrix)
+    finite = np.isfinite(mapped).all(axis=1)
+    rows = mapped[finite]
     dropped_here = int(matrix.shape[0] - rows.shape[0])
     if rows.shape[0] < settings.min_windows:
         raise ValueError(
             f"{rows.shape[0]} clean baseline windows ({dropped_here} dropped for a non-finite "
             f"value), fewer than min_windows={settings.min_windows}"
         )
-    fitted = _FITTERS[settings.method](rows, seed)
+    window, window_from = _window_seconds(window_s, covering, matrix.shape[0])
+    # More false alarms a day than half the windows a day would be no threshold at all.
+    exceedance = min(settings.false_alarms_per_day * window / DAY_S, 0.5)
+    held_out = _held_out_scores(settings.method, rows, fitted_names, seed)
+    calibration = calibrated_threshold(held_out, exceedance)
+    fitted = _FITTERS[settings.method](rows, seed, True)
     info = {
         **fitted.info,
-        "quantile": settings.quantile,
+        **layout,
+        "false_alarms_per_day": settings.false_alarms_per_day,
         "margin": settings.margin,
+        "window_s": window,
+        "window_s_from": window_from,
         "seed": seed,
-        "threshold_from": fitted.threshold_from,
+        "threshold_from": f"held_out_{CROSS_FIT_FOLDS}_folds_tail_fit",
+        "threshold_windows": int(held_out.size),
+        "held_out_max": float(held_out.max()),
+        **calibration.as_info(),
     }
     if covering is not None:
         info["data_from"], info["data_to"] = (ts.isoformat() for ts in covering)
-    provisional = Baseline(
+    # A baseline that scored exactly 0 everywhere (all features constant) still needs a positive
+    # threshold: then any change at all is over it.
+    threshold = max(calibration.threshold * settings.margin, np.finfo(np.float64).tiny)
+    baseline = Baseline(
         method=settings.method,
         names=names,
         parameters=fitted.parameters,
         onnx_model=fitted.onnx_model,
-        threshold=1.0,
+        threshold=threshold,
         windows=int(rows.shape[0]),
         dropped=dropped_here + dropped,
         fitted_at=datetime.now(UTC),
         info=info,
     )
-    scores = fitted.threshold_scores
-    if scores is None:
-        assert fitted.threshold_rows is not None
-        # Scored by a Baseline like every later window (for the ONNX methods: by onnxruntime,
-        # float32), so the threshold and the live scores are computed the same way.
-        scores = provisional.scores(fitted.threshold_rows)
-    level = float(np.quantile(scores, settings.quantile))
-    info |= {"threshold_windows": int(scores.size), "score_quantile": level}
-    # A baseline that scored exactly 0 everywhere (all features constant) still needs a positive
-    # threshold: then any change at all is over it.
-    threshold = max(level * settings.margin, np.finfo(np.float64).tiny)
-    baseline = dataclasses.replace(provisional, threshold=threshold, info=info)
     log.info(
-        "anomaly baseline %s fitted: %s on %d windows x %d features, threshold %.4g",
+        "anomaly baseline %s fitted: %s on %d windows x %d features (%d left out), threshold %.4g",
         baseline.version,
         baseline.method,
         baseline.windows,
-        baseline.dimensions,
+        len(baseline.model_names),
+        len(excluded),
         baseline.threshold,
     )
     return baseline
@@ -353,7 +553,8 @@ class BaselineCollector:
         self._first: datetime | None = None
         self._last: datetime | None = None
         self.skipped = 0
-        """Windows not kept: a non-finite value."""
+        """Windows not kept: no feature was a number. (A window with some features not a number
+        is kept: the fit leaves out features that are missing too often, then windows.)"""
         self.out_of_order = 0
         """Windows not kept: a timestamp before the previous window's."""
 
@@ -381,7 +582,7 @@ class BaselineCollector:
         with self._lock:
             if self.ready():
                 return False
-            if not np.isfinite(values).all():
+            if not np.isfinite(values).any():
                 self.skipped += 1
                 return False
             if self._last is not None and ts < self._last:

@@ -16,18 +16,27 @@ Methods (`AnomalySettings.method`), each scoring one vector, higher = more anoma
 - `isolation_forest`: scikit-learn StandardScaler + IsolationForest, exported with skl2onnx and
   scored with onnxruntime. The score is the isolation speed c(psi) / E[h(x)] = -1 / log2(s),
   s = -score_samples: how many times faster than an average point the forest isolates x (1 for
-  an ordinary point, more for outliers). scikit-learn's s itself (0.5 ordinary, at most 1) does
-  not suit a threshold of quantile x margin: the baseline's 99% quantile is already about 0.6 to
-  0.7, so x1.5 would need a score no point can reach. The trees subsample up to 4096 windows
-  rather than the usual 256: a forest cannot score a point beyond the baseline's range as more
-  isolated than the baseline's most extreme window, and with depth-8 trees (256) that ceiling is
-  only about 1.3x the 99% quantile, under the default margin; deeper trees leave room to ~2.4x
-  (measured on 8 correlated channels, all shifted out of range together).
+  an ordinary point, more for outliers), plus how far the window lies beyond the range the
+  forest was fitted on, in the baseline's standard deviations (`reach`: each feature's largest
+  |standardised| value in the fit). The second term is there because a forest alone cannot score
+  a point beyond the baseline's range as more isolated than the baseline's most extreme window:
+  its speed levels off near 1.3 to 2.4 times the ordinary, and a threshold above that ceiling
+  can never be crossed (the shipped forest of earlier versions never alarmed with its defaults).
+  With it, a window twice as far out scores higher, as for every other method. The trees
+  subsample up to 4096 windows rather than the usual 256 (deeper trees separate the tail better).
   Isolation forests split one feature at a time, so they miss a broken correlation between
   channels whose values each stay in range: use hotelling or autoencoder for that.
 - `autoencoder`: StandardScaler + an MLPRegressor with a bottleneck trained to reproduce its
   input, exported the same way; the score is the mean squared reconstruction error in scaled
-  units.
+  units, plus the mean squared distance beyond the fitted range (`reach`, as for the forest):
+  a network extrapolates outside the range it was trained on, and a whole machine moving out
+  of its range along the correlations it learnt would otherwise be reproduced, and missed.
+
+Input and model features: `names` is the vector the source hands in (`channel.feature`, in the
+stage's order). Features that were missing or frozen during the baseline (`info["excluded"]`)
+are left out, and the temporal features of `info["temporal"]` (inference/temporal.py) are
+appended; the method's parameters are over those `model_names`. A `FeatureMap` does that, window
+by window, and is stateful like the EWMA.
 
 Scoring always runs from a `Baseline` (numpy for the first three methods, onnxruntime for the
 scikit-learn ones), so a baseline loaded from its file scores exactly like the one just fitted.
@@ -43,7 +52,7 @@ import os
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -55,6 +64,7 @@ import numpy.typing as npt
 import onnxruntime as ort  # type: ignore[import-untyped]
 
 from inference.session import InferenceError, ModelError
+from inference.temporal import TemporalMap, temporal_names
 
 FloatArray = npt.NDArray[np.float64]
 Method = Literal["robust_z", "ewma", "hotelling", "isolation_forest", "autoencoder"]
@@ -75,7 +85,20 @@ _PARAMETERS: dict[str, tuple[str, ...]] = {
     "isolation_forest": ("center", "scale"),
     "autoencoder": ("center", "scale"),
 }
+_OPTIONAL_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "isolation_forest": ("reach",),
+    "autoencoder": ("reach",),
+}
+"""Parameters a baseline may lack: those fitted by an earlier version of this code."""
 _ONNX_METHODS = frozenset({"isolation_forest", "autoencoder"})
+
+
+def model_names(names: Sequence[str], info: Mapping[str, Any]) -> tuple[str, ...]:
+    """The features a method is fitted on: `names` less `info["excluded"]`, then the temporal
+    features of `info["temporal"]` derived from those."""
+    excluded = info.get("excluded") or {}
+    used = tuple(name for name in names if name not in excluded)
+    return used + temporal_names(used, list(info.get("temporal") or ()))
 
 
 class BaselineError(ModelError):
@@ -142,6 +165,13 @@ class Baseline:
         missing = [key for key in _PARAMETERS[self.method] if key not in self.parameters]
         if missing:
             raise ValueError(f"{self.method} baseline lacks parameter(s) {missing}")
+        unknown = sorted(self.info.get("excluded") or {})
+        unknown = [name for name in unknown if name not in self.names]
+        if unknown:
+            raise ValueError(f"excluded feature(s) {unknown} are not among the names")
+        if len(self.info.get("excluded") or {}) >= len(self.names):
+            raise ValueError("every feature is excluded: nothing left to score")
+        _check_shapes(self.method, len(model_names(self.names, self.info)), self.parameters)
         if (self.onnx_model is None) == (self.method in _ONNX_METHODS):
             raise ValueError(
                 f"{self.method} baseline "
@@ -155,7 +185,22 @@ class Baseline:
 
     @property
     def dimensions(self) -> int:
+        """Features of the input vector (`names`)."""
         return len(self.names)
+
+    @cached_property
+    def model_names(self) -> tuple[str, ...]:
+        """Features the method scores: the used inputs, then the temporal ones."""
+        return model_names(self.names, self.info)
+
+    @property
+    def excluded(self) -> dict[str, str]:
+        """Input features left out of the fit and the score, with why (`missing`, `frozen`)."""
+        return dict(self.info.get("excluded") or {})
+
+    def feature_map(self) -> FeatureMap:
+        """A fresh map from input vectors to model vectors (stateful: feed windows in order)."""
+        return FeatureMap(self)
 
     def _metadata(self) -> dict[str, Any]:
         return {
@@ -190,6 +235,8 @@ class Baseline:
             "threshold": self.threshold,
             "fitted_at": self.fitted_at.isoformat(),
             "threshold_from": self.info.get("threshold_from"),
+            "excluded": self.excluded,
+            "temporal": list(self.info.get("temporal") or ()),
         }
 
     # -- one file ------------------------------------------------------------------------------
@@ -281,7 +328,7 @@ class Baseline:
             if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
                 raise ValueError("names must be a non-empty list of strings")
             parameters = {key: arrays.pop(f"param.{key}") for key in meta["parameters"]}
-            _check_shapes(method, len(names), parameters)
+            _check_shapes(method, len(model_names(names, meta.get("info") or {})), parameters)
             onnx_raw = arrays.pop("onnx", None)
             baseline = cls(
                 method=method,
@@ -317,11 +364,11 @@ class Baseline:
             raise ValueError(f"{self.method} baseline has no ONNX model")
         session = _open_onnx(self.onnx_model, self.origin)
         inputs = session.get_inputs()
-        if len(inputs) != 1 or (inputs[0].shape or [None])[-1] not in (self.dimensions, None):
+        if len(inputs) != 1 or (inputs[0].shape or [None])[-1] not in (len(self.model_names), None):
             found = ", ".join(f"{i.name} {i.shape}" for i in inputs)
             raise BaselineError(
                 Path(self.origin),
-                f"its ONNX model takes {found}, not one [N, {self.dimensions}] feature input",
+                f"its ONNX model takes {found}, not one [N, {len(self.model_names)}] feature input",
             )
         return session
 
@@ -331,15 +378,24 @@ class Baseline:
         return factory(self)
 
     def scores(self, vectors: npt.ArrayLike) -> FloatArray:
-        """Scores of the rows of `vectors` (n x features, finite) in order, from a fresh
-        scorer."""
-        return self.scorer().score_many(as_matrix(vectors, self.dimensions))
+        """Scores of the rows of `vectors` (windows x input features, in time order), from a
+        fresh feature map and scorer; NaN for a window that cannot be scored (a used feature not
+        a number, or no history yet for a temporal one)."""
+        mapped = self.feature_map().map_many(as_matrix(vectors, self.dimensions))
+        finite = np.isfinite(mapped).all(axis=1)
+        out = np.full(mapped.shape[0], np.nan)
+        if finite.any():
+            out[finite] = self.scorer().score_many(mapped[finite])
+        return out
 
 
 def _check_shapes(method: str, dims: int, parameters: Mapping[str, npt.NDArray[Any]]) -> None:
     for key in _PARAMETERS[method]:
         if key not in parameters:
             raise ValueError(f"parameter {key!r} is missing")
+    for key in _PARAMETERS[method] + _OPTIONAL_PARAMETERS.get(method, ()):
+        if key not in parameters:
+            continue
         expected = (dims, dims) if key == "precision" else (dims,)
         if parameters[key].shape != expected:
             raise ValueError(
@@ -376,6 +432,26 @@ def as_matrix(vectors: npt.ArrayLike, dims: int | None = None) -> FloatArray:
     return matrix
 
 
+class FeatureMap:
+    """Input vectors (a source's `names`) to model vectors (`model_names`): the excluded
+    features dropped, the temporal ones appended. Stateful; one per stream of windows."""
+
+    def __init__(self, baseline: Baseline) -> None:
+        excluded = baseline.info.get("excluded") or {}
+        self.used = np.array(
+            [i for i, name in enumerate(baseline.names) if name not in excluded], dtype=np.intp
+        )
+        used_names = [baseline.names[i] for i in self.used]
+        self.temporal = TemporalMap(used_names, list(baseline.info.get("temporal") or ()))
+
+    def map(self, vector: FloatArray) -> FloatArray:
+        """One window's model vector: not finite where it cannot be scored."""
+        return self.temporal.step(vector[self.used])
+
+    def map_many(self, matrix: FloatArray) -> FloatArray:
+        return self.temporal.map_many(matrix[:, self.used])
+
+
 # -- scorers ----------------------------------------------------------------------------------
 
 
@@ -410,7 +486,7 @@ class _RobustZ(Scorer):
 class _Ewma(Scorer):
     def __init__(self, baseline: Baseline) -> None:
         super().__init__(baseline)
-        self.average = np.zeros(baseline.dimensions)
+        self.average = np.zeros(len(baseline.model_names))
 
     def score(self, vector: FloatArray) -> tuple[float, FloatArray]:
         z = (vector - self.parameters["mean"]) / self.parameters["std"]
@@ -455,6 +531,20 @@ class _Onnx(Scorer):
         return (matrix - self.parameters["center"]) / self.parameters["scale"]
 
 
+def isolation_scores(
+    anomaly_score: FloatArray, scaled: FloatArray, reach: FloatArray | None
+) -> FloatArray:
+    """The isolation_forest score from scikit-learn's s (= -score_samples) and the standardised
+    features: the isolation speed plus the distance beyond the fitted range (module docstring)."""
+    # -log2(s) = E[h(x)] / c(psi), the mean path length in units of an average one; a point
+    # isolated at the root of every tree (s -> 1) gets a large but finite speed.
+    relative_depth = np.maximum(-np.log2(np.clip(anomaly_score, 1e-300, 1.0)), 1e-6)
+    speed: FloatArray = 1.0 / relative_depth
+    if reach is not None:
+        speed = speed + np.clip(np.abs(scaled) - reach, 0.0, None).max(axis=1)
+    return speed
+
+
 class _IsolationForest(_Onnx):
     def __init__(self, baseline: Baseline) -> None:
         super().__init__(baseline)
@@ -468,35 +558,47 @@ class _IsolationForest(_Onnx):
         # depending on the skl2onnx version.
         decision = outputs[self._scores_output].astype(np.float64).reshape(-1)
         anomaly_score = -(decision + float(self.baseline.info["offset"]))
-        # -log2(s) = E[h(x)] / c(psi), the mean path length in units of an average one; a point
-        # isolated at the root of every tree (s -> 1) gets a large but finite speed.
-        relative_depth = np.maximum(-np.log2(np.clip(anomaly_score, 1e-300, 1.0)), 1e-6)
-        speed: FloatArray = 1.0 / relative_depth
-        return speed
+        return isolation_scores(anomaly_score, self._scaled(matrix), self.parameters.get("reach"))
 
     def score(self, vector: FloatArray) -> tuple[float, FloatArray]:
         score = float(self.score_many(vector.reshape(1, -1))[0])
         return score, np.abs(self._scaled(vector))
 
 
+def autoencoder_terms(
+    errors: FloatArray, scaled: FloatArray, reach: FloatArray | None
+) -> FloatArray:
+    """Per feature: the squared reconstruction error plus the squared distance beyond the
+    fitted range; the autoencoder's score is their mean (module docstring)."""
+    if reach is None:
+        return errors
+    terms: FloatArray = errors + np.square(np.clip(np.abs(scaled) - reach, 0.0, None))
+    return terms
+
+
 class _Autoencoder(_Onnx):
     def _errors(self, matrix: FloatArray) -> FloatArray:
         reconstruction = self._run(matrix)[0].astype(np.float64)
         # A single-feature MLPRegressor reconstructs a flat [n] vector; otherwise [n, d].
-        reconstruction = reconstruction.reshape(matrix.shape[0], self.baseline.dimensions)
+        reconstruction = reconstruction.reshape(matrix.shape[0], matrix.shape[1])
         scaled = self._scaled(matrix).astype(np.float32).astype(np.float64)
         return np.square(scaled - reconstruction)
 
+    def _terms(self, matrix: FloatArray) -> FloatArray:
+        return autoencoder_terms(
+            self._errors(matrix), self._scaled(matrix), self.parameters.get("reach")
+        )
+
     def score_many(self, matrix: FloatArray) -> FloatArray:
-        scores: FloatArray = self._errors(matrix).mean(axis=1)
+        scores: FloatArray = self._terms(matrix).mean(axis=1)
         return scores
 
     def score(self, vector: FloatArray) -> tuple[float, FloatArray]:
-        # A feature's squared reconstruction error: the score is their mean, and a feature
-        # whose relation to the others broke is reconstructed badly even when its value alone
-        # looks ordinary.
-        errors = self._errors(vector.reshape(1, -1))[0]
-        return float(errors.mean()), errors
+        # A feature's squared reconstruction error (and distance beyond range): the score is
+        # their mean, and a feature whose relation to the others broke is reconstructed badly
+        # even when its value alone looks ordinary.
+        terms = self._terms(vector.reshape(1, -1))[0]
+        return float(terms.mean()), terms
 
 
 _SCORERS: dict[str, Callable[[Baseline], Scorer]] = {

@@ -213,7 +213,9 @@ def prepare_candidate(job: RefitJob) -> Prepared:
             leave_out_anomalies=True,
         )
     rows = np.array(found.vectors, dtype=np.float64).reshape(-1, len(job.names))
-    finite = np.asarray(np.isfinite(rows).all(axis=1), dtype=bool)
+    # A window with some features not a number is kept: the fit leaves out features missing
+    # too often (and then drops the windows still incomplete), as the daemon's own fit does.
+    finite = np.asarray(np.isfinite(rows).any(axis=1), dtype=bool)
     times = [ts for ts, ok in zip(found.times, finite.tolist(), strict=True) if ok]
     rows = rows[finite]
     held_out = math.ceil(rows.shape[0] * refit.holdout)
@@ -246,6 +248,14 @@ def prepare_candidate(job: RefitJob) -> Prepared:
     except ValueError as exc:
         return Prepared("skipped", f"not fitted: {exc}", figures)
     scores = candidate.scores(rows[fitted_on:])
+    scores = scores[np.isfinite(scores)]
+    if scores.size == 0:
+        return Prepared(
+            "skipped",
+            f"none of the {held_out} held-out windows could be scored by the candidate "
+            "(their features are not numbers)",
+            figures,
+        )
     share = float(np.mean(scores > candidate.threshold))
     figures |= {
         "version": candidate.version,
@@ -258,8 +268,11 @@ def prepare_candidate(job: RefitJob) -> Prepared:
         with contextlib.suppress(OSError, BaselineError):
             current = store.load(job.source, job.current)
             if current.names == candidate.names:
-                over = current.scores(rows[fitted_on:]) > current.threshold
-                figures["current_held_out_over_share"] = round(float(np.mean(over)), 4)
+                current_scores = current.scores(rows[fitted_on:])
+                current_scores = current_scores[np.isfinite(current_scores)]
+                if current_scores.size:
+                    over = current_scores > current.threshold
+                    figures["current_held_out_over_share"] = round(float(np.mean(over)), 4)
     figures |= {
         "fit_cpu_s": round(time.process_time() - started_cpu, 3),
         "fit_wall_s": round(time.monotonic() - started_wall, 3),

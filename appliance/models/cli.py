@@ -127,6 +127,8 @@ def _fit_baseline(args: argparse.Namespace) -> int:
         f"{baseline.windows} windows x {len(names)} features ({skipped} readings skipped), "
         f"threshold {baseline.threshold:.6g}"
     )
+    for name, why in sorted(baseline.excluded.items()):
+        print(f"left out: {name} ({why} during the readings fitted on)", file=sys.stderr)
     print("the source scores with it from its next start (restart the appliance)", file=sys.stderr)
     return EXIT_OK
 

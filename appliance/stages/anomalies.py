@@ -265,6 +265,8 @@ class AnomalyStage:
         self._use(swap.baseline)
         self._observer = swap.observer
         self.stats.swaps += 1
+        if swap.baseline.excluded != (outgoing.baseline.excluded if outgoing else {}):
+            await self._journal_exclusions(swap.baseline, at=window)
         log.info(
             "baseline of %s swapped (%s): %s -> %s",
             self.source,
@@ -279,7 +281,10 @@ class AnomalyStage:
         if self._names is None:
             self._names = feature_names_of(summary, self.settings.features)
         vector = feature_vector(summary, self._names)
-        clean = not window.quality and bool(np.all(np.isfinite(vector)))
+        # A window that met bad input is neither fitted nor scored. A feature that is not a
+        # number is for the baseline to judge: it leaves out features missing too often (and
+        # skips a window whose used features are not all numbers).
+        clean = not window.quality
         await self._gather_raw(window)
         if self._fitting is not None and self._fitting.done():
             await self._fitted(self._fitting)
@@ -295,6 +300,7 @@ class AnomalyStage:
 
     async def _score(self, window: SampleWindow, vector: np.ndarray[Any, Any]) -> float | None:
         assert self.detector is not None
+        skipped_before = self.detector.skipped
         try:
             events = self.detector.observe(vector, window.ts)
         except InferenceError as exc:  # onnxruntime failed on this window: count, go on
@@ -304,6 +310,9 @@ class AnomalyStage:
             )
             if self._observer is not None:
                 self._observer.observe(vector, window.ts, None, self.detector.threshold)
+            return None
+        if self.detector.skipped > skipped_before:
+            self.stats.skipped += 1
             return None
         self.stats.scored += 1
         if self._observer is not None:
@@ -360,9 +369,57 @@ class AnomalyStage:
                     "windows": baseline.windows,
                     "threshold": baseline.threshold,
                     "features": list(baseline.names),
+                    "excluded": baseline.excluded,
                 },
                 model=self.model,
             )
+        )
+        await self._journal_exclusions(baseline, at=None)
+
+    async def _journal_exclusions(self, baseline: Baseline, at: SampleWindow | None) -> None:
+        """A data-quality record naming the features `baseline` leaves out (missing or frozen
+        during its baseline), so that an operator sees a dead sensor rather than a quiet one."""
+        excluded = baseline.excluded
+        if not excluded:
+            return
+        counts: dict[str, int] = {}
+        for reason in excluded.values():
+            counts[f"baseline_{reason}"] = counts.get(f"baseline_{reason}", 0) + 1
+        meaning = {
+            "missing": "not a number in most of the baseline's windows",
+            "frozen": "the same value in every window of the baseline",
+        }
+        await self.recorder.append(
+            NewRecord(
+                source=self.source,
+                kind="data_quality",
+                priority=Priority.EVENT,
+                body={
+                    "counts": counts,
+                    "examples": [
+                        {
+                            "reason": f"baseline_{reason}",
+                            "detail": f"{name}: {meaning.get(reason, reason)}; left out of "
+                            f"anomaly baseline {baseline.version}",
+                            "line": None,
+                        }
+                        for name, reason in sorted(excluded.items())
+                    ],
+                    "baseline": baseline.version,
+                    "excluded": excluded,
+                },
+                model=self.model,
+                ts=None if at is None else at.ts,
+                mono_ns=None if at is None else at.mono_ns,
+            )
+        )
+        log.warning(
+            "anomaly baseline %s of %s leaves out %d feature(s) missing or frozen during its "
+            "baseline: %s",
+            baseline.version,
+            self.source,
+            len(excluded),
+            ", ".join(f"{name} ({why})" for name, why in sorted(excluded.items())),
         )
 
     async def _journal_event(self, event: AnomalyEvent, window: SampleWindow) -> None:
