@@ -135,14 +135,21 @@ def _fit_robust_z(rows: FloatArray, seed: int, export: bool = True) -> _Fitted:
 
 
 def _fit_ewma(rows: FloatArray, seed: int, export: bool = True) -> _Fitted:
-    mean = rows.mean(axis=0)
-    std = _floored(rows.std(axis=0, ddof=1), mean)
-    return _Fitted({"mean": mean, "std": std}, info={"lambda": EWMA_LAMBDA})
+    # Centred and scaled like robust_z (median, MAD): a baseline with one step in it (a valve
+    # operated once) would otherwise inflate the standard deviation that every shift is
+    # measured in, and hide the next step.
+    robust = _fit_robust_z(rows, seed)
+    return _Fitted(
+        {"mean": robust.parameters["median"], "std": robust.parameters["scale"]},
+        info={"lambda": EWMA_LAMBDA, "centre": "median", "spread": "mad"},
+    )
 
 
 def _hotelling_parameters(rows: FloatArray) -> dict[str, FloatArray]:
-    mean = rows.mean(axis=0)
-    std = _floored(rows.std(axis=0, ddof=1), mean)
+    # Centred and scaled by median and MAD, as the EWMA: one step during the baseline would
+    # otherwise inflate the spread (and drag the centre) that every later window is judged by.
+    robust = _fit_robust_z(rows, 0).parameters
+    mean, std = robust["median"], robust["scale"]
     z = (rows - mean) / std
     correlation = np.atleast_2d(z.T @ z / (rows.shape[0] - 1))
     # Shrunk towards the identity by the Ledoit-Wolf intensity: with about as many features as

@@ -5,13 +5,17 @@ Methods (`AnomalySettings.method`), each scoring one vector, higher = more anoma
 
 - `robust_z`: per feature median and MAD (x 1.4826, the normal-consistent scale); the score is
   the largest |z| over the features.
-- `ewma`: per feature mean and standard deviation; an exponentially weighted moving average
-  (lambda 0.2) of the standardised features carried from window to window, so a small shift
+- `ewma`: per feature median and MAD-based spread (as robust_z, so that one step during the
+  baseline does not inflate the spread every later shift is measured in); an exponentially
+  weighted moving average (lambda 0.2) of the standardised features carried from window to
+  window, so a small shift
   that persists adds up. The score is the largest |EWMA| over the features divided by the
   EWMA's asymptotic standard deviation sqrt(lambda / (2 - lambda)), i.e. in the same "sigmas"
   as robust_z. Scoring is stateful: a detector keeps one running EWMA.
-- `hotelling`: Hotelling's T² = (x - mu)^T S^-1 (x - mu). S is the correlation matrix of the
-  standardised features plus a small ridge, so collinear sensors (a singular covariance) work.
+- `hotelling`: Hotelling's T² = (x - mu)^T S^-1 (x - mu). The features are standardised by
+  median and MAD (as robust_z); S is their correlation (second moments about the median),
+  shrunk towards the identity by the Ledoit-Wolf intensity, plus a small ridge, so collinear
+  sensors (a singular covariance) and baselines with about as many features as windows work.
   It sees a broken correlation between channels that no single feature shows.
 - `isolation_forest`: scikit-learn StandardScaler + IsolationForest, exported with skl2onnx and
   scored with onnxruntime. The score is the isolation speed c(psi) / E[h(x)] = -1 / log2(s),
