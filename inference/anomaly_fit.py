@@ -72,9 +72,10 @@ ISOLATION_MAX_SAMPLES = 4096
 """Windows each isolation tree subsamples (all of them for smaller baselines); see
 `inference.baseline`'s docstring for why not the usual 256."""
 
-MISSING_SHARE = 0.1
+MISSING_SHARE = 0.5
 """An input feature that is not a number in more than this share of the baseline's windows is
-`missing` and left out (fewer: those windows are dropped from the fit and skipped when scored)."""
+`missing` and left out: a dead or unwired sensor. Less often (a dropout): those windows are
+dropped from the fit and skipped when scored, and the sensor stays in."""
 
 TAIL_SHARE = 0.1
 TAIL_MIN = 5

@@ -530,8 +530,8 @@ def test_non_finite_rows_are_dropped_from_fitting_and_counted() -> None:
 
 def test_too_few_clean_rows_is_a_clear_error() -> None:
     rows = healthy(40, np.random.default_rng(24))
-    # Each of four features is not a number in four windows: 10% of them, not yet `missing`,
-    # so those 16 windows are dropped.
+    # Each of four features is not a number in four windows: 10% of them, a dropout rather than
+    # a dead sensor, so those 16 windows are dropped.
     for feature in range(4):
         rows[4 * feature : 4 * feature + 4, feature] = np.nan
     with pytest.raises(
@@ -565,7 +565,7 @@ def test_missing_and_frozen_features_are_left_out_of_fit_and_score(method: str) 
     machine: they are named, left out, and do not stop the rest from scoring."""
     rows = healthy(300, np.random.default_rng(35))
     rows[:, 0] = 25.0  # frozen
-    rows[::2, 3] = np.nan  # missing in half the windows
+    rows[np.arange(300) % 3 != 0, 3] = np.nan  # missing in two windows of three
     baseline = fit_baseline(settings(method), rows, NAMES)
     assert baseline.excluded == {"ch0.rms": "frozen", "ch3.rms": "missing"}
     assert baseline.model_names == tuple(n for n in NAMES if n not in ("ch0.rms", "ch3.rms"))

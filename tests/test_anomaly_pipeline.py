@@ -231,3 +231,55 @@ def test_a_replay_scores_every_window_after_the_baseline_even_while_a_slow_fit_r
     assert stage["skipped"] == 0
     assert stage["baseline_windows"] + stage["scored"] == 180
     assert stage["scored"] == 180 - fitted["body"]["windows"]
+
+
+def test_a_dead_and_a_frozen_sensor_are_left_out_and_named_while_the_rest_scores(
+    tmp_path: Path,
+) -> None:
+    """A well in the shape of the 3W data: two live pressures that move together, a gauge that
+    reports nothing (empty CSV fields) and one frozen at 0. Before, every window had bad input
+    and nothing was ever fitted; now the two are left out with a data-quality record naming them
+    and the live pair scores, and alarms when its pressure steps."""
+    rng = np.random.default_rng(5)
+    seconds = 900
+    load = np.cumsum(rng.normal(0.0, 0.02, seconds))  # a slowly wandering operating point
+    upstream = 180.0 + load + rng.normal(0.0, 0.05, seconds)
+    downstream = 120.0 + 0.8 * load + rng.normal(0.0, 0.05, seconds)
+    upstream[700:] += 3.0  # the choke restricted: the upstream pressure steps up
+    lines = ["timestamp,p_up,p_down,p_dead,p_frozen"]
+    for second in range(seconds):
+        lines.append(f"{1.7e9 + second},{upstream[second]:.4f},{downstream[second]:.4f},,0")
+    csv_path = tmp_path / "well.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    sensor = {
+        "name": "well",
+        "type": "csv",
+        "path": str(csv_path),
+        "timestamp_format": "epoch_s",
+        "window": "5s",
+        "anomaly": {"baseline": "600s", "false_alarms_per_day": 1},
+    }
+    data = replay(tmp_path, "well", sensor)
+
+    (fitted,) = records(data, "baseline")
+    excluded = fitted["body"]["excluded"]
+    assert excluded == {
+        **{f"p_dead.{f}": "missing" for f in ("max", "mean", "min", "peak", "rms", "slope")},
+        **{f"p_frozen.{f}": "frozen" for f in ("max", "mean", "min", "peak", "rms", "slope")},
+    }
+    model = f"well-baseline@{fitted['body']['version']}"
+    left_out = [r for r in records(data, "data_quality") if r["body"].get("excluded")]
+    assert len(left_out) == 1 and left_out[0]["model"] == model
+    body = left_out[0]["body"]
+    assert body["counts"] == {"baseline_missing": 6, "baseline_frozen": 6}
+    assert any("p_dead.mean" in e["detail"] for e in body["examples"])
+
+    anomalies = [r for r in records(data, "anomaly") if r["body"]["kind"] == "started"]
+    assert anomalies, "the step of the live pressure was not found"
+    first = seconds_in(anomalies[0], records(data, "reading")[0]["ts"])
+    assert 700 - 5 <= first <= 700 + 30
+    assert all(
+        f["name"].split(".")[0] in ("p_up", "p_down") for f in anomalies[0]["body"]["features"]
+    )
+    stage = records(data, "health")[-1]["body"]["sources"]["well"]["anomaly"]
+    assert stage["state"] == "scoring" and stage["scored"] > 0

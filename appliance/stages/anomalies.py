@@ -44,6 +44,34 @@ def feature_names_of(summary: Summary, wanted: list[str]) -> list[str]:
     )
 
 
+CHANNEL_FLAGS = frozenset({"missing", "nan", "inf", "out_of_range"})
+"""Bad input that touches single channels and leaves them without those samples (NaN): only
+the features of the channels that lost samples are doubtful. Any other flag (a gap, a clock
+that went back, a malformed message, a stuck sensor) casts doubt on the whole window."""
+
+
+def usable_for_anomalies(
+    window: SampleWindow, vector: np.ndarray[Any, Any], names: list[str]
+) -> bool:
+    """Whether the window may be fitted or scored at all; the features of channels that lost
+    samples to bad input are set to NaN in `vector` (in place). The baseline judges what is not
+    a number: it leaves out features missing in most of its windows (a dead sensor: the others
+    go on) and drops or skips the windows where a used feature is missing."""
+    if not window.quality:
+        return True
+    if not CHANNEL_FLAGS.issuperset(window.quality):
+        return False
+    lost = {
+        channel
+        for channel, row in zip(window.channels, window.values, strict=True)
+        if not np.isfinite(row).all()
+    }
+    for index, name in enumerate(names):
+        if name.rpartition(".")[0] in lost:
+            vector[index] = np.nan
+    return True
+
+
 def encode_windows(windows: list[SampleWindow], anomaly_index: int) -> bytes:
     """Raw samples of consecutive windows as one compressed .npz: `values` (channels x samples,
     float32, the windows end to end), `times_s` (each sample's seconds after the first window's
@@ -281,10 +309,7 @@ class AnomalyStage:
         if self._names is None:
             self._names = feature_names_of(summary, self.settings.features)
         vector = feature_vector(summary, self._names)
-        # A window that met bad input is neither fitted nor scored. A feature that is not a
-        # number is for the baseline to judge: it leaves out features missing too often (and
-        # skips a window whose used features are not all numbers).
-        clean = not window.quality
+        clean = usable_for_anomalies(window, vector, self._names)
         await self._gather_raw(window)
         if self._fitting is not None and self._fitting.done():
             await self._fitted(self._fitting)
