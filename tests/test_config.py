@@ -107,6 +107,22 @@ MISTAKES = {
         "9:16",
         "two zones are named 'quay'",
     ),
+    "anomaly quantile replaced": (
+        MINIMAL
+        + "sensors:\n  - name: a\n    type: simulated\n    channels:\n"
+        + "      - {name: v, signal: vibration}\n    anomaly: {quantile: 0.99}\n",
+        "sensors[0].anomaly",
+        "9:5",
+        "anomaly.quantile was replaced by false_alarms_per_day",
+    ),
+    "unknown temporal feature": (
+        MINIMAL
+        + "sensors:\n  - name: a\n    type: simulated\n    channels:\n"
+        + "      - {name: v, signal: vibration}\n    anomaly: {temporal: [delta, trend]}\n",
+        "sensors[0].anomaly.temporal[1]",
+        "9:33",
+        "must be one of delta or residual, not 'trend'",
+    ),
     "unset variable": (
         MINIMAL.replace("/tmp/x", "${NOT_SET_ANYWHERE}"),
         "appliance.data_dir",
