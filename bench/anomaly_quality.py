@@ -147,9 +147,11 @@ REPLAY_TIMEOUT_S = 1800
 
 PROFILES: dict[str, dict[Method, dict[str, Any]]] = {
     "defaults": {method: {} for method in METHODS},
+    "temporal": {method: {"temporal": ["delta", "residual"]} for method in METHODS},
 }
 """AnomalySettings fields set on top of the defaults per profile and method, the same for every
-data set and run (`method` and `baseline` are the protocol's)."""
+data set and run (`method` and `baseline` are the protocol's). `temporal` measures the temporal
+features (off by default) on the same runs."""
 
 _EPS_S = 1e-6
 """Sample and record times are exact to the microsecond (format_ts); this absorbs float noise."""
@@ -577,6 +579,9 @@ def replay_config(
                 "path": str(csv_of[source.series.name]),
                 "timestamp_format": "epoch_s",
                 "window": window_seconds(source.series, window),
+                # Every series here is regularly sampled: at 100 Hz and more (CWRU) the windows
+                # get the vibration features (kurtosis, crest, bands) as a live source's would.
+                "sample_rate": source.series.rate_hz,
                 "pace": "fast",
                 "anomaly": anomaly_settings(source, window),
             }

@@ -201,6 +201,16 @@ class CsvSensor(SensorCommon):
         default="fast",
         description="original: replay at the pace of the timestamps; fast: as fast as possible.",
     )
+    sample_rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="Samples a second when the rows are regularly spaced (a recorded "
+        "accelerometer): the windows then get vibration features (`features.kind` auto at "
+        "100 Hz or more). Null: the rows' own timestamps, slow features.",
+    )
+
+    def known_sample_rate(self) -> float | None:
+        return self.sample_rate
 
     def known_channels(self) -> Channels:
         if self.columns is not None:

@@ -234,7 +234,7 @@ class CsvSource(SourceLifecycle):
             ts=datetime.fromtimestamp(start, UTC),
             mono_ns=now_ns,
             duration_s=self.cfg.window,
-            sample_rate=None,
+            sample_rate=self.cfg.sample_rate,
             times_s=np.array(times, dtype=np.float64) - start,
             # Every row has every column: a NaN is a value that was bad or missing.
             quality=("missing",) if np.isnan(values).any() else (),
