@@ -260,7 +260,8 @@ def test_a_sets_aggregate_sums_its_averaged_groups_and_reports_the_rest_apart() 
 def test_the_defaults_profile_sets_nothing_and_another_profile_needs_no_other_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert {"defaults": {m: {} for m in METHODS}} == PROFILES
+    assert PROFILES["defaults"] == {m: {} for m in METHODS}
+    assert PROFILES["temporal"] == {m: {"temporal": ["delta", "residual"]} for m in METHODS}
     monkeypatch.setitem(PROFILES, "wide", {m: {"margin": 2.0} for m in METHODS})
     series = pump_run(0)
     sources = [Source(series, m, p) for m in METHODS for p in PROFILES]
@@ -268,13 +269,16 @@ def test_the_defaults_profile_sets_nothing_and_another_profile_needs_no_other_ch
         tmp_path / "c.yaml", tmp_path, sources, {series.name: tmp_path / "x.csv"}, 5
     )
     sensors = yaml.safe_load(path.read_text())["sensors"]
-    assert len(sensors) == 10
+    assert len(sensors) == 15
+    extra = {"wide": ["margin"], "temporal": ["temporal"], "defaults": []}
     for sensor in sensors:
         settings = AnomalySettings.model_validate(sensor["anomaly"])
-        wide = sensor["name"].endswith(".wide")
-        assert sensor["anomaly"].keys() == {"method", "baseline", *(["margin"] if wide else [])}
+        profile = sensor["name"].rpartition(".")[2]
+        assert sensor["anomaly"].keys() == {"method", "baseline", *extra[profile]}
+        wide = profile == "wide"
         assert settings.margin == (2.0 if wide else AnomalySettings.model_fields["margin"].default)
         assert sensor["anomaly"]["baseline"] == pytest.approx((80 - 1.5) * 5)
+        assert sensor["sample_rate"] == series.rate_hz
 
 
 # --------------------------------------------------------------------------------- the data
