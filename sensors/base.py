@@ -40,7 +40,9 @@ class SampleWindow:
     # poll or sentence; NaN where a channel had no value in it). None: regular, i / sample_rate.
     times_s: npt.NDArray[np.float64] | None = None
     # Reasons of the bad input met while the window was open (out_of_range, stuck, ...): such a
-    # window is journalled but never fitted into an anomaly baseline.
+    # window is journalled but never fitted into an anomaly baseline, except that bad input
+    # costing single channels samples (missing, nan, inf, out_of_range) only makes those
+    # channels' features doubtful (appliance/stages/anomalies.py, usable_for_anomalies).
     quality: tuple[str, ...] = ()
 
 
