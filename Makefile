@@ -54,6 +54,7 @@ bench: $(TESTING)
 	$(BIN)/python -m bench.detection
 	$(BIN)/python -m bench.sensor_throughput
 	$(BIN)/python -m bench.anomaly_quality
+	$(BIN)/python -m bench.anomaly_shape
 	$(BIN)/python -m bench.autonomy
 	$(BIN)/python -m bench.voyage
 	$(BIN)/python -m bench.fleet_ingest
