@@ -294,7 +294,7 @@ def test_every_method_can_alarm_on_a_six_sigma_shift() -> None:
     rows = healthy(600, np.random.default_rng(32))
     shifted = healthy(40, np.random.default_rng(33)) + 6 * SPREADS * math.sqrt(1.0)
     for method in METHODS:
-        defaults = AnomalySettings(method=method)  # type: ignore[arg-type]
+        defaults = AnomalySettings(method=method)
         baseline = fit_baseline(defaults, rows, NAMES)
         detector = AnomalyDetector(defaults, baseline)
         assert run(detector, healthy(30, np.random.default_rng(34))) == [], method
