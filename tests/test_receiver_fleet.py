@@ -367,7 +367,7 @@ async def test_metrics_count_traffic_and_show_each_appliance(
     assert samples[("receiver_records_received_total", ())] == sum(seeded.stored.values())
     assert samples[("receiver_records_duplicate_total", ())] == 2
     assert samples[("receiver_batches_total", ())] == 5
-    assert samples[("receiver_payload_bytes_received_total", ())] == len(SNAPSHOT)
+    assert samples[("receiver_payload_received_bytes_total", ())] == len(SNAPSHOT)
     assert samples[("receiver_payloads_completed_total", ())] == 1
     assert samples[("receiver_refusals_total", (("code", "401"), ("reason", "missing token")))] == 1
     assert samples[("receiver_appliances", ())] == 2

@@ -53,14 +53,16 @@ from tests.helpers import (
 
 TOKEN = "status-token-for-tests-0123456789"
 METRIC_NAMES = {
-    "appliance_records_total",
+    "appliance_records_journalled_total",
+    "appliance_records_acknowledged_total",
+    "appliance_journal_records",
     "appliance_sync_backlog_records",
     "appliance_sync_backlog_bytes",
     "appliance_sync_oldest_unsynced_seconds",
     "appliance_evictions_total",
     "appliance_rollup_records_replaced_total",
     "appliance_rollups_written_total",
-    "appliance_rollup_bytes_saved_total",
+    "appliance_rollup_saved_bytes_total",
     "appliance_data_quality_total",
     "appliance_source_up",
     "appliance_source_reconnects_total",
@@ -88,6 +90,15 @@ def get_json(url: str) -> Any:
     status, _, body = fetch(url)
     assert status == 200, body
     return json.loads(body)
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics answer by name and sorted labels."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def status_url(log: Path) -> str:
@@ -201,7 +212,7 @@ def test_the_running_daemon_serves_status_events_metrics_and_sync(tmp_path: Path
         assert status == 200 and headers["Content-Type"].startswith("text/plain")
         assert_secure(headers)
         text = body.decode()
-        assert "# HELP appliance_records_total" in text
+        assert "# HELP appliance_journal_records " in text
         families = list(text_string_to_metric_families(text))
         samples = {
             (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -211,8 +222,10 @@ def test_the_running_daemon_serves_status_events_metrics_and_sync(tmp_path: Path
         # A counter family without samples yet (no evictions) still declares its name.
         declared = {f.name + ("_total" if f.type == "counter" else "") for f in families}
         assert declared >= METRIC_NAMES
-        records = sum(v for (n, _), v in samples.items() if n == "appliance_records_total")
+        records = sum(v for (n, _), v in samples.items() if n == "appliance_journal_records")
         assert records == api["records"]["total"]
+        # Nothing evicted yet: every seq taken is a record still in the journal.
+        assert samples[("appliance_records_journalled_total", ())] == api["last_seq"] == records
         backlog = sum(
             v
             for (n, labels), v in samples.items()
@@ -256,6 +269,23 @@ def test_the_running_daemon_serves_status_events_metrics_and_sync(tmp_path: Path
         )
         shipped = list((data / "outbox").glob("records/test-01/*/*/*.ndjson.gz"))
         assert shipped
+
+        # The counters agree: with nothing waiting, every record journalled was acknowledged
+        # (all by this run of the daemon, which the acknowledged counter counts from).
+        def drained_metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            found = metric_samples(fetch(f"{base}/metrics")[2].decode())
+            age = found[("appliance_sync_backlog_age_seconds", (("destination", "usb"),))]
+            return found if age == 0.0 else None
+
+        drained = wait_for(
+            drained_metrics,
+            5,
+            "/metrics to show the drained backlog",
+            interval=0.5,
+        )
+        acked = drained[("appliance_records_acknowledged_total", (("destination", "usb"),))]
+        assert acked == drained[("appliance_records_journalled_total", ())] > 0
+        assert drained[("appliance_sync_sent_bytes_total", (("destination", "usb"),))] > 0
 
         # Payloads: names are sha256 hex only; nothing else reaches the file system.
         for bad in ("abc", "A" * 64, "..%2Fjournal.db", "%2E%2E%2Fjournal.db", "g" * 64):

@@ -24,14 +24,30 @@ class _ReportCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         report = self.report
+        # The seq high-water mark: every record journalled took the next seq, and neither
+        # eviction nor a rollup gives one back, so it only grows (a new journal starts again,
+        # which Prometheus reads as a counter reset).
+        yield CounterMetricFamily(
+            "appliance_records_journalled",
+            "Records ever journalled (the journal's last seq; eviction does not lower it).",
+            value=report["last_seq"],
+        )
         records = GaugeMetricFamily(
-            "appliance_records_total",
+            "appliance_journal_records",
             "Records in the journal now, by priority and kind (falls when records are evicted).",
+            labels=["priority", "kind"],
+        )
+        journal_bytes = GaugeMetricFamily(
+            "appliance_journal_record_bytes",
+            "Estimated bytes of the records in the journal now, by priority and kind.",
             labels=["priority", "kind"],
         )
         for entry in report["records"]["by_priority_and_kind"]:
             records.add_metric([entry["priority"], entry["kind"]], entry["records"])
+            journal_bytes.add_metric([entry["priority"], entry["kind"]], entry["bytes"])
         yield records
+        yield journal_bytes
+        yield from _destination_counters(report)
         backlog_records = GaugeMetricFamily(
             "appliance_sync_backlog_records",
             "Records not yet acknowledged by a destination.",
@@ -67,6 +83,7 @@ class _ReportCollector(Collector):
             collision.add_metric([name], 1.0 if dest.get("collision") else 0.0)
         yield backlog_records
         yield backlog_bytes
+        yield from _destination_backlog(report)
         yield reachable
         yield refused
         yield collision
@@ -80,9 +97,16 @@ class _ReportCollector(Collector):
             "Records evicted by retention, by priority and reason.",
             labels=["priority", "reason"],
         )
+        evicted_bytes = CounterMetricFamily(
+            "appliance_evicted_bytes",
+            "Estimated bytes of the records evicted by retention, by priority and reason.",
+            labels=["priority", "reason"],
+        )
         for evicted in report["evictions"]:
             evictions.add_metric([evicted["priority"], evicted["reason"]], evicted["records"])
+            evicted_bytes.add_metric([evicted["priority"], evicted["reason"]], evicted["bytes"])
         yield evictions
+        yield evicted_bytes
         rolled = CounterMetricFamily(
             "appliance_rollup_records_replaced",
             "Telemetry records replaced by rollups (storage.tiers), by tier resolution and kind.",
@@ -94,7 +118,7 @@ class _ReportCollector(Collector):
             labels=["resolution", "of"],
         )
         saved = CounterMetricFamily(
-            "appliance_rollup_bytes_saved",
+            "appliance_rollup_saved_bytes",
             "Journal bytes tiered telemetry saved (the records' size estimate, before - after).",
             labels=["resolution", "of"],
         )
@@ -214,6 +238,62 @@ class _ReportCollector(Collector):
         )
         info.add_metric([report["version"], report["appliance_id"]], 1.0)
         yield info
+
+
+def _destination_counters(report: StatusReport) -> Iterable[Metric]:
+    """What each destination's engine did since the daemon started (`sync.engine`'s
+    DestinationState): counters that start again at 0 with the daemon, which `rate()` reads
+    as a reset. A record counts as acknowledged once the destination confirmed its batch and
+    the cursor moved past it."""
+    acknowledged = CounterMetricFamily(
+        "appliance_records_acknowledged",
+        "Records the destination acknowledged since the daemon started (its cursor moved past).",
+        labels=["destination"],
+    )
+    sent_bytes = CounterMetricFamily(
+        "appliance_sync_sent_bytes",
+        "Bytes sent to the destination since the daemon started (record batches and payloads).",
+        labels=["destination"],
+    )
+    payloads = CounterMetricFamily(
+        "appliance_sync_payloads_sent",
+        "Payloads (snapshots, clips) uploaded to the destination since the daemon started.",
+        labels=["destination"],
+    )
+    for name, live in report["daemon"].get("destinations", {}).items():
+        acknowledged.add_metric([name], live["records_sent"])
+        sent_bytes.add_metric([name], live["bytes_sent"])
+        payloads.add_metric([name], live["payloads_sent"])
+    yield acknowledged
+    yield sent_bytes
+    yield payloads
+
+
+def _destination_backlog(report: StatusReport) -> Iterable[Metric]:
+    """Per destination, what waits besides records: the age of its oldest record and the
+    payloads it has not received."""
+    age = GaugeMetricFamily(
+        "appliance_sync_backlog_age_seconds",
+        "Age of the oldest record the destination has not acknowledged (0: none waits).",
+        labels=["destination"],
+    )
+    payloads = GaugeMetricFamily(
+        "appliance_sync_backlog_payloads",
+        "Payloads (snapshots, clips) the destination has not received.",
+        labels=["destination"],
+    )
+    payload_bytes = GaugeMetricFamily(
+        "appliance_sync_backlog_payload_bytes",
+        "Bytes of the payloads the destination has not received.",
+        labels=["destination"],
+    )
+    for name, dest in report["destinations"].items():
+        age.add_metric([name], dest["oldest_unsynced_age_s"] or 0.0)
+        payloads.add_metric([name], dest["payloads_waiting"])
+        payload_bytes.add_metric([name], dest["payload_bytes_waiting"])
+    yield age
+    yield payloads
+    yield payload_bytes
 
 
 def render_metrics(report: StatusReport) -> bytes:
